@@ -1,0 +1,310 @@
+"""Raw image shards → FDF webdataset shards, one output shard set per input shard.
+
+Resumable by shard (img2dataset-style): an input shard is done when `stats/<shard>.json` exists;
+its tar files are written atomically before that file, so a killed build redoes at most the shards
+it was in the middle of, and a rerun writes byte-identical shards (batches never cross shards, so
+the detector sees the same batches). Formats: FORMAT.md §2.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes
+from fdf_builder import crop as fdfcrop
+from fdf_builder.shards import parse_range, raw_shard_ids, split_of
+
+SPLITS = ("train", "val")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass
+class BuildConfig:
+    """Options of one build; saved as options.json beside the shards."""
+    input_dir: str  # data_prep output (raw shards)
+    output_dir: str
+    shards: str | None = None  # "start:stop" range of input shard ids, for job arrays
+    resolution: int = 128
+    min_crop_size: int = 128  # FDF drops crops narrower than this (face side >~ 75 px)
+    detector: str = "retinaface_mnet025"
+    detector_weights: str | None = None
+    confidence: float = 0.3  # RetinaFace score threshold used for FDF
+    nms: float = 0.3
+    detect_max_size: int = 1024
+    keypoints: str = "movenet"
+    keypoint_weights: str | None = None
+    val_fraction: float = 0.034  # FDF: 50k of 1.47M faces, split by photo here
+    batch_size: int = 8
+    device: str = "cpu"
+    jpeg_quality: int = 95
+    ffcv: bool = False  # also write <output_dir>/<split>.beton (needs the `ffcv` extra)
+    progress: bool = True
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    photos: int = 0
+    photos_with_faces: int = 0
+    faces_detected: int = 0
+    faces: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    dropped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["dropped"] = dict(sorted(self.dropped.items()))
+        d["faces_kept"] = sum(self.faces.values())
+        d["photos_per_s"] = self.photos / self.seconds if self.seconds else 0.0
+        d["faces_per_s"] = d["faces_kept"] / self.seconds if self.seconds else 0.0
+        return d
+
+
+def options_hash(cfg: BuildConfig) -> str:
+    """Hash of the options that change shard content (not paths, ranges or UI)."""
+    skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "device"}
+    content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _decode(sample: tuple[str, dict[str, bytes]]) -> tuple[str, dict, np.ndarray | None, str | None]:
+    key, files = sample
+    meta = json.loads(files["json"]) if "json" in files else {"key": key}
+    ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if ext is None:
+        return key, meta, None, "no_image_member"
+    try:
+        with Image.open(io.BytesIO(files[ext])) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            return key, meta, np.asarray(im), None
+    except Exception:  # the raw stage verified decoding; a failure here means a damaged shard
+        return key, meta, None, "decode_error"
+
+
+def _prefetch(items: Iterable, fn, depth: int = 8) -> Iterator:
+    """Map `fn` over `items` in a background thread pool, in order, at most `depth` ahead."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+
+def _batches(it: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, optimize=False)
+    return buf.getvalue()
+
+
+class FaceAnnotator:
+    """Detector + keypoint model, loaded once per process."""
+
+    def __init__(self, cfg: BuildConfig):
+        from fdf_builder.detector import build_detector
+        from fdf_builder.keypoints import KEYPOINT_NAMES, build_keypoint_model
+        self.detector = build_detector(cfg.detector, weights=cfg.detector_weights, device=cfg.device,
+                                       confidence=cfg.confidence, nms=cfg.nms,
+                                       max_size=cfg.detect_max_size, batch_size=cfg.batch_size)
+        self.keypoints = build_keypoint_model(cfg.keypoints, weights=cfg.keypoint_weights,
+                                              device=cfg.device)
+        self.keypoint_names = list(KEYPOINT_NAMES)
+
+
+def faces_of_photo(image: np.ndarray, meta: dict, det, kps: list, cfg: BuildConfig,
+                   annot: FaceAnnotator, stats: ShardStats) -> list[tuple[str, dict[str, bytes]]]:
+    """Crop, filter and describe every face of one photo (FORMAT.md §2)."""
+    out = []
+    height, width = image.shape[:2]
+    for face_index, (box, score, kp) in enumerate(zip(det.boxes, det.scores, kps)):
+        if kp is None:
+            stats.dropped["no_keypoints"] += 1
+            continue
+        crop = fdfcrop.crop_box(box, (height, width))
+        if crop.side < cfg.min_crop_size:
+            stats.dropped["too_small"] += 1
+            continue
+        pixels = fdfcrop.resize(fdfcrop.cut(image, crop.box), cfg.resolution)
+        face_key = f"{meta['key']}_{face_index:02d}"
+        record = {
+            "key": face_key, "photo_key": meta["key"], "photo_id": meta.get("photo_id"),
+            "line_index": meta.get("line_index"), "face_index": face_index,
+            "resolution": cfg.resolution,
+            "bbox": _rounded(fdfcrop.to_crop_coords(np.asarray(box).reshape(2, 2), crop).reshape(4)),
+            "keypoints": _rounded(fdfcrop.to_crop_coords(kp, crop)),
+            "keypoint_names": annot.keypoint_names, "keypoint_backend": annot.keypoints.name,
+            "detector": annot.detector.name, "detector_score": round(float(score), 5),
+            "orig_bbox": _rounded(box, 2), "orig_keypoints": _rounded(kp, 2),
+            "crop_box": list(crop.box), "crop_padded": crop.padded,
+            "license_name": meta.get("license_name"), "license_url": meta.get("license_url"),
+            "author": meta.get("author"), "user_nsid": meta.get("user_nsid"),
+            "photo_url": meta.get("url"), "page_url": meta.get("page_url"),
+        }
+        out.append((face_key, {"jpg": _encode_jpeg(pixels, cfg.jpeg_quality), "json": json_bytes(record)}))
+    return out
+
+
+def _rounded(values, ndigits: int = 6) -> list:
+    return np.round(np.asarray(values, dtype=np.float64), ndigits).tolist()
+
+
+def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
+                on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Annotate one raw shard and write its train/val FDF shards, then its stats file (last)."""
+    out = Path(cfg.output_dir)
+    stats = ShardStats(shard)
+    start = time.perf_counter()
+    writers = {s: AtomicTarWriter(out / s / f"{shard}.tar") for s in SPLITS}
+    try:
+        samples = iter_samples(Path(cfg.input_dir) / f"{shard}.tar")
+        for batch in _batches(_prefetch(samples, _decode), cfg.batch_size):
+            stats.photos += len(batch)
+            for _, _, image, err in batch:
+                if err:
+                    stats.dropped[err] += 1
+            good = [(key, meta, image) for key, meta, image, err in batch if err is None]
+            if not good:
+                continue
+            t0 = time.perf_counter()
+            dets = annot.detector.detect([image for _, _, image in good])
+            kps = [annot.keypoints.keypoints_for_faces(image, d.boxes, d.scores)
+                   for (_, _, image), d in zip(good, dets)]
+            stats.model_seconds += time.perf_counter() - t0
+            for (key, meta, image), det, kp in zip(good, dets, kps):
+                meta.setdefault("key", key)
+                stats.faces_detected += len(det.boxes)
+                if len(det.boxes) == 0:
+                    stats.dropped["no_face_in_photo"] += 1
+                faces = faces_of_photo(image, meta, det, kp, cfg, annot, stats)
+                stats.photos_with_faces += bool(faces)
+                split = split_of(meta.get("photo_id") or key, cfg.val_fraction)
+                for face_key, files in faces:
+                    writers[split].add_sample(face_key, files)
+                    stats.faces[split] += 1
+            if on_batch is not None:
+                on_batch(len(batch), sum(stats.faces.values()))
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    stats.seconds = time.perf_counter() - start
+    result = stats.to_json()
+    atomic_write_json(out / "stats" / f"{shard}.json", result)  # last: marks the shard done
+    return result
+
+
+def write_index(cfg: BuildConfig, keypoint_names: list[str] | None = None) -> dict:
+    """Rebuild sizes.json and index.json from every finished shard's stats file."""
+    out = Path(cfg.output_dir)
+    sizes, totals, dropped = {}, Counter(), Counter()
+    for stats_file in sorted((out / "stats").glob("*.json")):
+        st = json.loads(stats_file.read_text())
+        for split in SPLITS:
+            sizes[f"{split}/{st['shard']}.tar"] = st["faces"][split]
+            totals[split] += st["faces"][split]
+        dropped.update(st["dropped"])
+        totals["photos"] += st["photos"]
+    atomic_write_json(out / "sizes.json", sizes)
+    index = {"splits": {s: totals[s] for s in SPLITS}, "photos": totals["photos"],
+             "dropped": dict(sorted(dropped.items())), "resolution": cfg.resolution,
+             "detector": cfg.detector, "keypoint_backend": cfg.keypoints,
+             "keypoint_names": keypoint_names, "options_hash": options_hash(cfg),
+             "shards": {s: sorted(k for k in sizes if k.startswith(s + "/")) for s in SPLITS}}
+    atomic_write_json(out / "index.json", index)
+    return index
+
+
+def run(cfg: BuildConfig) -> dict:
+    """Build every raw shard of `cfg.shards` that is not done yet; return the index."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_options(cfg)
+    todo_all = parse_range(cfg.shards, raw_shard_ids(cfg.input_dir))
+    todo = [s for s in todo_all if not (out / "stats" / f"{s}.json").exists()]
+    print(f"fdf-build: {len(todo_all) - len(todo)} of {len(todo_all)} shards already done, "
+          f"{len(todo)} to build → {out}")
+    names = None
+    if todo:
+        annot = FaceAnnotator(cfg)
+        names = annot.keypoint_names
+        total_photos = sum(_count_photos(Path(cfg.input_dir), s) for s in todo)
+        start = time.perf_counter()
+        photos = faces = 0
+        with tqdm(total=total_photos, unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for shard in todo:
+                done_faces = faces
+
+                def on_batch(n_photos: int, shard_faces: int) -> None:
+                    bar.update(n_photos)
+                    secs = time.perf_counter() - start
+                    bar.set_postfix(faces=done_faces + shard_faces,
+                                    faces_s=f"{(done_faces + shard_faces) / secs:.2f}")
+
+                st = build_shard(shard, cfg, annot, on_batch)
+                photos += st["photos"]
+                faces += st["faces_kept"]
+        secs = time.perf_counter() - start
+        print(f"fdf-build: {photos} photos, {faces} faces in {secs:.1f}s "
+              f"({photos / secs:.2f} img/s, {faces / secs:.2f} faces/s)")
+    index = write_index(cfg, names or _names_from_existing(out))
+    print("fdf-build: faces per split", index["splits"], "| dropped:",
+          ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
+    if cfg.ffcv:
+        from fdf_builder.ffcv_export import export_ffcv
+        for split in SPLITS:
+            export_ffcv(out, split)
+    return index
+
+
+def _check_options(cfg: BuildConfig) -> None:
+    """Refuse to mix shards built with different content options in one output folder."""
+    out = Path(cfg.output_dir)
+    opts = {**asdict(cfg), "options_hash": options_hash(cfg)}
+    path = out / "options.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("options_hash") != opts["options_hash"] and any((out / "stats").glob("*.json")):
+            raise ValueError(f"{path}: this output folder was built with other options "
+                             f"(hash {old.get('options_hash')} != {opts['options_hash']}); "
+                             "use a new --output_dir")
+    atomic_write_json(path, opts)
+
+
+def _count_photos(input_dir: Path, shard: str) -> int:
+    stats = input_dir / f"{shard}_stats.json"
+    try:
+        return int(json.loads(stats.read_text()).get("ok", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _names_from_existing(out: Path) -> list[str] | None:
+    index = out / "index.json"
+    return json.loads(index.read_text()).get("keypoint_names") if index.exists() else None

@@ -1,0 +1,55 @@
+"""FDF crop rule: square, expand by 35% per side, stay inside the photo, pad only as a fallback."""
+import numpy as np
+import pytest
+
+from fdf_builder import crop as fc
+
+
+@pytest.mark.parametrize("box,hw", [
+    ((100, 120, 160, 200), (480, 640)),   # tall box in the middle
+    ((0, 0, 50, 30), (300, 400)),         # wide box at the corner
+    ((590, 400, 640, 480), (480, 640)),   # at the bottom-right border
+    ((10, 10, 290, 200), (300, 400)),     # face nearly as large as the photo
+])
+def test_crop_is_square_inside_and_contains_face(box, hw):
+    c = fc.crop_box(np.array(box, float), hw)
+    x0, y0, x1, y1 = c.box
+    assert x1 - x0 == y1 - y0
+    assert not c.padded
+    assert 0 <= x0 and 0 <= y0 and x1 <= hw[1] and y1 <= hw[0]
+    assert x0 <= box[0] and y0 <= box[1] and x1 >= box[2] and y1 >= box[3]
+
+
+def test_expansion_is_35_percent_when_room():
+    c = fc.crop_box(np.array([200, 200, 300, 300], float), (1000, 1000))
+    assert c.box == (165, 165, 335, 335)  # 100 px face + 35 px on each side = 1.7x
+
+
+def test_expansion_capped_by_photo():
+    c = fc.crop_box(np.array([10, 10, 90, 90], float), (100, 100))
+    assert c.side == 100 and c.box == (0, 0, 100, 100)
+
+
+def test_fallback_pads_with_zeros_when_face_larger_than_photo():
+    image = np.full((100, 300, 3), 200, np.uint8)
+    box = np.array([100, -20, 220, 100], float)  # 120 px tall: does not fit a 100 px photo
+    c = fc.crop_box(box, image.shape[:2])
+    assert c.padded and c.side == round(120 * 1.7)
+    pixels = fc.cut(image, c.box)
+    assert pixels.shape == (c.side, c.side, 3)
+    assert pixels[0, 0].tolist() == [0, 0, 0]  # above the photo: zeros
+    assert (pixels[c.side // 2, c.side // 2] == 200).all()
+
+
+def test_crop_coords_normalize_to_unit_square():
+    c = fc.Crop((100, 50, 300, 250), padded=False)
+    pts = fc.to_crop_coords(np.array([[100, 50, 0.9], [300, 250, 0.5], [200, 150, 0.1]]), c)
+    np.testing.assert_allclose(pts, [[0, 0, 0.9], [1, 1, 0.5], [0.5, 0.5, 0.1]])
+
+
+def test_resize_area_downsamples_to_resolution():
+    crop = np.zeros((256, 256, 3), np.uint8)
+    crop[:, 128:] = 255
+    out = fc.resize(crop, 128)
+    assert out.shape == (128, 128, 3)
+    assert out[:, :64].max() == 0 and out[:, 64:].min() == 255
