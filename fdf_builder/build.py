@@ -44,6 +44,7 @@ class BuildConfig:
     detect_max_size: int = 1024
     keypoints: str = "movenet"
     keypoint_weights: str | None = None
+    allow_download: bool = False  # let RetinaFace R50 / Keypoint R-CNN fetch weights (needs internet)
     val_fraction: float = 0.034  # FDF: 50k of 1.47M faces, split by photo here
     batch_size: int = 8
     device: str = "cpu"
@@ -74,7 +75,8 @@ class ShardStats:
 
 def options_hash(cfg: BuildConfig) -> str:
     """Hash of the options that change shard content (not paths, ranges or UI)."""
-    skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "device"}
+    skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "device",
+            "allow_download"}
     content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
     return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -88,7 +90,7 @@ def _decode(sample: tuple[str, dict[str, bytes]]) -> tuple[str, dict, np.ndarray
     try:
         with Image.open(io.BytesIO(files[ext])) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            return key, meta, np.asarray(im), None
+            return key, meta, np.array(im), None  # writable: torch.from_numpy needs it
     except Exception:  # the raw stage verified decoding; a failure here means a damaged shard
         return key, meta, None, "decode_error"
 
@@ -130,25 +132,35 @@ class FaceAnnotator:
         from fdf_builder.keypoints import KEYPOINT_NAMES, build_keypoint_model
         self.detector = build_detector(cfg.detector, weights=cfg.detector_weights, device=cfg.device,
                                        confidence=cfg.confidence, nms=cfg.nms,
-                                       max_size=cfg.detect_max_size, batch_size=cfg.batch_size)
+                                       max_size=cfg.detect_max_size, batch_size=cfg.batch_size,
+                                       allow_download=cfg.allow_download)
         self.keypoints = build_keypoint_model(cfg.keypoints, weights=cfg.keypoint_weights,
-                                              device=cfg.device)
+                                              device=cfg.device, allow_download=cfg.allow_download)
         self.keypoint_names = list(KEYPOINT_NAMES)
 
 
-def faces_of_photo(image: np.ndarray, meta: dict, det, kps: list, cfg: BuildConfig,
-                   annot: FaceAnnotator, stats: ShardStats) -> list[tuple[str, dict[str, bytes]]]:
-    """Crop, filter and describe every face of one photo (FORMAT.md §2)."""
-    out = []
+def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, annot: FaceAnnotator,
+                   stats: ShardStats) -> list[tuple[str, dict[str, bytes]]]:
+    """Filter, annotate with keypoints, crop and describe every face of one photo (FORMAT.md §2).
+
+    The size filter runs before the keypoint model: in crowds most faces are too small for FDF,
+    and the keypoint model would be the slowest step for nothing.
+    """
     height, width = image.shape[:2]
-    for face_index, (box, score, kp) in enumerate(zip(det.boxes, det.scores, kps)):
+    crops = [fdfcrop.crop_box(box, (height, width)) for box in det.boxes]
+    large = [i for i, c in enumerate(crops) if c.side >= cfg.min_crop_size]
+    stats.dropped["too_small"] += len(crops) - len(large)
+    if not large:
+        return []
+    t0 = time.perf_counter()
+    kps = annot.keypoints.keypoints_for_faces(image, det.boxes[large], det.scores[large])
+    stats.model_seconds += time.perf_counter() - t0
+    out = []
+    for face_index, kp in zip(large, kps):
         if kp is None:
             stats.dropped["no_keypoints"] += 1
             continue
-        crop = fdfcrop.crop_box(box, (height, width))
-        if crop.side < cfg.min_crop_size:
-            stats.dropped["too_small"] += 1
-            continue
+        box, crop = det.boxes[face_index], crops[face_index]
         pixels = fdfcrop.resize(fdfcrop.cut(image, crop.box), cfg.resolution)
         face_key = f"{meta['key']}_{face_index:02d}"
         record = {
@@ -158,7 +170,7 @@ def faces_of_photo(image: np.ndarray, meta: dict, det, kps: list, cfg: BuildConf
             "bbox": _rounded(fdfcrop.to_crop_coords(np.asarray(box).reshape(2, 2), crop).reshape(4)),
             "keypoints": _rounded(fdfcrop.to_crop_coords(kp, crop)),
             "keypoint_names": annot.keypoint_names, "keypoint_backend": annot.keypoints.name,
-            "detector": annot.detector.name, "detector_score": round(float(score), 5),
+            "detector": annot.detector.name, "detector_score": round(float(det.scores[face_index]), 5),
             "orig_bbox": _rounded(box, 2), "orig_keypoints": _rounded(kp, 2),
             "crop_box": list(crop.box), "crop_padded": crop.padded,
             "license_name": meta.get("license_name"), "license_url": meta.get("license_url"),
@@ -179,6 +191,9 @@ def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
     out = Path(cfg.output_dir)
     stats = ShardStats(shard)
     start = time.perf_counter()
+    for split in SPLITS:  # temporary files of a killed run
+        for stale in (out / split).glob(f"{shard}.tar.tmp-*"):
+            stale.unlink()
     writers = {s: AtomicTarWriter(out / s / f"{shard}.tar") for s in SPLITS}
     try:
         samples = iter_samples(Path(cfg.input_dir) / f"{shard}.tar")
@@ -192,15 +207,13 @@ def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
                 continue
             t0 = time.perf_counter()
             dets = annot.detector.detect([image for _, _, image in good])
-            kps = [annot.keypoints.keypoints_for_faces(image, d.boxes, d.scores)
-                   for (_, _, image), d in zip(good, dets)]
             stats.model_seconds += time.perf_counter() - t0
-            for (key, meta, image), det, kp in zip(good, dets, kps):
+            for (key, meta, image), det in zip(good, dets):
                 meta.setdefault("key", key)
                 stats.faces_detected += len(det.boxes)
                 if len(det.boxes) == 0:
                     stats.dropped["no_face_in_photo"] += 1
-                faces = faces_of_photo(image, meta, det, kp, cfg, annot, stats)
+                faces = faces_of_photo(image, meta, det, cfg, annot, stats)
                 stats.photos_with_faces += bool(faces)
                 split = split_of(meta.get("photo_id") or key, cfg.val_fraction)
                 for face_key, files in faces:

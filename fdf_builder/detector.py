@@ -1,0 +1,280 @@
+"""RetinaFace face detection, batched, with boxes in source-photo pixels.
+
+Two models share one inference path: the MobileNet-0.25 release of biubug6/Pytorch_Retinaface
+(weights in the shared assets) and the ResNet-50 model of `retinaface-pytorch` (FDF's detector; its
+weights must be given or, with `allow_download=True`, fetched by URL from that package's registry).
+Both are assembled from the package's FPN, SSH and head modules, so only the MobileNetV1 body is
+written here.
+
+A photo's detections do not depend on which photos share its batch: each image is padded to its own
+size rounded up to a multiple of 32, and only images with the same padded size are batched together.
+Padding to a batch-wide size would change features near the right and bottom borders and so make a
+data build depend on shard composition and batch size.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from retinaface.box_utils import decode, decode_landm
+from retinaface.net import FPN, SSH, conv_bn, conv_dw
+from retinaface.network import RetinaFace
+from retinaface.prior_box import priorbox
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import nms as nms_op
+
+from data_prep.assets import MissingAssetError, resolve_file
+
+DETECTORS = ("retinaface_mnet025", "retinaface_r50")
+MNET_ASSET = "weights/retinaface/mobilenet0.25_Final.pth"
+R50_PACKAGE_MODEL = "resnet50_2020-07-20"  # key of retinaface.pre_trained_models.models
+WEIGHTS_FLAG = "--detector_weights"
+PAD_MULTIPLE = 32  # the coarsest stride: padded sizes keep every anchor grid aligned
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces of one image, sorted by score (descending); all arrays float32, source pixels."""
+    boxes: np.ndarray  # (N, 4) x0, y0, x1, y1
+    scores: np.ndarray  # (N,)
+    landmarks: np.ndarray  # (N, 5, 2) x, y: eyes, nose, mouth corners (image-left one first)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class _Preprocess:
+    """How a model's training images were normalized: x = (image[..., channels] - mean) / std."""
+    bgr: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# biubug6 trained on BGR minus the Caffe mean; retinaface-pytorch on RGB with albumentations'
+# ImageNet Normalize (mean/std of [0, 1] pixels, scaled here to [0, 255]).
+_MNET_PREPROCESS = _Preprocess(bgr=True, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0))
+_R50_PREPROCESS = _Preprocess(bgr=False, mean=(123.675, 116.28, 103.53),
+                              std=(58.395, 57.12, 57.375))
+_MIN_SIZES = [[16, 32], [64, 128], [256, 512]]
+_STEPS = [8, 16, 32]
+_VARIANCES = [0.1, 0.2]
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 ×0.25 body with the key layout of Pytorch_Retinaface (`stage1..3`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(
+            conv_bn(3, 8, 2, leaky=0.1), conv_dw(8, 16, 1), conv_dw(16, 32, 2),
+            conv_dw(32, 32, 1), conv_dw(32, 64, 2), conv_dw(64, 64, 1))
+        self.stage2 = nn.Sequential(conv_dw(64, 128, 2), *[conv_dw(128, 128, 1) for _ in range(5)])
+        self.stage3 = nn.Sequential(conv_dw(128, 256, 2), conv_dw(256, 256, 1))
+
+
+class RetinaFaceMobileNet(RetinaFace):
+    """RetinaFace of the package with a MobileNet-0.25 body (the package only builds ResNet-50).
+
+    `RetinaFace.__init__` is skipped because it would construct (and then discard) a ResNet-50;
+    the modules are the same as the package's, with the MobileNet widths, and `forward` is reused.
+    """
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.body = IntermediateLayerGetter(MobileNetV1(), {"stage1": 1, "stage2": 2, "stage3": 3})
+        out_channels = 64
+        self.fpn = FPN([64, 128, 256], out_channels)
+        self.ssh1 = SSH(out_channels, out_channels)
+        self.ssh2 = SSH(out_channels, out_channels)
+        self.ssh3 = SSH(out_channels, out_channels)
+        self.ClassHead = self._make_class_head(fpn_num=3, in_channels=out_channels)
+        self.BboxHead = self._make_bbox_head(fpn_num=3, in_channels=out_channels)
+        self.LandmarkHead = self._make_landmark_head(fpn_num=3, in_channels=out_channels)
+
+
+def _retinaface_r50() -> RetinaFace:
+    """The network of `retinaface.predict_single.Model`, without its torchvision download flag."""
+    with warnings.catch_warnings():  # the package still passes torchvision's old `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        return RetinaFace(name="Resnet50", pretrained=False,
+                          return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
+                          in_channels=256, out_channels=256)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file, also inside a one-member zip (retinaface-pytorch's release).
+
+    Tensors only (`weights_only=True`); a `module.` prefix from DataParallel is removed.
+    """
+    source: Path | io.BytesIO = path
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if not any(n.endswith("data.pkl") for n in names):  # not torch's own zip format
+                if len(names) != 1:
+                    raise ValueError(f"{path}: zip with {len(names)} members, expected one "
+                                     "weight file")
+                source = io.BytesIO(zf.read(names[0]))
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: not a loadable torch weight file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], origin: str, name: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{origin}: weights do not fit {name}: {exc}") from exc
+
+
+def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
+                   device: str = "cpu", confidence: float = 0.3, nms: float = 0.3,
+                   max_size: int = 1024, batch_size: int = 8,
+                   allow_download: bool = False) -> FaceDetector:
+    """Load a detector by name; the weight file comes from `weights`, an env var or shared assets.
+
+    retinaface_mnet025: `weights` / $FDF_RETINAFACE_WEIGHTS / $FDF_ASSETS/<MNET_ASSET>.
+    retinaface_r50: `weights` / $FDF_RETINAFACE_R50_WEIGHTS, else downloaded only when
+    `allow_download` (into torch's hub cache, from the URL that retinaface-pytorch publishes).
+    """
+    if name == "retinaface_mnet025":
+        path = resolve_file(weights, "FDF_RETINAFACE_WEIGHTS", MNET_ASSET,
+                            "RetinaFace MobileNet-0.25 weights (mobilenet0.25_Final.pth)",
+                            WEIGHTS_FLAG)
+        net: nn.Module = RetinaFaceMobileNet()
+        _load_strict(net, load_state_dict(path), str(path), name)
+        preprocess = _MNET_PREPROCESS
+    elif name == "retinaface_r50":
+        try:
+            path = resolve_file(weights, "FDF_RETINAFACE_R50_WEIGHTS", None,
+                                "RetinaFace ResNet-50 weights (retinaface-pytorch "
+                                f"'{R50_PACKAGE_MODEL}' release, .zip or .pth)", WEIGHTS_FLAG)
+        except MissingAssetError as exc:
+            if weights or not allow_download:
+                raise MissingAssetError(f"{exc}. Or pass allow_download=True to fetch it.") \
+                    from None
+            from retinaface.pre_trained_models import models
+            origin = models[R50_PACKAGE_MODEL].url
+            state = torch.hub.load_state_dict_from_url(origin, map_location="cpu",
+                                                       weights_only=True)
+        else:
+            origin, state = str(path), load_state_dict(path)
+        net = _retinaface_r50()
+        _load_strict(net, state, origin, name)
+        preprocess = _R50_PREPROCESS
+    else:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    return FaceDetector(name, net, preprocess, device=device, confidence=confidence, nms=nms,
+                        max_size=max_size, batch_size=batch_size)
+
+
+class FaceDetector:
+    """Runs a RetinaFace network on lists of RGB photos of any sizes."""
+
+    def __init__(self, name: str, net: nn.Module, preprocess: _Preprocess, device: str = "cpu",
+                 confidence: float = 0.3, nms: float = 0.3, max_size: int = 1024,
+                 batch_size: int = 8) -> None:
+        if not 0.0 <= confidence <= 1.0 or not 0.0 <= nms <= 1.0:
+            raise ValueError(f"confidence ({confidence}) and nms ({nms}) must be in [0, 1]")
+        if max_size < PAD_MULTIPLE or batch_size < 1:
+            raise ValueError(f"max_size must be >= {PAD_MULTIPLE} and batch_size >= 1")
+        self.name = name
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.confidence, self.nms_threshold = confidence, nms
+        self.max_size, self.batch_size = max_size, batch_size
+        channels = [2, 1, 0] if preprocess.bgr else [0, 1, 2]
+        self._channels = torch.tensor(channels, device=self.device)
+        self._mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self._priors: dict[tuple[int, int], torch.Tensor] = {}
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        """Faces of each HxWx3 uint8 RGB image, in the order given."""
+        resized = [self._resize(_check_image(im, i)) for i, im in enumerate(images)]
+        shapes = [_padded_shape(r.shape[:2]) for r in resized]
+        order = sorted(range(len(images)), key=lambda i: (shapes[i], i))
+        results: list[Detections | None] = [None] * len(images)
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while (stop < len(order) and stop - start < self.batch_size
+                   and shapes[order[stop]] == shapes[order[start]]):
+                stop += 1
+            batch = order[start:stop]
+            dets = self._detect_batch([resized[i] for i in batch], shapes[batch[0]],
+                                      [images[i].shape[:2] for i in batch])
+            for i, d in zip(batch, dets):
+                results[i] = d
+            start = stop
+        return results  # type: ignore[return-value]
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        scale = self.max_size / max(h, w)
+        if scale >= 1:
+            return image
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+    def _prior(self, shape: tuple[int, int]) -> torch.Tensor:
+        if shape not in self._priors:
+            priors = priorbox(_MIN_SIZES, _STEPS, clip=False, image_size=shape)
+            self._priors[shape] = priors.to(self.device)
+        return self._priors[shape]
+
+    @torch.inference_mode()
+    def _detect_batch(self, images: list[np.ndarray], shape: tuple[int, int],
+                      orig_shapes: list[tuple[int, int]]) -> list[Detections]:
+        ph, pw = shape
+        x = torch.zeros((len(images), 3, ph, pw), device=self.device)
+        for b, im in enumerate(images):
+            t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float()
+            x[b, :, :im.shape[0], :im.shape[1]] = (t[self._channels] - self._mean[0]) / self._std[0]
+        loc, conf, landm = self.net(x)
+        scores = conf.float().softmax(dim=-1)[..., 1]
+        priors = self._prior(shape)
+        out = []
+        for b, (im, (oh, ow)) in enumerate(zip(images, orig_shapes)):
+            keep = torch.nonzero(scores[b] > self.confidence).squeeze(1)
+            boxes = decode(loc[b, keep].float(), priors[keep], _VARIANCES)
+            lms = decode_landm(landm[b, keep].float(), priors[keep], _VARIANCES).view(-1, 5, 2)
+            # normalized to the padded input → source pixels (per-axis: the resize rounds sizes)
+            sx, sy = pw * ow / im.shape[1], ph * oh / im.shape[0]
+            boxes = boxes * torch.tensor([sx, sy, sx, sy], device=self.device)
+            lms = lms * torch.tensor([sx, sy], device=self.device)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+            s = scores[b, keep]
+            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, lms, s = boxes[valid], lms[valid], s[valid]
+            kept = nms_op(boxes, s, self.nms_threshold)  # sorted by score, descending
+            out.append(Detections(boxes=boxes[kept].cpu().numpy().astype(np.float32),
+                                  scores=s[kept].cpu().numpy().astype(np.float32),
+                                  landmarks=lms[kept].cpu().numpy().astype(np.float32)))
+        return out
+
+
+def _padded_shape(hw: tuple[int, int]) -> tuple[int, int]:
+    return tuple(-(-v // PAD_MULTIPLE) * PAD_MULTIPLE for v in hw)  # type: ignore[return-value]
+
+
+def _check_image(image: np.ndarray, index: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        desc = (f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray)
+                else type(image).__name__)
+        raise ValueError(f"image {index}: expected an HxWx3 uint8 RGB array, got {desc}")
+    return image

@@ -1,0 +1,164 @@
+"""fdf_builder end to end on real photos served over loopback HTTP, with real detector weights."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.download import DownloadConfig
+from data_prep.download import run as download
+from data_prep.sample import corpus_records, write_yfcc_metadata
+from data_prep.tario import AtomicTarWriter, iter_samples, json_bytes
+from fdf_builder.build import BuildConfig, run as build
+from fdf_builder.shards import split_of
+from slurm.pipeline import PipelineConfig, run as pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+N_PHOTOS = 12
+PORTRAITS = ("face_recognition__examples_two_people.jpg", "facenet_pytorch__data_multiface.jpg")
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory, assets, corpus_server) -> str:
+    """YFCC lines for the 12 smallest corpus photos plus two group photos (many faces)."""
+    records = sorted(corpus_records(corpus_server.url, assets / "corpus"),
+                     key=lambda r: (assets / "corpus" / r.url.split("/", 3)[3]).stat().st_size)
+    chosen = records[:N_PHOTOS] + [r for r in records if r.url.endswith(PORTRAITS)]
+    path = tmp_path_factory.mktemp("meta") / "yfcc.tsv"
+    write_yfcc_metadata(path, chosen)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, metadata) -> Path:
+    """An uninterrupted pipeline run: raw shards of 3 photos, then FDF shards."""
+    work = tmp_path_factory.mktemp("reference")
+    pipeline(PipelineConfig(workdir=str(work), metadata=[metadata], shard_size=3, progress=False))
+    return work
+
+
+def _samples(work: Path) -> dict[str, dict]:
+    out = {}
+    for tar in sorted((work / "fdf").glob("*/*.tar")):
+        for key, files in iter_samples(tar):
+            out[key] = {"split": tar.parent.name, "tar": tar.name, **files}
+    return out
+
+
+def test_shards_hold_fdf_faces_with_provenance(reference):
+    samples = _samples(reference)
+    assert len(samples) >= 10, "the corpus photos hold far more than 10 usable faces"
+    sizes = json.loads((reference / "fdf" / "sizes.json").read_text())
+    index = json.loads((reference / "fdf" / "index.json").read_text())
+    assert sum(sizes.values()) == len(samples) == sum(index["splits"].values())
+    photo_split = {}
+    for key, s in samples.items():
+        meta = json.loads(s["json"])
+        assert meta["key"] == key and meta["photo_key"] == key.split("_")[0]
+        image = Image.open(io.BytesIO(s["jpg"]))
+        assert image.size == (128, 128) and image.mode == "RGB"
+        bbox = np.array(meta["bbox"])
+        assert (bbox >= -1e-6).all() and (bbox <= 1 + 1e-6).all() and bbox[2] > bbox[0] and bbox[3] > bbox[1]
+        kps = np.array(meta["keypoints"])
+        assert kps.shape == (7, 3)
+        assert meta["keypoint_names"][:3] == ["nose", "left_eye", "right_eye"]
+        x0, y0, x1, y1 = bbox  # the matching rule: nose and both eyes inside the face box
+        assert ((kps[:3, 0] >= x0) & (kps[:3, 0] <= x1) & (kps[:3, 1] >= y0) & (kps[:3, 1] <= y1)).all()
+        for field in ("license_name", "license_url", "author", "photo_url", "page_url", "photo_id"):
+            assert meta[field], f"{key}: {field} missing"
+        crop = meta["crop_box"]
+        assert crop[2] - crop[0] == crop[3] - crop[1] >= 128  # square, FDF minimum size
+        # photo-level split: every face of a photo on the side its photo id hashes to
+        assert s["split"] == split_of(meta["photo_id"], 0.2)
+        assert photo_split.setdefault(meta["photo_id"], s["split"]) == s["split"]
+    stats = [json.loads(p.read_text()) for p in (reference / "fdf" / "stats").glob("*.json")]
+    assert sum(st["photos"] for st in stats) == N_PHOTOS + len(PORTRAITS)
+    assert sum(st["dropped"].get("too_small", 0) for st in stats) > 0  # group photos: small faces
+
+
+def test_rerun_is_a_no_op(reference, metadata):
+    before = {p: p.stat().st_mtime_ns for p in (reference / "fdf").glob("*/*.tar")}
+    index = build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
+                              val_fraction=0.2, progress=False))
+    assert {p: p.stat().st_mtime_ns for p in (reference / "fdf").glob("*/*.tar")} == before
+    assert sum(index["splits"].values()) == len(_samples(reference))
+
+
+def _tree(work: Path) -> dict[str, bytes]:
+    """Every shard and index file whose bytes must not depend on interruptions."""
+    files = list(work.glob("raw/*.tar")) + list(work.glob("fdf/*/*.tar"))
+    files += [work / "fdf" / "sizes.json"]
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(files)}
+
+
+def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
+    """Kill the whole pipeline (download and build) at several points; the rerun must converge."""
+    work = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "slurm.pipeline", "--workdir", str(work), "--metadata", f"[{metadata}]",
+           "--shard_size", "3", "--progress", "false"]
+    kills = 0
+    for delay in (0.5, 3.0, 5.0, 7.0, 9.0, 11.0):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 3, "the pipeline finished too fast to be interrupted"
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = _tree(work), _tree(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == want[name], f"{name} differs after kill + rerun"
+    leftovers = [p for p in work.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, leftovers
+
+
+def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
+    raw = tmp_path / "raw"
+    good = (assets / "corpus" / "photos" / "dlib__examples_faces_2008_001009.jpg").read_bytes()
+    with AtomicTarWriter(raw / "00000.tar") as tar:
+        tar.add_sample("000000000", {"jpg": good[: len(good) // 3], "json": json_bytes(
+            {"key": "000000000", "photo_id": "1"})})
+        tar.add_sample("000000001", {"jpg": good, "json": json_bytes({"key": "000000001", "photo_id": "2"})})
+    (raw / "00000_stats.json").write_text(json.dumps({"ok": 2}))
+    build(BuildConfig(input_dir=str(raw), output_dir=str(tmp_path / "fdf"), min_crop_size=64, progress=False))
+    stats = json.loads((tmp_path / "fdf" / "stats" / "00000.json").read_text())
+    assert stats["photos"] == 2 and stats["dropped"]["decode_error"] == 1
+    assert stats["faces_detected"] >= 2  # the intact photo (two people) was still processed
+
+
+def test_other_options_into_same_folder_are_refused(reference):
+    with pytest.raises(ValueError, match="other options"):
+        build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
+                          resolution=64, progress=False))
+
+
+def test_ffcv_export_matches_shards(tmp_path, reference):
+    pytest.importorskip("ffcv", reason="the ffcv extra is not installed (install.sh installs it)")
+    from ffcv.reader import Reader
+    from fdf_builder.ffcv_export import export_ffcv
+    import shutil
+    fdf = tmp_path / "fdf"
+    shutil.copytree(reference / "fdf", fdf)
+    out = export_ffcv(fdf, "train", num_workers=1)
+    n_train = sum(1 for s in _samples(reference).values() if s["split"] == "train")
+    reader = Reader(str(out))
+    assert reader.num_samples == n_train
+    assert set(reader.handlers) == {"image", "bbox", "keypoints", "meta"}
+
+
+def test_unknown_shard_range_is_a_clear_error(reference):
+    with pytest.raises(ValueError, match="start:stop"):
+        build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
+                          shards="zero-to-four", val_fraction=0.2, progress=False))

@@ -1,0 +1,143 @@
+"""RetinaFace detector on the real MobileNet-0.25 weights and the shared photo corpus."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from data_prep.assets import MissingAssetError, assets_dir
+from fdf_builder.detector import MNET_ASSET, RetinaFaceMobileNet, build_detector, load_state_dict
+
+PHOTOS = assets_dir() / "corpus" / "photos"
+DLIB_XML = PHOTOS / "dlib__examples_faces_training.xml"
+DLIB_PREFIX = "dlib__examples_faces_"
+
+
+def load_imglab_boxes(xml: Path) -> dict[str, np.ndarray]:
+    """dlib imglab XML → {image file: (N, 4) float32 x0, y0, x1, y1}."""
+    out = {}
+    for image in ET.parse(xml).getroot().iter("image"):
+        boxes = [[float(b.get(k)) for k in ("left", "top", "width", "height")]
+                 for b in image.iter("box")]
+        arr = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        arr[:, 2:] += arr[:, :2]
+        out[image.get("file")] = arr
+    return out
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert bgr is not None, path
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return build_detector("retinaface_mnet025")
+
+
+def test_mnet_weights_load_strictly_and_module_prefix_is_accepted(detector, tmp_path):
+    path = assets_dir() / MNET_ASSET
+    state = load_state_dict(path)
+    assert set(state) == set(RetinaFaceMobileNet().state_dict())  # every key used, none missing
+    prefixed = tmp_path / "dp.pth"
+    torch.save({"module." + k: v for k, v in state.items()}, prefixed)
+    again = build_detector("retinaface_mnet025", weights=str(prefixed))
+    for a, b in zip(detector.net.state_dict().values(), again.net.state_dict().values()):
+        assert torch.equal(a, b)
+    broken = tmp_path / "broken.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("LandmarkHead")}, broken)
+    with pytest.raises(ValueError, match=r"(?s)broken\.pth.*LandmarkHead"):
+        build_detector("retinaface_mnet025", weights=str(broken))
+
+
+def test_recall_on_dlib_labelled_faces(detector):
+    truth = {f: b for f, b in load_imglab_boxes(DLIB_XML).items()
+             if (PHOTOS / (DLIB_PREFIX + f)).exists()}
+    assert len(truth) >= 3
+    files = sorted(truth)
+    dets = detector.detect([read_rgb(PHOTOS / (DLIB_PREFIX + f)) for f in files])
+    found = total = extra = 0
+    for f, det in zip(files, dets):
+        iou = box_iou(torch.from_numpy(truth[f]), torch.from_numpy(det.boxes))
+        total += len(truth[f])
+        if len(det):
+            found += int((iou.max(dim=1).values >= 0.5).sum())
+            extra += int((iou.max(dim=0).values < 0.5).sum())
+        assert np.all(np.diff(det.scores) <= 0), "detections must be sorted by score"
+        assert det.landmarks.shape == (len(det), 5, 2) and det.boxes.dtype == np.float32
+    recall = found / total
+    print(f"dlib recall@0.5 {found}/{total} = {recall:.3f}, unmatched detections {extra}")
+    assert recall >= 0.9
+    assert extra <= 0.25 * total
+
+
+def test_no_face_photo_gives_no_detection(detector):
+    assert len(detector.detect([read_rgb(PHOTOS / "ternaus__tests_data_no_face.jpg")])[0]) == 0
+
+
+def test_batched_equals_one_by_one_and_is_deterministic():
+    detector = build_detector("retinaface_mnet025", batch_size=3, max_size=640)
+    # three 500x375 photos share a padded size (one batch); the others come in their own sizes
+    names = ["2008_001322.jpg", "2008_002079.jpg", "2008_002506.jpg", "2008_001009.jpg",
+             "Tom_Cruise_avp_2014_4.jpg"]
+    images = [read_rgb(PHOTOS / (DLIB_PREFIX + n)) for n in names]
+    batched = detector.detect(images)
+    single = [detector.detect([im])[0] for im in images]
+    again = detector.detect(images)
+    for b, s, a in zip(batched, single, again):
+        assert len(b) == len(s) > 0
+        np.testing.assert_allclose(b.boxes, s.boxes, atol=1e-2)
+        np.testing.assert_allclose(b.scores, s.scores, atol=1e-4)
+        np.testing.assert_allclose(b.landmarks, s.landmarks, atol=1e-2)
+        assert b.boxes.tobytes() == a.boxes.tobytes() and b.scores.tobytes() == a.scores.tobytes()
+        assert b.landmarks.tobytes() == a.landmarks.tobytes()
+
+
+def test_boxes_are_in_source_pixels_when_the_photo_is_downscaled(detector):
+    image = read_rgb(PHOTOS / (DLIB_PREFIX + "2008_001322.jpg"))
+    big = cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
+    small = build_detector("retinaface_mnet025", max_size=max(image.shape[:2]))
+    ref, scaled = detector.detect([image])[0], small.detect([big])[0]
+    assert len(ref) == len(scaled) > 0
+    iou = box_iou(torch.from_numpy(ref.boxes * 2), torch.from_numpy(scaled.boxes))
+    assert iou.diag().min() > 0.9
+    h, w = big.shape[:2]
+    assert scaled.boxes[:, [0, 2]].max() <= w and scaled.boxes[:, [1, 3]].max() <= h
+
+
+def test_missing_mnet_weights_name_flag_and_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FDF_ASSETS", str(tmp_path))
+    monkeypatch.delenv("FDF_RETINAFACE_WEIGHTS", raising=False)
+    with pytest.raises(MissingAssetError, match=r"--detector_weights.*FDF_RETINAFACE_WEIGHTS"):
+        build_detector("retinaface_mnet025")
+    with pytest.raises(MissingAssetError, match="nope.pth"):
+        build_detector("retinaface_mnet025", weights=str(tmp_path / "nope.pth"))
+
+
+def test_r50_without_weights_names_flag_env_and_download(monkeypatch):
+    monkeypatch.delenv("FDF_RETINAFACE_R50_WEIGHTS", raising=False)
+    with pytest.raises(MissingAssetError) as err:
+        build_detector("retinaface_r50")
+    msg = str(err.value)
+    assert "--detector_weights" in msg and "FDF_RETINAFACE_R50_WEIGHTS" in msg
+    assert "allow_download" in msg and "ResNet-50" in msg
+
+
+def test_r50_rejects_weights_of_another_network():
+    mnet = assets_dir() / MNET_ASSET
+    with pytest.raises(ValueError, match=r"mobilenet0\.25_Final\.pth: weights do not fit "
+                                         r"retinaface_r50"):
+        build_detector("retinaface_r50", weights=str(mnet))
+
+
+def test_bad_arguments(detector):
+    with pytest.raises(ValueError, match="unknown detector"):
+        build_detector("dsfd")
+    with pytest.raises(ValueError, match="image 1"):
+        detector.detect([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])

@@ -1,0 +1,156 @@
+"""FID on crops of the real corpus photos with the small fixed-seed feature network."""
+import json
+import os
+import socket
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from data_prep.assets import MissingAssetError, assets_dir
+from eval import fid, metrics
+
+PHOTOS = assets_dir() / "corpus" / "photos"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Four random square crops per corpus photo at 32×32, in [-1, 1], as 32-image FDF-style batches."""
+    files = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    rng = np.random.default_rng(0)
+    crops = []
+    for path in files:
+        image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        h, w = image.shape[:2]
+        for _ in range(4):
+            s = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            crops.append(cv2.resize(image[y:y + s, x:x + s], (32, 32), interpolation=cv2.INTER_AREA))
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return [str(p) for p in files], [{"img": b} for b in images.split(32)]
+
+
+def _noisy(sigma: float, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda batch: batch["img"] + sigma * torch.randn(batch["img"].shape, generator=gen)
+
+
+class CountingFeatures(fid.RandomConvFeatures):
+    """Counts the images it embeds (to see whether real statistics came from the cache)."""
+
+    def __init__(self):
+        super().__init__(dim=32)
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return super().forward(x)
+
+
+def test_fid_zero_on_itself_and_grows_with_noise(corpus):
+    _, batches = corpus
+    net = fid.RandomConvFeatures(dim=32)
+    values = [fid.compute_fid(_noisy(s), batches, feature=net) for s in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert abs(values[0]) < 1e-8
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert values[1] > 1e3 * abs(values[0])
+
+
+def test_real_statistics_are_cached_by_data_resolution_and_network(corpus, tmp_path):
+    files, batches = corpus
+    n = sum(len(b["img"]) for b in batches)
+    net = CountingFeatures()
+    first = fid.compute_fid(_noisy(0.1), batches, feature=net, cache_dir=tmp_path, data_files=files)
+    assert net.seen == 2 * n
+    cached = list(tmp_path.iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("fid_real_") and cached[0].suffix == ".pt"
+    assert torch.load(cached[0], weights_only=True)["num_samples"] == n
+    net.seen = 0
+    second = fid.compute_fid(_noisy(0.1), batches, feature=net, cache_dir=tmp_path, data_files=files)
+    assert net.seen == n  # only the generated images were embedded
+    assert second == pytest.approx(first, rel=1e-9)
+    # another file list, resolution or network is another entry
+    fid.compute_fid(_noisy(0.1), batches, feature=net, cache_dir=tmp_path, data_files=files[:-1])
+    small = [{"img": torch.nn.functional.avg_pool2d(b["img"], 2)} for b in batches]
+    fid.compute_fid(_noisy(0.1), small, feature=net, cache_dir=tmp_path, data_files=files)
+    fid.compute_fid(_noisy(0.1), batches, feature=fid.RandomConvFeatures(dim=32, seed=1),
+                    cache_dir=tmp_path, data_files=files)
+    assert len(list(tmp_path.iterdir())) == 4  # and no temporary file left behind
+    # a loader that no longer reads what the key names is caught
+    with pytest.raises(ValueError, match="stale cache"):
+        fid.compute_fid(_noisy(0.1), batches[:-1], feature=net, cache_dir=tmp_path, data_files=files)
+
+
+def test_missing_inception_weights_name_flag_and_variable(tmp_path, monkeypatch, corpus):
+    monkeypatch.setenv("FDF_ASSETS", str(tmp_path))
+    monkeypatch.setenv("FDF_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
+    with pytest.raises(MissingAssetError) as e:
+        fid.compute_fid(_noisy(0.0), corpus[1])
+    assert "--inception_weights" in str(e.value) and "FDF_INCEPTION_WEIGHTS" in str(e.value)
+    assert fid.INCEPTION_FILE in str(e.value)
+    with pytest.raises(MissingAssetError, match="--inception_weights"):
+        fid.build_fid_metric("inception", tmp_path / "also_missing.pth")
+
+
+def test_inception_file_is_loaded_safely(tmp_path):
+    path = tmp_path / fid.INCEPTION_FILE
+    torch.save({"conv.weight": torch.zeros(1)}, path)  # a state dict, not Inception's
+    with pytest.raises(ValueError, match="fc.weight"):
+        fid.build_fid_metric("inception", path)
+    torch.save({"fc.weight": torch.zeros(1), "hook": socket.socket}, path)  # needs arbitrary code
+    with pytest.raises(ValueError, match="safely loadable"):
+        fid.build_fid_metric("inception", path)
+
+
+def test_fid_metric_registry_and_report(corpus, tmp_path):
+    files, batches = corpus
+    opts = metrics.MetricOptions(generate_fn=_noisy(0.1), real_loader=batches, data_files=files,
+                                 feature=fid.RandomConvFeatures(dim=32), cache_dir=str(tmp_path / "cache"))
+    assert {"fid_val", "wider_ap"} <= set(metrics.list_valid_metrics())
+    result = metrics.calc_metric("fid_val", opts)
+    expected = fid.compute_fid(_noisy(0.1), batches, feature=fid.RandomConvFeatures(dim=32))
+    assert result["results"]["fid_val"] == pytest.approx(expected, rel=1e-9)
+    path = metrics.report_metric(result, tmp_path / "run", snapshot="network-snapshot-000100.ckpt")
+    metrics.report_metric(result, tmp_path / "run")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["snapshot"] == "network-snapshot-000100.ckpt"
+    assert lines[0]["results"]["fid_val"] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.calc_metric("fid50k", opts)
+    with pytest.raises(ValueError, match="real_loader"):
+        metrics.calc_metric("fid_val", metrics.MetricOptions(generate_fn=_noisy(0.1)))
+
+
+def _rank_worker(rank: int, world: int, port: int, files, batches, cache_dir, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world)
+    try:
+        # each rank embeds every other batch (its slice); torchmetrics sums the statistics. The
+        # second call reads the real statistics rank 0 cached in the first.
+        values = [fid.compute_fid(lambda b: b["img"].flip(-1), batches[rank::world],
+                                  feature=fid.RandomConvFeatures(dim=32), cache_dir=cache_dir,
+                                  data_files=files) for _ in range(2)]
+        torch.save(torch.tensor(values, dtype=torch.float64), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_process_value(corpus, tmp_path):
+    files, batches = corpus
+    single = fid.compute_fid(lambda b: b["img"].flip(-1), batches, feature=fid.RandomConvFeatures(dim=32),
+                             cache_dir=tmp_path / "single", data_files=files)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, files, batches, str(tmp_path / "dist"), str(tmp_path)),
+             nprocs=2, join=True)
+    for r in range(2):
+        values = torch.load(tmp_path / f"rank{r}.pt", weights_only=True).tolist()
+        assert values == pytest.approx([single, single], rel=1e-9)
+    single_stats = torch.load(next((tmp_path / "single").iterdir()), weights_only=True)
+    dist_stats = torch.load(next((tmp_path / "dist").iterdir()), weights_only=True)
+    assert dist_stats["num_samples"] == single_stats["num_samples"] == sum(len(b["img"]) for b in batches)
+    torch.testing.assert_close(dist_stats["cov_sum"], single_stats["cov_sum"], rtol=1e-9, atol=1e-9)
