@@ -100,20 +100,28 @@ def _tree(work: Path) -> dict[str, bytes]:
     return {str(p.relative_to(work)): p.read_bytes() for p in sorted(files)}
 
 
+def _done(work: Path, pattern: str) -> int:
+    return len(list(work.glob(pattern)))
+
+
 def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
-    """Kill the whole pipeline (download and build) at several points; the rerun must converge."""
+    """Kill the whole pipeline (download and build) at ever later points until a run completes."""
     work = tmp_path / "killed"
     cmd = [sys.executable, "-m", "slurm.pipeline", "--workdir", str(work), "--metadata", f"[{metadata}]",
            "--shard_size", "3", "--progress", "false"]
-    kills = 0
-    for delay in (0.5, 3.0, 5.0, 7.0, 9.0, 11.0):
+    total = _done(reference, "fdf/stats/*.json")
+    states = []  # (raw shards done, fdf shards done) after each kill
+    for attempt in range(12):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(delay)
-        if proc.poll() is None:
+        try:
+            proc.wait(timeout=2.0 + 1.5 * attempt)
+            break  # finished on its own
+        except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 3, "the pipeline finished too fast to be interrupted"
+            proc.wait()
+            states.append((_done(work, "raw/*_stats.json"), _done(work, "fdf/stats/*.json")))
+    assert len(states) >= 3, f"too few interruptions: {states}"
+    assert any(0 < fdf < total for _, fdf in states), f"no kill landed mid-build: {states}"
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     got, want = _tree(work), _tree(reference)
