@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["slurm_fixture"]  # the loopback SLURM cluster, for every test module
+
 from data_prep import licenses
 from data_prep.assets import assets_dir
 from data_prep.sample import CorpusServer, corpus_records, read_manifest, write_yfcc_metadata
