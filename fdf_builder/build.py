@@ -7,8 +7,10 @@ the detector sees the same batches). Formats: FORMAT.md §2.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import multiprocessing
 import json
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -47,6 +50,7 @@ class BuildConfig:
     allow_download: bool = False  # let RetinaFace R50 / Keypoint R-CNN fetch weights (needs internet)
     val_fraction: float = 0.034  # FDF: 50k of 1.47M faces, split by photo here
     batch_size: int = 8
+    processes: int = 1  # shards built in parallel, each in its own single-threaded process
     device: str = "cpu"
     jpeg_quality: int = 95
     ffcv: bool = False  # also write <output_dir>/<split>.beton (needs the `ffcv` extra)
@@ -75,7 +79,7 @@ class ShardStats:
 
 def options_hash(cfg: BuildConfig) -> str:
     """Hash of the options that change shard content (not paths, ranges or UI)."""
-    skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "device",
+    skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "processes", "device",
             "allow_download"}
     content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
     return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
@@ -254,6 +258,56 @@ def write_index(cfg: BuildConfig, keypoint_names: list[str] | None = None) -> di
     return index
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Models run single-threaded: float sums split over a different number of threads round
+    differently, and shard bytes must not depend on the machine's core count. Parallelism comes
+    from `processes` (one shard each) instead."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: BuildConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER["cfg"], _WORKER["annot"] = cfg, FaceAnnotator(cfg)
+
+
+def _worker_build(shard: str) -> dict:
+    return build_shard(shard, _WORKER["cfg"], _WORKER["annot"])
+
+
+def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
+    """Build the shards in this process, or in `cfg.processes` spawned workers (one shard each)."""
+    start = time.perf_counter()
+    faces_before = 0
+    if cfg.processes <= 1:
+        with _one_torch_thread():
+            annot = FaceAnnotator(cfg)
+            for shard in todo:
+                def on_batch(n_photos: int, shard_faces: int) -> None:
+                    bar.update(n_photos)
+                    bar.set_postfix(faces=faces_before + shard_faces,
+                                    faces_s=f"{(faces_before + shard_faces) / (time.perf_counter() - start):.2f}")
+                st = build_shard(shard, cfg, annot, on_batch)
+                faces_before += st["faces_kept"]
+                yield st
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(cfg.processes, len(todo)), initializer=_worker_init, initargs=(cfg,)) as pool:
+        for st in pool.imap_unordered(_worker_build, todo):
+            faces_before += st["faces_kept"]
+            bar.update(st["photos"])
+            bar.set_postfix(faces=faces_before, faces_s=f"{faces_before / (time.perf_counter() - start):.2f}")
+            yield st
+
+
 def run(cfg: BuildConfig) -> dict:
     """Build every raw shard of `cfg.shards` that is not done yet; return the index."""
     out = Path(cfg.output_dir)
@@ -263,30 +317,19 @@ def run(cfg: BuildConfig) -> dict:
     todo = [s for s in todo_all if not (out / "stats" / f"{s}.json").exists()]
     print(f"fdf-build: {len(todo_all) - len(todo)} of {len(todo_all)} shards already done, "
           f"{len(todo)} to build → {out}")
-    names = None
     if todo:
-        annot = FaceAnnotator(cfg)
-        names = annot.keypoint_names
         total_photos = sum(_count_photos(Path(cfg.input_dir), s) for s in todo)
         start = time.perf_counter()
         photos = faces = 0
         with tqdm(total=total_photos, unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-            for shard in todo:
-                done_faces = faces
-
-                def on_batch(n_photos: int, shard_faces: int) -> None:
-                    bar.update(n_photos)
-                    secs = time.perf_counter() - start
-                    bar.set_postfix(faces=done_faces + shard_faces,
-                                    faces_s=f"{(done_faces + shard_faces) / secs:.2f}")
-
-                st = build_shard(shard, cfg, annot, on_batch)
+            for st in _build_all(cfg, todo, bar):
                 photos += st["photos"]
                 faces += st["faces_kept"]
         secs = time.perf_counter() - start
         print(f"fdf-build: {photos} photos, {faces} faces in {secs:.1f}s "
               f"({photos / secs:.2f} img/s, {faces / secs:.2f} faces/s)")
-    index = write_index(cfg, names or _names_from_existing(out))
+    from fdf_builder.keypoints import KEYPOINT_NAMES
+    index = write_index(cfg, list(KEYPOINT_NAMES))
     print("fdf-build: faces per split", index["splits"], "| dropped:",
           ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
     if cfg.ffcv:
@@ -316,8 +359,3 @@ def _count_photos(input_dir: Path, shard: str) -> int:
         return int(json.loads(stats.read_text()).get("ok", 0))
     except (OSError, ValueError):
         return 0
-
-
-def _names_from_existing(out: Path) -> list[str] | None:
-    index = out / "index.json"
-    return json.loads(index.read_text()).get("keypoint_names") if index.exists() else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["slurm_fixture"]  # the loopback SLURM cluster, for every test module
+pytest_plugins = ["slurm_fixture", "fdf_shards", "tiny_run"]  # session fixtures shared by every module
 
 from data_prep import licenses
 from data_prep.assets import assets_dir

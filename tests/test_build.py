@@ -42,7 +42,8 @@ def metadata(tmp_path_factory, assets, corpus_server) -> str:
 def reference(tmp_path_factory, metadata) -> Path:
     """An uninterrupted pipeline run: raw shards of 3 photos, then FDF shards."""
     work = tmp_path_factory.mktemp("reference")
-    pipeline(PipelineConfig(workdir=str(work), metadata=[metadata], shard_size=3, progress=False))
+    pipeline(PipelineConfig(workdir=str(work), metadata=[metadata], shard_size=3, progress=False,
+                            stages=["download", "build"]))
     return work
 
 
@@ -100,28 +101,42 @@ def _tree(work: Path) -> dict[str, bytes]:
     return {str(p.relative_to(work)): p.read_bytes() for p in sorted(files)}
 
 
-def _done(work: Path, pattern: str) -> int:
-    return len(list(work.glob(pattern)))
+def _state(work: Path) -> tuple[int, int, bool]:
+    """(raw shards done, FDF shards done, an FDF shard is being written)."""
+    return (len(list(work.glob("raw/*_stats.json"))), len(list(work.glob("fdf/stats/*.json"))),
+            any(work.glob("fdf/*/*.tar.tmp-*")))
+
+
+# Kill points, each a condition on (state at this run's start, state now): during start-up,
+# mid-download, in the middle of writing an FDF shard, right after an FDF shard finished, mid-shard again.
+KILL_POINTS = {
+    "startup": lambda t0, s0, s: time.monotonic() - t0 > 0.5,
+    "download": lambda t0, s0, s: s[0] > s0[0] or s[1] > 0 or s[2],
+    "mid-shard": lambda t0, s0, s: s[2],
+    "shard-done": lambda t0, s0, s: s[1] > s0[1],
+    "mid-shard-again": lambda t0, s0, s: s[2],
+}
 
 
 def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
-    """Kill the whole pipeline (download and build) at ever later points until a run completes."""
+    """SIGKILL the pipeline (download + build) at points of every kind; the rerun must converge."""
     work = tmp_path / "killed"
     cmd = [sys.executable, "-m", "slurm.pipeline", "--workdir", str(work), "--metadata", f"[{metadata}]",
-           "--shard_size", "3", "--progress", "false"]
-    total = _done(reference, "fdf/stats/*.json")
-    states = []  # (raw shards done, fdf shards done) after each kill
-    for attempt in range(12):
+           "--shard_size", "3", "--progress", "false", "--stages", "[download, build]"]
+    total = len(list(reference.glob("fdf/stats/*.json")))
+    killed = []  # (kill point, state after the kill)
+    for name, due in KILL_POINTS.items():
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=2.0 + 1.5 * attempt)
-            break  # finished on its own
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            states.append((_done(work, "raw/*_stats.json"), _done(work, "fdf/stats/*.json")))
-    assert len(states) >= 3, f"too few interruptions: {states}"
-    assert any(0 < fdf < total for _, fdf in states), f"no kill landed mid-build: {states}"
+        t0, s0 = time.monotonic(), _state(work)
+        while proc.poll() is None and not due(t0, s0, _state(work)):
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            break  # finished before this point: nothing left to interrupt
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed.append((name, _state(work)))
+    assert len(killed) >= 4, f"too few interruptions: {killed}"
+    assert any(name.startswith("mid-shard") and 0 <= s[1] < total for name, s in killed), killed
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     got, want = _tree(work), _tree(reference)

@@ -1,0 +1,175 @@
+"""img/s of one training step of the 12M config at 32x32 and 128x128, Lightning vs a bare loop.
+
+Both sides run the same networks (S=256, wide critic), the same batch of real corpus photos
+already on the device, the same step (critic step with gradient penalty and drift, generator
+step, EMA update, non-finite checks) with the same precision and memory format: the ratio of the
+fastest loop iterations (hooks and data fetch included, alternating rounds) isolates what the
+LightningModule/Trainer path costs per step (goal <= 1.1). On a GPU: bf16
+autocast and channels_last, the paper's batch sizes (128 at 32x32, 64 at 128x128). On a CPU the
+batches default to 4 and 2 so that it finishes in minutes. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from data_prep.assets import assets_dir
+from training.conditioning import prepare
+from training.ema import ema_beta, update_ema
+from training.loss import discriminator_loss, generator_loss, gradient_penalty
+from training.module import NetworkConfig, ProgressiveGAN
+from training.networks import count_parameters
+from training.schedule import Schedule
+
+PAPER_BATCH = {32: 128, 128: 64}
+
+
+def real_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`n` centred 128x128 crops of corpus photos with an FDF-like face box and keypoints."""
+    photos = sorted(p for p in (assets_dir() / "corpus" / "photos").iterdir() if p.suffix in (".jpg", ".png"))
+    images = []
+    for p in (photos * math.ceil(n / len(photos)))[:n]:
+        img = Image.open(p).convert("RGB")
+        side = min(img.size)
+        x0, y0 = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((x0, y0, x0 + side, y0 + side)).resize((128, 128), Image.Resampling.BOX)
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    layout = torch.tensor([[0.50, 0.58], [0.68, 0.40], [0.32, 0.40], [0.95, 0.50], [0.05, 0.50],
+                           [1.25, 1.45], [-0.25, 1.45]])
+    kp = (0.2 + layout * 0.6).clamp(0, 1).expand(n, 7, 2)
+    return {"images": torch.stack(images).to(device), "bbox": torch.tensor([[0.2, 0.2, 0.8, 0.8]] * n, device=device),
+            "keypoints": kp.contiguous().to(device)}
+
+
+def build(resolution: int, batch: int, device: torch.device) -> tuple[ProgressiveGAN, int]:
+    """The 12M model and the first step of its stabilization phase at `resolution`."""
+    schedule = Schedule(batch_sizes={r: batch for r in (8, 16, 32, 64, 128)})
+    module = ProgressiveGAN(NetworkConfig(base_width=256), schedule, channels_last=device.type == "cuda")
+    phase = next(p for p in schedule.phases if p.name == f"stabilize{resolution}")
+    return module, schedule.first_step(phase)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    def __init__(self, batch: dict, start: int, count: int):
+        self.batch, self.start, self.count = batch, start, count
+
+    def __iter__(self):
+        for k in range(self.start, self.start + self.count):
+            yield {**self.batch, "step": k}
+
+
+class _Timer(pl.Callback):
+    """Wall time between consecutive batch starts: the whole loop iteration, hooks included."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.starts = device, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+
+def lightning_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
+    module, start = build(resolution, batch["images"].shape[0], device)
+    module.step = start
+    timer = _Timer(device)
+    trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else
+                         "32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=1, callbacks=[timer], num_sanity_val_steps=0)
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(batch, start, warmup + steps + 1), batch_size=None))
+    return min(np.diff(timer.starts[warmup:]))
+
+
+def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
+    module, start = build(resolution, batch["images"].shape[0], device)
+    module.to(device)
+    g, d, ema, sch = module.generator, module.discriminator, module.generator_ema, module.schedule
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    adam = dict(lr=0.00175, betas=(0.0, 0.99), fused=device.type == "cuda")
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), **adam), torch.optim.Adam(d.parameters(), **adam)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rng = torch.Generator(device=device).manual_seed(0)
+    starts = []
+    for i in range(warmup + steps + 1):
+        sync(device)
+        starts.append(time.perf_counter())
+        info = sch.at_step(start + i)
+        n = batch["images"].shape[0]
+        flip = torch.rand(n, device=device, generator=rng) < 0.5
+        p = prepare(batch["images"], batch["bbox"], batch["keypoints"], info.phase.resolution, info.alpha, flip,
+                    module.flip_order)
+        if device.type == "cuda":
+            p.real, p.condition, p.mask = (t.contiguous(memory_format=torch.channels_last)
+                                           for t in (p.real, p.condition, p.mask))
+        critic = lambda x: d(x, p.condition, p.mask, p.keypoints, info.alpha)  # noqa: E731
+        with autocast:
+            z = torch.randn(g.z_shape(n), device=device, generator=rng)
+            with torch.no_grad():
+                fake = g(p.condition, p.mask, p.keypoints, z, info.alpha)
+            terms = discriminator_loss(critic(p.real), critic(fake), gradient_penalty(critic, p.real, fake, rng),
+                                       module.loss_cfg)
+        assert all(math.isfinite(v) for v in torch.stack(list(terms.values())).tolist())
+        opt_d.zero_grad(set_to_none=True)
+        terms["d"].backward()
+        opt_d.step()
+        d.requires_grad_(False)
+        with autocast:
+            z = torch.randn(g.z_shape(n), device=device, generator=rng)
+            loss = generator_loss(critic(g(p.condition, p.mask, p.keypoints, z, info.alpha)))
+        assert math.isfinite(loss.item())
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        d.requires_grad_(True)
+        update_ema(ema, g, ema_beta(info.batch_size))
+    return min(np.diff(starts[warmup:]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch per resolution (default: the paper's on a GPU, 4 and 2 on a CPU)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=2, help="alternating bare/Lightning measurements per resolution")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    batches = args.batch or [PAPER_BATCH[r] if gpu else {32: 4, 128: 2}[r] for r in args.resolutions]
+    warmup, steps = args.warmup or (10 if gpu else 1), args.steps or (30 if gpu else 4)
+    torch.backends.cudnn.benchmark = True
+    model, _ = build(128, 2, torch.device("cpu"))
+    result = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)",
+              "precision": "bf16-mixed, channels_last" if gpu else "fp32",
+              "generator_params_at_128": count_parameters(model.generator, 128),
+              "critic_params_at_128": count_parameters(model.discriminator, 128),
+              "warmup_steps": warmup, "timed_steps": steps, "rounds": args.rounds, "goal_ratio": 1.1, "results": {}}
+    for res, n in zip(args.resolutions, batches):
+        batch = real_batch(n, device)
+        bare, light = math.inf, math.inf
+        for _ in range(args.rounds):  # alternate, keep each side's fastest step: robust to a busy machine
+            bare = min(bare, bare_seconds(res, batch, warmup, steps, device))
+            light = min(light, lightning_seconds(res, batch, warmup, steps, device))
+        result["results"][f"{res}x{res}"] = {
+            "batch": n, "lightning_img_per_s": round(n / light, 2), "bare_img_per_s": round(n / bare, 2),
+            "lightning_sec_per_step": round(light, 4), "bare_sec_per_step": round(bare, 4),
+            "ratio_lightning_to_bare": round(light / bare, 3)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Face anonymization of whole photos: detect → keypoints → FDF crop → EMA generator → paste back.
+
+Every face becomes what the generator was trained on: the FDF crop of its box (`fdf_builder.crop`,
+the builder's rule), stored as an FDF sample (JPEG q95 crop + box and keypoints in crop coordinates,
+FORMAT.md §2) and read back by training's own `decode_sample` and `prepare`, so inference inputs are
+built by the training code path itself (same keypoint conversion, same box blanking). A face whose
+keypoints the backend cannot match is still anonymized, with every keypoint missing (no pose):
+leaving it untouched was a flaw of the 2019 evaluation (REFERENCE.md "Evaluation").
+
+The generated crop is resized back and pasted with a feathered edge: weight 1 on the face box
+(every pixel the box touches), falling linearly to 0 over `feather` × the face side outside it.
+Nothing outside the face boxes grown by that band changes. Where faces overlap, each pixel takes
+the face with the highest weight (the later face on ties), so the band of one face never carries
+the original pixels of another face's box back into the result.
+
+`method` may also name a baseline of :mod:`eval.baselines` (black-out, pixelation, blur): those
+rewrite exactly the face boxes, as in the paper's table.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from data_prep.assets import resolve_file
+from data_prep.tario import json_bytes
+from eval.baselines import BASELINES, anonymize_boxes
+from eval.fid import to_uint8
+from fdf_builder import crop as fdfcrop
+from fdf_builder.keypoints import KEYPOINT_NAMES
+from training.conditioning import prepare
+from training.datamodule import decode_sample
+from training.module import load_generator
+from training.networks import GeneratorAt
+
+METHODS = ("generator", *BASELINES)
+CHECKPOINT_ENV = "FDF_GENERATOR_CHECKPOINT"
+CHECKPOINT_FLAG = "--checkpoint"
+NO_KEYPOINTS = "none"  # keypoint backend name: anonymize every face without pose
+JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator sees its training inputs
+
+
+@dataclass
+class AnonymizerConfig:
+    """How faces are found and replaced.
+
+    method: "generator" (DeepPrivacy) or a baseline: blackout, pixelation_16x16, pixelation_8x8,
+        gaussian_9x9, heavy_blur
+    checkpoint: training checkpoint whose EMA generator is used (or $FDF_GENERATOR_CHECKPOINT)
+    detector: retinaface_mnet025 | retinaface_r50 (weights via detector_weights or its env var)
+    confidence: detector score threshold; low values favour privacy (missed faces are not hidden)
+    keypoints: movenet | keypoint-rcnn | none (every face without pose)
+    keypoint_threshold: keypoints scoring below it count as missing, as training's
+        `data.keypoint_threshold`
+    batch_size: faces per generator call and images per detector call
+    feather: width of the blend band outside each face box, as a fraction of the face side
+    """
+
+    method: str = "generator"
+    checkpoint: str | None = None
+    detector: str = "retinaface_mnet025"
+    detector_weights: str | None = None
+    confidence: float = 0.3
+    nms: float = 0.3
+    detect_max_size: int = 1024
+    keypoints: str = "movenet"
+    keypoint_weights: str | None = None
+    keypoint_threshold: float = 0.0
+    batch_size: int = 16
+    device: str = "cpu"
+    feather: float = 0.1
+    allow_download: bool = False
+
+
+@dataclass
+class Faces:
+    """The faces of one image: boxes x0, y0, x1, y1 in pixels, scores, and per face (7, 3)
+    keypoints x, y, score in pixels or None (no pose)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    keypoints: list[np.ndarray | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def num_without_pose(self) -> int:
+        return sum(k is None for k in self.keypoints)
+
+
+def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu") -> GeneratorAt:
+    """The EMA generator of a training checkpoint at the resolution and fade-in it had reached."""
+    progress = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("progress")
+    generator = load_generator(str(checkpoint), ema=True, map_location=device)
+    if progress is None:
+        return GeneratorAt(generator, generator.max_resolution, 1.0)
+    return GeneratorAt(generator, int(progress["resolution"]), float(progress["alpha"]))
+
+
+def resolve_checkpoint(path: str | None) -> Path:
+    return resolve_file(path, CHECKPOINT_ENV, None,
+                        "generator checkpoint (a training checkpoint, e.g. <run_dir>/checkpoints/final.ckpt)",
+                        CHECKPOINT_FLAG)
+
+
+def _pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """Pixels a box touches, as the baselines count them (floor/ceil, clipped)."""
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def feather_width(box: np.ndarray, feather: float) -> int:
+    """Blend band in pixels outside a box: `feather` × the longer face side."""
+    return max(0, round(feather * max(box[2] - box[0], box[3] - box[1])))
+
+
+def _band_weights(extent: tuple[int, int, int, int], band: int,
+                  window: tuple[int, int, int, int]) -> np.ndarray:
+    """(h, w) weights over `window`: 1 on the box pixels, then 1 - d / (band + 1) at Chebyshev
+    distance d (pixels) outside the box, 0 from band + 1 on."""
+    x0, y0, x1, y1 = extent
+    xs, ys = np.arange(window[0], window[2]), np.arange(window[1], window[3])
+    dx = np.maximum(np.maximum(x0 - xs, xs - (x1 - 1)), 0)
+    dy = np.maximum(np.maximum(y0 - ys, ys - (y1 - 1)), 0)
+    d = np.maximum(dy[:, None], dx[None, :]).astype(np.float32)
+    return np.clip(1 - d / (band + 1), 0, 1)
+
+
+class Anonymizer:
+    """Anonymizes every face of RGB uint8 images; models are loaded on first use.
+
+    `generator` (a `GeneratorAt`), `detector` and `keypoint_model` may be given ready-made (tests,
+    benchmarks); otherwise they come from the config. `timings` accumulates seconds per stage:
+    detection, keypoints, generation (network calls), crop_paste (everything else per face).
+    """
+
+    def __init__(self, cfg: AnonymizerConfig, generator: GeneratorAt | None = None,
+                 detector=None, keypoint_model=None):
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
+        if cfg.batch_size < 1 or cfg.feather < 0:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be >= 1 and feather ({cfg.feather}) >= 0")
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.timings: dict[str, float] = defaultdict(float)
+        if detector is not None:
+            self.detector = detector
+        if keypoint_model is not None:
+            self.keypoint_model = keypoint_model
+        self.generator = None
+        if cfg.method == "generator":
+            self.generator = generator or load_generator_at(resolve_checkpoint(cfg.checkpoint), self.device)
+            self.generator.to(self.device).eval().requires_grad_(False)
+
+    @cached_property
+    def detector(self):
+        from fdf_builder.detector import build_detector
+        c = self.cfg
+        return build_detector(c.detector, weights=c.detector_weights, device=c.device, confidence=c.confidence,
+                              nms=c.nms, max_size=c.detect_max_size, batch_size=c.batch_size,
+                              allow_download=c.allow_download)
+
+    @cached_property
+    def keypoint_model(self):
+        if self.cfg.keypoints == NO_KEYPOINTS:
+            return None
+        from fdf_builder.keypoints import build_keypoint_model
+        return build_keypoint_model(self.cfg.keypoints, weights=self.cfg.keypoint_weights, device=self.cfg.device,
+                                    allow_download=self.cfg.allow_download)
+
+    # ------------------------------------------------------------------ faces
+    def detect(self, images: list[np.ndarray]) -> list[Faces]:
+        """Detector boxes and scores of each image (no keypoints yet)."""
+        t0 = time.perf_counter()
+        dets = self.detector.detect(images)
+        self.timings["detection"] += time.perf_counter() - t0
+        return [Faces(d.boxes.astype(np.float64), d.scores.astype(np.float64)) for d in dets]
+
+    def add_keypoints(self, image: np.ndarray, faces: Faces) -> Faces:
+        """Fill `faces.keypoints`; only the generator uses pose, so baselines skip the model."""
+        if self.cfg.method != "generator" or len(faces.keypoints) == len(faces):
+            return faces
+        if self.keypoint_model is None or len(faces) == 0:
+            faces.keypoints = [None] * len(faces)
+            return faces
+        t0 = time.perf_counter()
+        faces.keypoints = list(self.keypoint_model.keypoints_for_faces(image, faces.boxes, faces.scores))
+        self.timings["keypoints"] += time.perf_counter() - t0
+        return faces
+
+    def find_faces(self, images: list[np.ndarray]) -> list[Faces]:
+        return [self.add_keypoints(im, f) for im, f in zip(images, self.detect(images))]
+
+    @staticmethod
+    def faces_from_boxes(boxes: np.ndarray, scores: np.ndarray | None = None) -> Faces:
+        """Faces from given boxes (bring your own boxes, e.g. WIDER ground truth): score 1 if none."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        if not np.isfinite(boxes).all():
+            raise ValueError("face boxes contain non-finite values")
+        scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+        if len(scores) != len(boxes):
+            raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
+        return Faces(boxes, scores)
+
+    # ------------------------------------------------------------------ anonymization
+    def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+        """One image; faces are detected unless `boxes` (N, 4) are given."""
+        faces = None if boxes is None else [self.faces_from_boxes(boxes)]
+        return self.anonymize([image], faces)[0]
+
+    def anonymize(self, images: list[np.ndarray], faces: list[Faces] | None = None) -> list[np.ndarray]:
+        """Copies of the images with every face replaced; faces detected unless given."""
+        for i, im in enumerate(images):
+            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                desc = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
+                raise ValueError(f"image {i}: expected an HxWx3 uint8 RGB array, got {desc}")
+        if faces is None:
+            faces = self.detect(images)
+        if len(faces) != len(images):
+            raise ValueError(f"{len(images)} images but faces for {len(faces)}")
+        if self.cfg.method != "generator":
+            return [anonymize_boxes(im, f.boxes, self.cfg.method) for im, f in zip(images, faces)]
+        faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
+        jobs = []  # (image index, face index, pixel extent, crop)
+        t0 = time.perf_counter()
+        samples = []
+        for i, (im, f) in enumerate(zip(images, faces)):
+            for j, box in enumerate(f.boxes):
+                extent = _pixel_extent(box, *im.shape[:2])
+                if extent is None:
+                    continue  # an empty box covers no pixel
+                # The crop is taken around every pixel the box touches, so none escapes the mask.
+                crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2])
+                jobs.append((i, j, extent, crop))
+                samples.append(self._sample(im, extent, f.keypoints[j], crop))
+        self.timings["crop_paste"] += time.perf_counter() - t0
+        generated = self._generate(samples)
+        t0 = time.perf_counter()
+        outputs = [_Composite(im) for im in images]
+        for (i, j, extent, crop), face in zip(jobs, generated):
+            outputs[i].add(face, extent, crop, feather_width(faces[i].boxes[j], self.cfg.feather))
+        result = [o.result() for o in outputs]
+        self.timings["crop_paste"] += time.perf_counter() - t0
+        return result
+
+    def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
+                crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The face as an FDF sample (FORMAT.md §2), decoded by training's `decode_sample`."""
+        pixels = fdfcrop.resize(fdfcrop.cut(image, crop.box), self.generator.resolution)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        if keypoints is None:
+            points = [[-1.0, -1.0, 0.0]] * len(KEYPOINT_NAMES)
+        else:
+            points = fdfcrop.to_crop_coords(keypoints, crop).tolist()
+        meta = {"bbox": fdfcrop.to_crop_coords(np.asarray(box, np.float64).reshape(2, 2), crop).reshape(4).tolist(),
+                "keypoints": points, "keypoint_names": list(KEYPOINT_NAMES)}
+        return decode_sample("anonymizer", "face", {"jpg": buf.getvalue(), "json": json_bytes(meta)},
+                             self.cfg.keypoint_threshold)
+
+    @torch.inference_mode()
+    def _generate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[np.ndarray]:
+        """EMA generator (z = 0) on the faces in batches: (r, r, 3) uint8 crops."""
+        g, out = self.generator, []
+        for start in range(0, len(samples), self.cfg.batch_size):
+            chunk = samples[start:start + self.cfg.batch_size]
+            images, bbox, kps = (torch.stack([s[k] for s in chunk]).to(self.device) for k in range(3))
+            p = prepare(images, bbox, kps, g.resolution, g.alpha)
+            t0 = time.perf_counter()
+            fake = g(p.condition, p.mask, p.keypoints)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings["generation"] += time.perf_counter() - t0
+            out.extend(to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy())
+        return out
+
+
+class _Composite:
+    """Feathered paste of generated crops into one image; pixels of weight 0 keep their value."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+        self.best: np.ndarray | None = None  # highest weight per pixel so far
+        self.pasted: np.ndarray | None = None  # the generated pixel of that weight
+
+    def add(self, face: np.ndarray, extent: tuple[int, int, int, int], crop: fdfcrop.Crop, band: int) -> None:
+        h, w = self.image.shape[:2]
+        cx0, cy0, cx1, cy1 = crop.box
+        window = (max(extent[0] - band, 0, cx0), max(extent[1] - band, 0, cy0),
+                  min(extent[2] + band, w, cx1), min(extent[3] + band, h, cy1))
+        if self.best is None:
+            self.best = np.zeros((h, w), np.float32)
+            self.pasted = self.image.copy()
+        side = crop.side
+        interp = cv2.INTER_LINEAR if side >= face.shape[0] else cv2.INTER_AREA
+        full = cv2.resize(face, (side, side), interpolation=interp)
+        wx0, wy0, wx1, wy1 = window
+        patch = full[wy0 - cy0:wy1 - cy0, wx0 - cx0:wx1 - cx0]
+        weight = _band_weights(extent, band, window)
+        best = self.best[wy0:wy1, wx0:wx1]
+        take = (weight > 0) & (weight >= best)
+        best[take] = weight[take]
+        self.pasted[wy0:wy1, wx0:wx1][take] = patch[take]
+
+    def result(self) -> np.ndarray:
+        out = self.image.copy()
+        if self.best is None:
+            return out
+        where = self.best > 0
+        a = self.best[where][:, None]
+        out[where] = np.rint(self.image[where] * (1 - a) + self.pasted[where] * a).astype(np.uint8)
+        return out

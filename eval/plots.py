@@ -1,0 +1,140 @@
+"""`FID vs kimg` of a training run as a PNG, from the run's MLflow metric history.
+
+Series: `fid` (training's FIDCallback; its x is the `fid/kimg` logged with it) and every
+`eval/fid_<feature>` (the `fdf-eval` job; x = step = images shown). With `--evaluate`, the
+checkpoints of `<run_dir>/checkpoints/` (`img*.ckpt` snapshots and `final.ckpt`) that have no result
+JSON yet are evaluated first, so one command turns a finished run into its curve. Phase changes
+(the `phase/NN` tags of the run) are drawn as dotted lines.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_prep.tario import atomic_write_json
+from eval import evaluate
+
+TRAINING_FID = "fid"
+EVAL_PREFIX = "eval/fid_"
+
+
+@dataclass
+class PlotConfig:
+    """Plot FID against kimg for one run.
+
+    run_dir: the training run folder (config.yaml, checkpoints/, mlflow.db)
+    output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
+    evaluate: compute the FID of checkpoints that have none yet (needs data_root)
+    data_root / feature / inception_weights / num_images / batch_size / cache_dir / device: as fdf-eval
+    tracking_uri / run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
+    """
+
+    run_dir: str
+    output: str | None = None
+    evaluate: bool = False
+    data_root: str | None = None
+    feature: str = "inception"
+    inception_weights: str | None = None
+    num_images: int | None = None
+    batch_size: int = 64
+    cache_dir: str | None = "runs/fid_cache"
+    device: str = "cpu"
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Snapshots and the final checkpoint (`last.ckpt` repeats one of them)."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob("img*.ckpt")) + sorted(folder.glob("final.ckpt"))
+
+
+def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[float, str]]]:
+    """({series: [(kimg, fid), ...] sorted}, [(kimg, phase name), ...]) of one MLflow run."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    series = {}
+    for key in sorted(run.data.metrics):
+        if key == TRAINING_FID:
+            kimg_at = {m.step: m.value for m in client.get_metric_history(run_id, "fid/kimg")}
+            points = {kimg_at.get(m.step, float(m.step)): m.value for m in client.get_metric_history(run_id, key)}
+        elif key.startswith(EVAL_PREFIX):
+            points = {m.step / 1000: m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                              key=lambda m: m.timestamp)}  # re-evaluations: last wins
+        else:
+            continue
+        series[key] = sorted(points.items())
+    phases = []
+    for tag, text in run.data.tags.items():
+        m = re.fullmatch(r"(\S+) from kimg ([0-9.]+).*", text) if tag.startswith("phase/") else None
+        if m:
+            phases.append((float(m.group(2)), m.group(1)))
+    return series, sorted(phases)
+
+
+def plot_fid(series: dict[str, list[tuple[float, float]]], phases: list[tuple[float, str]], output: Path,
+             title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=key)
+    for kimg, name in phases:
+        ax.axvline(kimg, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(name, (kimg, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                    va="top", ha="right", color="grey")
+    ax.set_xlabel("kimg (thousands of real images shown)")
+    ax.set_ylabel("FID")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+    return output
+
+
+def run(cfg: PlotConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    ckpts = checkpoints(run_dir)
+    if cfg.evaluate:
+        if cfg.data_root is None:
+            raise ValueError("--evaluate needs --data_root (the FDF shards the run was trained on)")
+        for ckpt in ckpts:
+            out = run_dir / "eval" / f"fid_{cfg.feature}_{ckpt.stem}.json"
+            if not out.is_file():
+                evaluate.run(evaluate.EvaluateConfig(
+                    checkpoint=str(ckpt), data_root=cfg.data_root, feature=cfg.feature,
+                    inception_weights=cfg.inception_weights, num_images=cfg.num_images, batch_size=cfg.batch_size,
+                    cache_dir=cfg.cache_dir, output=str(out), tracking_uri=cfg.tracking_uri, run_id=cfg.run_id,
+                    device=cfg.device))
+    uri, run_id = cfg.tracking_uri, cfg.run_id
+    if (uri is None or run_id is None) and ckpts:
+        uri, run_id = evaluate.mlflow_target(ckpts[-1], uri, run_id)
+    if uri is None or run_id is None:
+        raise ValueError(f"{run_dir}: no checkpoint naming its MLflow run: give --tracking_uri and --run_id")
+    series, phases = fid_history(uri, run_id)
+    if not series:
+        raise ValueError(f"MLflow run {run_id} ({uri}) has no FID metric yet: run fdf-eval on its checkpoints "
+                         "or pass --evaluate")
+    output = Path(cfg.output) if cfg.output else run_dir / "fid_vs_kimg.png"
+    atomic_write_json(output.with_name(output.stem + "_options.json"), asdict(cfg))
+    plot_fid(series, phases, output, f"{run_dir.name} ({run_id[:8]})")
+    summary = {"output": str(output), "series": {k: len(v) for k, v in series.items()}}
+    print(json.dumps(summary))
+    return {"output": output, "series": series, "phases": phases}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from data_prep.cli_util import parse_dataclass
+    return run(parse_dataclass(PlotConfig, argv, prog="fdf-plot-fid", description="FID vs kimg PNG of a run."))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The anonymizer on real photos and a real video: face regions only, folders, video with audio."""
+from __future__ import annotations
+
+import json
+import subprocess
+import wave
+
+import cv2
+import numpy as np
+import pytest
+
+from data_prep.assets import MissingAssetError, assets_dir
+from eval.anonymize import main as anonymize_main
+from eval.anonymizer import (CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, _band_weights,
+                             feather_width, load_generator_at)
+from eval.video import BoxTracker, ffmpeg_exe
+
+PHOTOS = assets_dir() / "corpus" / "photos"
+CROWD = "dlib__examples_faces_2008_002079.jpg"  # seven faces, two of them overlapping
+NO_FACE = "ternaus__tests_data_no_face.jpg"
+
+
+def _rgb(name: str) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(PHOTOS / name)), cv2.COLOR_BGR2RGB)
+
+
+def _region(shape, extents) -> np.ndarray:
+    m = np.zeros(shape[:2], bool)
+    for x0, y0, x1, y1 in extents:
+        m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    return m
+
+
+def _extent(box) -> tuple[int, int, int, int]:
+    return int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_run):
+    """Detector, keypoint model and tiny EMA generator, loaded once for the module."""
+    base = Anonymizer(AnonymizerConfig(method="blackout"))
+    return base.detector, base.keypoint_model, load_generator_at(tiny_run / "checkpoints" / "final.ckpt")
+
+
+@pytest.fixture(scope="module")
+def crowd(models):
+    detector, keypoints, generator = models
+    image = _rgb(CROWD)
+    a = Anonymizer(AnonymizerConfig(), generator=generator, detector=detector, keypoint_model=keypoints)
+    (faces,) = a.find_faces([image])
+    assert len(faces) >= 6 and len(faces.keypoints) == len(faces)
+    h, w = image.shape[:2]
+    # plus a box partly outside the photo and an empty one
+    boxes = np.concatenate([faces.boxes, [[w - 30.5, h - 20.2, w + 15, h + 9], [5, 5, 5, 40]]])
+    return image, Faces(boxes, np.concatenate([faces.scores, [1, 1]]), faces.keypoints + [None, None])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_changes_only_the_face_region(method, models, crowd):
+    detector, keypoints, generator = models
+    image, faces = crowd
+    before = image.copy()
+    cfg = AnonymizerConfig(method=method, batch_size=3, feather=0.15)
+    out = Anonymizer(cfg, generator=generator, detector=detector, keypoint_model=keypoints).anonymize([image], [faces])[0]
+    assert (image == before).all() and out.shape == image.shape and out.dtype == np.uint8
+    real = faces.boxes[:-1]  # the empty box covers no pixel
+    bands = [feather_width(b, cfg.feather) if method == "generator" else 0 for b in real]
+    grown = [(x0 - f, y0 - f, x1 + f, y1 + f) for (x0, y0, x1, y1), f in zip(map(_extent, real), bands)]
+    changed = (out != image).any(axis=2)
+    assert not changed[~_region(image.shape, grown)].any()
+    for box in real:
+        assert changed[_region(image.shape, [_extent(box)])].mean() > 0.5, (method, box)
+    if method == "generator":  # the feather band mixes: pixels there change, by less than inside
+        band = _region(image.shape, grown) & ~_region(image.shape, map(_extent, real))
+        assert changed[band].mean() > 0.2
+
+
+def test_band_weights_fall_from_one_to_zero():
+    w = _band_weights((10, 10, 20, 20), 4, (0, 0, 30, 30))
+    assert (w[10:20, 10:20] == 1).all()
+    row = w[15, 20:26]  # distance 1..6 to the right of the box
+    assert row == pytest.approx([0.8, 0.6, 0.4, 0.2, 0, 0])
+    assert (w[:5] == 0).all() and (w[:, 25:] == 0).all()
+
+
+def test_generator_needs_a_checkpoint(monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    with pytest.raises(MissingAssetError, match=f"--checkpoint.*{CHECKPOINT_ENV}"):
+        Anonymizer(AnonymizerConfig(method="generator"))
+    with pytest.raises(ValueError, match="unknown method 'swirl'"):
+        Anonymizer(AnonymizerConfig(method="swirl"))
+
+
+def test_folder_mirrored_and_photo_without_face_copied(tiny_run, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name, dst in [("dlib__examples_faces_2008_001009.jpg", "a.jpg"), (NO_FACE, "sub/empty.jpg"),
+                      ("face_recognition__examples_obama-240p.jpg", "sub/obama.png")]:
+        data = (PHOTOS / name).read_bytes()
+        if dst.endswith(".png"):
+            data = cv2.imencode(".png", cv2.imread(str(PHOTOS / name)))[1].tobytes()
+        (src / dst).write_bytes(data)
+    (src / "notes.txt").write_text("not a photo")
+    out = tmp_path / "out"
+    summary = anonymize_main([str(src), str(out), "--checkpoint", str(tiny_run / "checkpoints" / "final.ckpt"),
+                              "--progress", "false", "--batch_size", "2"])
+    assert summary["images"] == 3 and summary["copied_unchanged"] == 1 and summary["skipped_files"] == 1
+    assert summary["images_with_faces"] == 2 and summary["faces"] >= 3
+    assert (out / "sub" / "empty.jpg").read_bytes() == (src / "sub" / "empty.jpg").read_bytes()
+    for name in ("a.jpg", "sub/obama.png"):
+        a, b = cv2.imread(str(src / name)), cv2.imread(str(out / name))
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() > 0.1, name
+    assert not (out / "notes.txt").exists()
+    assert json.loads((out / "anonymize_options.json").read_text())["batch_size"] == 2
+
+
+def test_single_photo_without_face_is_copied(tmp_path):
+    out = tmp_path / "o.jpg"
+    summary = anonymize_main([str(PHOTOS / NO_FACE), str(out), "--method", "pixelation_8x8", "--progress", "false"])
+    assert summary["faces"] == 0 and out.read_bytes() == (PHOTOS / NO_FACE).read_bytes()
+    assert (tmp_path / "o.jpg.options.json").is_file()
+    with pytest.raises(ValueError, match="must be a photo file"):
+        anonymize_main([str(PHOTOS / NO_FACE), str(tmp_path / "o.mp4")])
+
+
+def _wav_seconds(video, tmp_path) -> float:
+    wav = tmp_path / f"{video.stem}.wav"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(video), "-vn", "-acodec", "pcm_s16le",
+                    str(wav)], check=True)
+    with wave.open(str(wav)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+def _frames(path) -> tuple[list[np.ndarray], float]:
+    cap = cv2.VideoCapture(str(path))
+    fps, frames = cap.get(cv2.CAP_PROP_FPS), []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    return frames, fps
+
+
+def test_video_keeps_frames_rate_and_audio(tiny_run, models, tmp_path):
+    photo = cv2.imread(str(PHOTOS / "face_recognition__examples_obama-240p.jpg"))  # 427x240, one face
+    silent, clip = tmp_path / "silent.mp4", tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(silent), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (384, 240))
+    for i in range(20):  # a slow pan: the face moves 2 px per frame
+        writer.write(np.ascontiguousarray(photo[:, 2 * i:2 * i + 384]))
+    writer.release()
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(silent), "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=2", "-c:v", "copy", "-c:a", "aac", str(clip)], check=True)
+    out = tmp_path / "anon.mp4"
+    summary = anonymize_main([str(clip), str(out), "--checkpoint", str(tiny_run / "checkpoints" / "final.ckpt"),
+                              "--batch_size", "8", "--progress", "false"])
+    assert summary["videos"][0]["frames"] == 20 and summary["videos"][0]["faces"] >= 20
+    src_frames, src_fps = _frames(clip)
+    out_frames, out_fps = _frames(out)
+    assert len(out_frames) == len(src_frames) == 20 and out_fps == pytest.approx(src_fps) == 10
+    assert out_frames[0].shape == src_frames[0].shape
+    assert _wav_seconds(out, tmp_path) == pytest.approx(_wav_seconds(clip, tmp_path), abs=0.05)
+    detector = models[0]
+    for k in (0, 19):  # the face changed, the rest only by re-encoding
+        (det,) = detector.detect([cv2.cvtColor(src_frames[k], cv2.COLOR_BGR2RGB)])
+        face = _region(src_frames[k].shape, [_extent(det.boxes[0])])
+        far = ~_region(src_frames[k].shape, [_extent(b + [-40, -40, 40, 40]) for b in det.boxes])
+        diff = np.abs(out_frames[k].astype(int) - src_frames[k]).mean(axis=2)
+        assert diff[face].mean() > 15 and diff[far].mean() < 3, k
+
+
+def test_tracker_smooths_jitter_covers_faces_and_holds_missed_ones():
+    rng = np.random.default_rng(0)
+    tracker = BoxTracker(iou=0.3, smoothing=0.6, max_missing=2)
+    raw, smooth = [], []
+    for t in range(30):
+        box = np.array([100 + t, 50, 160 + t, 120]) + rng.normal(0, 3, 4)
+        boxes, _ = tracker.update(box[None], np.array([0.9]))
+        assert len(boxes) == 1
+        b = boxes[0]
+        assert b[0] <= box[0] and b[1] <= box[1] and b[2] >= box[2] and b[3] >= box[3]  # covers the face
+        raw.append(box)
+        smooth.append(b)
+    jitter = lambda seq: np.std(np.diff(np.array(seq)[:, [0, 2]].mean(axis=1), 2))  # noqa: E731
+    assert jitter(smooth) < 0.7 * jitter(raw)
+    held, _ = tracker.update(np.zeros((0, 4)), np.zeros(0))
+    assert np.array_equal(held[0], smooth[-1])  # missed once: kept where it was
+    tracker.update(np.zeros((0, 4)), np.zeros(0))
+    assert len(tracker.update(np.zeros((0, 4)), np.zeros(0))[0]) == 0  # after max_missing: dropped

@@ -1,0 +1,220 @@
+"""Schedule, data stream, and real training runs of the tiny config logged to MLflow."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from training.cli import main
+from training.conditioning import prepare
+from training.datamodule import FDFDataModule, ShardStream, list_shards
+from training.networks import GeneratorAt
+from training.module import NonFiniteLossError, load_generator
+from training.schedule import Schedule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "training" / "configs" / "tiny_cpu.yaml")
+# 4 steps of 8 images per phase: stabilize 8, fade 16, stabilize 16, fade 32, then 8 steps at 32.
+FAST = ["--model.schedule.fade_kimg", "0.032", "--model.schedule.stabilize_kimg", "0.032",
+        "--model.schedule.total_kimg", "0.192", "--checkpoint.every_kimg", "0.064",
+        "--samples.every_kimg", "0.096"]
+
+
+def test_paper_schedule():
+    s = Schedule()
+    assert [p.name for p in s.phases] == ["stabilize8", "fade16", "stabilize16", "fade32", "stabilize32",
+                                          "fade64", "stabilize64", "fade128", "stabilize128"]
+    assert s.phase_at(9_600_000).name == "stabilize128"  # 128x128 fully faded in at 9.6M images
+    first = s.at_step(0)
+    assert (first.phase.resolution, first.batch_size, first.alpha) == (8, 256, 1.0)
+    step = next(k for k in range(s.total_steps) if s.at_step(k).phase.name == "fade16")
+    nxt = s.at_step(step + 1)
+    assert nxt.alpha == pytest.approx((nxt.images - 1_200_000) / 1_200_000)
+    last = s.at_step(s.total_steps - 1)
+    assert last.batch_size == 64 and last.images < 40_000_000 <= last.images + 64
+    for n in (1, 3):
+        assert sum(s.images_in_steps(5000, r, n) for r in range(n)) == s.images_before(5000)
+
+
+def _stream(root: Path, schedule: Schedule, start: int, rank: int, world: int) -> ShardStream:
+    shards, sizes = list_shards(root, "train")
+    return ShardStream(shards, sizes, schedule, start, rank, world, seed=3, shuffle_buffer=8, keypoint_threshold=0.0)
+
+
+def _batches(stream: ShardStream, workers: int) -> list[dict]:
+    return list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+
+
+def test_stream_splits_ranks_and_workers_and_resumes_exactly(fdf_shards):
+    # 96 faces, global batch 8 on 2 ranks x 2 workers: 12 steps read every face exactly once.
+    schedule = Schedule(8, 8, 1.0, 1.0, 0.096, {8: 8})
+    runs = {rank: _batches(_stream(fdf_shards, schedule, 0, rank, 2), 2) for rank in (0, 1)}
+    for rank, batches in runs.items():
+        assert [b["step"] for b in batches] == list(range(12))
+        assert all(b["images"].shape == (4, 3, 32, 32) and b["keypoints"].shape == (4, 7, 2) for b in batches)
+    keys = [k for batches in runs.values() for b in batches for k in b["keys"]]
+    assert len(keys) == 96 and len(set(keys)) == 96
+    resumed = _batches(_stream(fdf_shards, schedule, 5, 1, 2), 2)
+    assert [b["step"] for b in resumed] == list(range(5, 12))
+    for b, ref in zip(resumed, runs[1][5:]):
+        assert b["keys"] == ref["keys"] and torch.equal(b["images"], ref["images"])
+
+
+def test_stream_with_more_readers_than_shards(fdf_shards):
+    # 3 ranks x 3 workers = 9 readers > 8 shards: readers take every 9th sample instead.
+    stream = _stream(fdf_shards, Schedule(8, 8, 1.0, 1.0, 1.0, {8: 9}), 0, 0, 3)
+    firsts = []
+    for slot in range(9):
+        count = stream._epoch_plan(0, slot, 9)[2]
+        samples = stream.samples(slot, 9, 0)
+        firsts += [next(samples)[1] for _ in range(count)]
+        later = [next(samples)[1] for _ in range(15)]  # runs into the next epoch
+        assert [s[1] for _, s in zip(range(5), stream.samples(slot, 9, count + 10))] == later[10:]
+    assert len(firsts) == 96 and len(set(firsts)) == 96
+
+
+def _datamodule(root: Path) -> FDFDataModule:
+    dm = FDFDataModule(str(root))
+    dm.setup("fit")
+    return dm
+
+
+def _mlflow_history(client: MlflowClient, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def l1_inside_box(generator, datamodule) -> float:
+    """Stand-in for eval's FID through the same hook: mean |G(z=0) − real| inside the face boxes."""
+    error, count = 0.0, 0.0
+    for batch in datamodule.iter_val(8):
+        p = prepare(batch["images"], batch["bbox"], batch["keypoints"], generator.resolution, generator.alpha)
+        fake = generator(p.condition, p.mask, p.keypoints)
+        error += ((fake - p.real).abs() * (1 - p.mask)).sum().item()
+        count += 3 * (1 - p.mask).sum().item()
+    return error / count
+
+
+def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(run_dir), *FAST,
+          "--fid.fid_fn", "test_training.l1_inside_box", "--fid.every_kimg", "0.096"])
+
+    final = run_dir / "checkpoints" / "final.ckpt"
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    assert ckpt["progress"] == {"step": 24, "images_shown": 192, "resolution": 32, "alpha": 1.0,
+                                "phase": "stabilize32", "done": True}
+    assert len(ckpt["optimizer_states"]) == 2 and ckpt["optimizer_states"][1]["state"]
+    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"])
+    assert ckpt["FDFDataModule"]["step"] == 24
+    state = ckpt["state_dict"]
+    assert any(k.startswith("generator_ema.") for k in state) and any(k.startswith("discriminator.") for k in state)
+    ema_lags = [k for k in state
+                if k.startswith("generator.") and not torch.equal(state[k], state["generator_ema." + k[10:]])]
+    assert ema_lags, "the EMA generator must differ from the trained one"
+    assert "base_width: 16" in (run_dir / "config.yaml").read_text()
+
+    g = load_generator(str(final))
+    assert torch.equal(g.to_rgb["32"].weight, state["generator_ema.to_rgb.32.weight"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    run = client.get_run(ckpt["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.network.base_width"] == "16"
+    assert run.data.params["model.schedule.fade_kimg"] == "0.032"
+    losses = _mlflow_history(client, run.info.run_id, "loss/d")
+    assert [m.step for m in losses] == list(range(24)) and all(math.isfinite(m.value) for m in losses)
+    assert len(_mlflow_history(client, run.info.run_id, "loss/gp")) == 24
+    res = [m.value for m in _mlflow_history(client, run.info.run_id, "progress/resolution")]
+    alpha = [m.value for m in _mlflow_history(client, run.info.run_id, "progress/alpha")]
+    assert res == [8] * 4 + [16] * 8 + [32] * 12
+    assert alpha[4:8] == pytest.approx([0, 0.25, 0.5, 0.75]) and alpha[12:16] == pytest.approx([0, 0.25, 0.5, 0.75])
+    assert sorted(k for k in run.data.tags if k.startswith("phase/")) == [f"phase/{i:02d}" for i in range(5)]
+    assert run.data.tags["resolution"] == "32"
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert len(samples) >= 5 and all(p.endswith(".png") for p in samples)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/final.ckpt"]
+    assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/kimg")] == pytest.approx([0.096, 0.192])
+    fid = [m.value for m in _mlflow_history(client, run.info.run_id, "fid")]
+    assert len(fid) == 2 and all(math.isfinite(v) and v > 0 for v in fid)
+    assert fid[1] == pytest.approx(l1_inside_box(GeneratorAt(g, 32), _datamodule(fdf_shards)), rel=1e-5)
+
+
+def test_non_finite_loss_stops_the_run_with_the_step(fdf_shards, tmp_path):
+    run_dir = tmp_path / "diverge"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \w+ loss at step \d+ \(kimg") as err:
+        main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(run_dir), *FAST,
+              "--model.optimizer.lr", "1e30"])
+    step = int(str(err.value).split("at step ")[1].split()[0])
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("fdf-tiny").experiment_id])
+    assert run.info.status == "FAILED"
+    logged = _mlflow_history(client, run.info.run_id, "loss/d")
+    assert [m.step for m in logged] == list(range(step))  # every finished step logged, the bad one not
+    assert all(math.isfinite(m.value) for m in logged)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"), cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_logs_to_a_running_mlflow_server(fdf_shards, tmp_path, mlflow_server):
+    main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(tmp_path / "run"), *FAST,
+          "--model.schedule.total_kimg", "0.096", "--tracking-uri", mlflow_server, "--experiment_name", "served"])
+    exp = _get(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served")["experiment"]
+    req = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        (run,) = json.loads(r.read())["runs"]
+    assert run["info"]["status"] == "FINISHED"
+    q = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "loss/d"})
+    history = _get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?{q}")["metrics"]
+    assert sorted(m["step"] for m in history) == list(range(12))
+    assert all(math.isfinite(m["value"]) for m in history)
+    q = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "path": "checkpoints"})
+    files = _get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?{q}")["files"]
+    assert [f["path"] for f in files] == ["checkpoints/final.ckpt"]
+    assert not (tmp_path / "run" / "mlflow.db").exists()  # nothing went to the default local store

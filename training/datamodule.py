@@ -1,0 +1,234 @@
+"""FDF webdataset shards (FORMAT.md §2) as a resumable, rank- and worker-split stream of batches.
+
+The order of the data is a pure function of (seed, step): epoch e visits the shards in a
+permutation drawn from (seed, e); "slot" (rank, worker) reads every `slots`-th shard of it (or,
+with fewer shards than slots, every `slots`-th sample) through a shuffle buffer seeded by
+(seed, e, slot). Every DataLoader worker serves a fixed residue class of steps, and every rank
+draws the per-rank batch of the schedule for each step, so all ranks always see equal batches and
+the stream never runs dry. Resuming at step k skips exactly the samples each slot consumed before
+k (whole epochs from `sizes.json`, the rest without decoding), so the run continues on the same
+samples as an uninterrupted one. That needs the same world size and number of workers; other
+values still train but on a different order (a warning says so).
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.tario import iter_samples
+from training.conditioning import KEYPOINT_NAMES
+from training.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+RawSample = tuple[str, str, dict[str, bytes]]  # (shard, key, members)
+
+
+def list_shards(root: str | Path, split: str) -> tuple[list[str], list[int]]:
+    """Sorted `<root>/<split>/*.tar` and their sample counts (from `<root>/sizes.json`, else counted)."""
+    root = Path(root)
+    shards = sorted((root / split).glob("*.tar"))
+    sizes_file = root / "sizes.json"
+    known = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+    sizes = []
+    for shard in shards:
+        rel = f"{split}/{shard.name}"
+        if rel not in known:
+            log.warning("%s: %s not listed, counting its samples", sizes_file, rel)
+            known[rel] = sum(1 for _ in iter_samples(shard))
+        sizes.append(int(known[rel]))
+    return [str(s) for s in shards], sizes
+
+
+def decode_sample(shard: str, key: str, members: dict[str, bytes],
+                  keypoint_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 image (3,S,S), box (4,), keypoints (K,2) with missing/low-score ones at (-1, -1))."""
+    where = f"{shard}: sample {key!r}"
+    for ext in ("jpg", "json"):
+        if ext not in members:
+            raise ValueError(f"{where} has no .{ext} member (FORMAT.md §2)")
+    try:
+        meta = json.loads(members["json"])
+        bbox, points, names = meta["bbox"], meta["keypoints"], meta["keypoint_names"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}.json: {type(e).__name__}: {e}") from None
+    if list(names) != list(KEYPOINT_NAMES):
+        raise ValueError(f"{where}.json: keypoint_names {names} != expected {list(KEYPOINT_NAMES)}")
+    image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"{where}.jpg is {image.shape[1]}x{image.shape[0]}, expected a square crop")
+    kp = torch.tensor(points, dtype=torch.float32).reshape(len(names), -1)
+    xy = kp[:, :2].clone()
+    if kp.shape[1] > 2:
+        xy[kp[:, 2] < keypoint_threshold] = -1
+    return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.tensor(bbox, dtype=torch.float32), xy
+
+
+def collate(decoded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
+    sizes = {img.shape[-1] for img, _, _ in decoded}
+    if len(sizes) != 1:
+        raise ValueError(f"{where}: crops of different sizes {sorted(sizes)} in one batch")
+    return {"images": torch.stack([d[0] for d in decoded]),
+            "bbox": torch.stack([d[1] for d in decoded]),
+            "keypoints": torch.stack([d[2] for d in decoded])}
+
+
+class ShardStream(IterableDataset):
+    """The batches of steps `start_step` … end of `schedule` for one rank; see the module docstring."""
+
+    def __init__(self, shards: list[str], sizes: list[int], schedule: Schedule, start_step: int,
+                 rank: int, world_size: int, seed: int, shuffle_buffer: int, keypoint_threshold: float):
+        super().__init__()
+        if not shards or sum(sizes) == 0:
+            raise ValueError(f"no training samples in {len(shards)} shard(s): {shards[:3]}")
+        self.shards, self.sizes, self.schedule = shards, sizes, schedule
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.seed, self.shuffle_buffer, self.keypoint_threshold = seed, shuffle_buffer, keypoint_threshold
+
+    def _epoch_plan(self, epoch: int, slot: int, slots: int) -> tuple[list[int], bool, int]:
+        """(shard indices to read, whether to stride samples, samples this slot gets this epoch)."""
+        order = list(range(len(self.shards)))
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        if len(order) >= slots:
+            mine = order[slot::slots]
+            return mine, False, sum(self.sizes[i] for i in mine)
+        total = sum(self.sizes)
+        return order, True, (total - slot + slots - 1) // slots
+
+    def _raw_epoch(self, shard_ids: list[int], stride: bool, slot: int, slots: int) -> Iterator[RawSample]:
+        i = 0
+        for sid in shard_ids:
+            for key, members in iter_samples(self.shards[sid]):
+                if not stride or i % slots == slot:
+                    yield self.shards[sid], key, members
+                i += 1
+
+    def samples(self, slot: int, slots: int, skip: int) -> Iterator[RawSample]:
+        """This slot's endless, shuffled sample stream, starting after `skip` samples."""
+        epoch = 0
+        while True:
+            shard_ids, stride, count = self._epoch_plan(epoch, slot, slots)
+            if stride and count == 0:
+                raise ValueError(f"{sum(self.sizes)} training samples cannot feed {slots} data readers "
+                                 "(ranks x loader workers): use fewer workers")
+            if skip >= count:  # the whole epoch was consumed before the resume point (or is empty)
+                skip -= count
+                epoch += 1
+                continue
+            rng = random.Random(f"buffer-{self.seed}-{epoch}-{slot}")
+            buffer: list[RawSample] = []
+            seen = 0
+            for sample in self._raw_epoch(shard_ids, stride, slot, slots):
+                seen += 1
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], sample = sample, buffer[j]
+                if skip:
+                    skip -= 1
+                else:
+                    yield sample
+            rng.shuffle(buffer)
+            for sample in buffer:
+                if skip:
+                    skip -= 1
+                else:
+                    yield sample
+            if seen != count:
+                raise ValueError(f"sizes.json lists {count} samples for data slot {slot} in epoch {epoch}, "
+                                 f"the shards hold {seen}: rebuild sizes.json")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        residue = (self.start_step + worker) % workers  # this worker serves steps ≡ residue (mod workers)
+        slot, slots = self.rank * workers + residue, self.world_size * workers
+        skip = self.schedule.images_in_steps(self.start_step, residue, workers) // self.world_size
+        stream = self.samples(slot, slots, skip)
+        for step in range(self.start_step + worker, self.schedule.total_steps, workers):
+            n = self.schedule.at_step(step).batch_size // self.world_size
+            raw = [next(stream) for _ in range(n)]
+            batch = collate([decode_sample(s, k, m, self.keypoint_threshold) for s, k, m in raw],
+                            f"{raw[0][0]} (step {step})")
+            batch["step"] = step
+            batch["keys"] = [k for _, k, _ in raw]
+            yield batch
+
+
+class FDFDataModule(pl.LightningDataModule):
+    """FDF shards under `root` (`train/*.tar`, `val/*.tar`, `sizes.json`) as built by fdf-build.
+
+    The schedule (batch size per step) and the step to start from come from the LightningModule,
+    so a restored checkpoint puts the stream where the interrupted run left it.
+    """
+
+    def __init__(self, root: str = "runs/demo/fdf", num_workers: int = 2, shuffle_buffer: int = 1000,
+                 seed: int = 0, keypoint_threshold: float = 0.0, num_fixed_samples: int = 16,
+                 pin_memory: bool | None = None):
+        super().__init__()
+        self.root, self.num_workers, self.shuffle_buffer = root, num_workers, shuffle_buffer
+        self.seed, self.keypoint_threshold, self.num_fixed_samples = seed, keypoint_threshold, num_fixed_samples
+        self.pin_memory = pin_memory
+        self._restored: dict[str, int] | None = None
+
+    def setup(self, stage: str) -> None:
+        self.train_shards, self.train_sizes = list_shards(self.root, "train")
+        self.val_shards, self.val_sizes = list_shards(self.root, "val")
+        if not self.train_shards:
+            raise FileNotFoundError(f"no training shards at {Path(self.root) / 'train'}/*.tar "
+                                    "(build them with fdf-build, or set --data.root)")
+
+    def _position(self) -> dict[str, int]:
+        trainer = self.trainer
+        return {"seed": self.seed, "world_size": trainer.world_size, "num_workers": self.num_workers,
+                "step": trainer.lightning_module.step}
+
+    def state_dict(self) -> dict[str, int]:
+        return self._position()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._restored = dict(state_dict)
+
+    def train_dataloader(self) -> DataLoader:
+        module, trainer = self.trainer.lightning_module, self.trainer
+        if self._restored is not None:
+            now = self._position()
+            changed = {k: (self._restored[k], now[k]) for k in ("seed", "world_size", "num_workers")
+                       if self._restored.get(k) != now[k]}
+            if changed:
+                log.warning("resuming with changed %s: the data order differs from the interrupted run",
+                            ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        stream = ShardStream(self.train_shards, self.train_sizes, module.schedule, module.step,
+                             trainer.global_rank, trainer.world_size, self.seed, self.shuffle_buffer,
+                             self.keypoint_threshold)
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+                          prefetch_factor=4 if self.num_workers else None)
+
+    def iter_val(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The validation split in file order (falls back to train when there is none), batched.
+
+        For evaluation hooks (FID, sample grids): same samples, same order, every time.
+        """
+        shards = self.val_shards if sum(self.val_sizes) else self.train_shards
+        samples = ((shard, key, members) for shard in shards for key, members in iter_samples(shard))
+        samples = itertools.islice(samples, limit)
+        while chunk := list(itertools.islice(samples, batch_size)):
+            yield collate([decode_sample(*s, self.keypoint_threshold) for s in chunk], chunk[0][0])
+
+    def fixed_batch(self) -> dict[str, torch.Tensor]:
+        """The first `num_fixed_samples` validation samples: the conditions of every sample grid."""
+        return next(self.iter_val(self.num_fixed_samples, limit=self.num_fixed_samples))

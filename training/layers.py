@@ -1,0 +1,112 @@
+"""The building blocks of DeepPrivacy's networks (Hukkelås et al. 2019, after Karras et al. 2018).
+
+Every convolution uses the equalized learning rate: weights are drawn from N(0, 1) and scaled by
+gain/sqrt(fan_in) at run time, so Adam's per-parameter step sizes are the same for every layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GAIN = math.sqrt(2.0)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv2d with run-time He scaling; zero-padded "same" output unless `padding=0`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = GAIN / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.padding = kernel_size // 2 if padding is None else padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, kernel_size={k}, padding={self.padding}"
+
+
+class EqualizedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.scale = GAIN / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class PixelNorm(nn.Module):
+    """Normalize each pixel's feature vector to unit RMS; computed in fp32 (it overflows in fp16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = x.float()
+            y = y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + 1e-8)
+        return y.to(x.dtype)
+
+
+class ConvAct(nn.Sequential):
+    """Equalized conv → LeakyReLU(0.2) → PixelNorm (generator) or no normalization (discriminator)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, pixel_norm: bool,
+                 padding: int | None = None):
+        layers: list[nn.Module] = [EqualizedConv2d(in_channels, out_channels, kernel_size, padding),
+                                   nn.LeakyReLU(0.2)]
+        if pixel_norm:
+            layers.append(PixelNorm())
+        super().__init__(*layers)
+
+
+class MinibatchStd(nn.Module):
+    """Append the mean per-feature standard deviation over groups of samples as one channel.
+
+    Karras et al. 2018; lets the critic see sample diversity. `group_size` must divide the
+    per-device batch (it is clipped to the batch when the batch is smaller).
+    """
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            raise ValueError(f"minibatch-std group size {g} does not divide the batch of {n}")
+        with torch.autocast(x.device.type, enabled=False):
+            y = x.float().reshape(g, n // g, c, h, w)
+            y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (n // g,)
+            y = y.reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)
+        return torch.cat([x, y.to(x.dtype)], dim=1)
+
+
+def pose_maps(keypoints: torch.Tensor, resolution: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot keypoint maps (B, K, r, r): pixel (floor(y·r), floor(x·r)) of channel k is 1.
+
+    `keypoints` (B, K, 2) holds normalized crop coordinates; a keypoint outside [0, 1] (e.g. the
+    (-1, -1) that marks a missing one) gives an empty map. x = 1 exactly falls in the last pixel.
+    """
+    b, k, _ = keypoints.shape
+    xy = keypoints[..., :2].float()
+    valid = ((xy >= 0) & (xy <= 1)).all(dim=-1)
+    ij = (xy * resolution).floor().long().clamp_(0, resolution - 1)
+    index = ij[..., 1] * resolution + ij[..., 0]
+    maps = torch.zeros(b, k, resolution * resolution, device=keypoints.device, dtype=dtype)
+    maps.scatter_(2, index.unsqueeze(-1), valid.unsqueeze(-1).to(dtype))
+    return maps.view(b, k, resolution, resolution)
+
+
+def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return x if factor == 1 else F.avg_pool2d(x, factor)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
