@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from data_prep.assets import MissingAssetError, resolve_file
+from fdf_builder.detector import load_state_dict
 from fdf_builder.matching import FACE_KEYPOINTS, SCORE_THRESHOLD, face_in_box, match_faces
 
 KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -158,13 +159,7 @@ def _keypoint_rcnn_state(weights: str | None, allow_download: bool) -> dict[str,
         from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
         return KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(
             progress=False, map_location="cpu", weights_only=True)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: not a loadable torch weight file ({exc})") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return load_state_dict(path)
 
 
 class KeypointRCNNKeypoints(KeypointModel):

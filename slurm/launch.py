@@ -164,4 +164,4 @@ def wait(jobs: Sequence[submitit.Job], poll_s: float = 1.0, check_s: float = 10.
         pending = [j for i, j in enumerate(pending) if not j.done(force_check=force and i == 0)]
         if pending:
             time.sleep(poll_s)
-    return [j.result() for j in jobs]
+    return [j.results()[0] if j.num_tasks > 1 else j.result() for j in jobs]

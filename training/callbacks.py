@@ -170,5 +170,7 @@ class FIDCallback(pl.Callback):
             self._measure(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.step < pl_module.schedule.total_steps:
+            return  # stopped early (preemption): no FID inside the signal's grace period
         if not pl_module.passed_kimg(self.every_kimg):
             self._measure(trainer, pl_module)
