@@ -36,25 +36,25 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 class BuildConfig:
     """Options of one build; saved as options.json beside the shards."""
     input_dir: str  # data_prep output (raw shards)
-    output_dir: str
+    output_dir: str  # FDF shards, stats/, sizes.json, index.json
     shards: str | None = None  # "start:stop" range of input shard ids, for job arrays
-    resolution: int = 128
+    resolution: int = 128  # side of the stored crops
     min_crop_size: int = 128  # FDF drops crops narrower than this (face side >~ 75 px)
-    detector: str = "retinaface_mnet025"
-    detector_weights: str | None = None
+    detector: str = "retinaface_mnet025"  # or retinaface_r50
+    detector_weights: str | None = None  # else $FDF_RETINAFACE_WEIGHTS / $FDF_RETINAFACE_R50_WEIGHTS
     confidence: float = 0.3  # RetinaFace score threshold used for FDF
-    nms: float = 0.3
-    detect_max_size: int = 1024
-    keypoints: str = "movenet"
-    keypoint_weights: str | None = None
+    nms: float = 0.3  # IoU of non-maximum suppression
+    detect_max_size: int = 1024  # photos are shrunk to this longer side for detection
+    keypoints: str = "movenet"  # or keypoint-rcnn (torchvision, as in the paper)
+    keypoint_weights: str | None = None  # else $FDF_MOVENET_WEIGHTS / $FDF_KEYPOINT_RCNN_WEIGHTS
     allow_download: bool = False  # let RetinaFace R50 / Keypoint R-CNN fetch weights (needs internet)
     val_fraction: float = 0.034  # FDF: 50k of 1.47M faces, split by photo here
-    batch_size: int = 8
+    batch_size: int = 8  # photos per detector call
     processes: int = 1  # shards built in parallel, each in its own single-threaded process
-    device: str = "cpu"
-    jpeg_quality: int = 95
+    device: str = "cpu"  # or cuda
+    jpeg_quality: int = 95  # of the stored crops
     ffcv: bool = False  # also write <output_dir>/<split>.beton (needs the `ffcv` extra)
-    progress: bool = True
+    progress: bool = True  # tqdm bar with img/s and faces/s
 
 
 @dataclass
