@@ -136,7 +136,7 @@ def test_dry_run_for_four_nodes_of_eight_gpus(tmp_path, capsys, monkeypatch):
     train.main(["--cluster", str(PROFILES_DIR / "example_gpu.yaml"), "--dry_run", "true", "--", *args])
     out = capsys.readouterr().out
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=USR2@120", "python -u -m submitit.core._submit /checkpoint/alice/fdf/slurm_logs/%j",
+                 "#SBATCH --signal=USR2@120", " -u -m submitit.core._submit /checkpoint/alice/fdf/slurm_logs/%j",
                  "# resolved fdf-train config", "num_nodes: 4", "devices: '8'", "precision: 16-mixed",
                  "- class_path: slurm.train.TaskEnvironment", "- class_path: slurm.train.PreemptionCheckpoint",
                  "base_width: 256", f"run_dir: {run_dir}"):
