@@ -57,9 +57,10 @@ def build_stage(cfg: PipelineConfig) -> dict:
 def train_stage(cfg: PipelineConfig) -> dict:
     from training.cli import main as train
     work = Path(cfg.workdir)
-    run_dir = train(["--config", cfg.train_config, "--data.root", str(work / "fdf"),
-                     "--run_dir", str(work / "train"), "--trainer.enable_progress_bar", str(cfg.progress),
-                     "--checkpoint.snapshot_every_kimg", "0.8"])  # three points for the FID curve
+    run_dir = work / "train"
+    train(["--config", cfg.train_config, "--data.root", str(work / "fdf"), "--run_dir", str(run_dir),
+           "--trainer.enable_progress_bar", str(cfg.progress),
+           "--checkpoint.snapshot_every_kimg", "0.8"])  # three points for the FID curve
     return {"run_dir": str(run_dir)}
 
 

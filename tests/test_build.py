@@ -161,6 +161,17 @@ def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
     assert stats["faces_detected"] >= 2  # the intact photo (two people) was still processed
 
 
+def test_console_script_exits_zero_after_printing_its_summary(reference):
+    """setuptools' wrapper does sys.exit(entry()): a returned summary would mean exit status 1."""
+    code = ("import sys; from slurm.entry_points import fdf_build; sys.argv = ['fdf-build', *sys.argv[1:]]; "
+            "sys.exit(fdf_build())")
+    done = subprocess.run([sys.executable, "-c", code, "--input_dir", str(reference / "raw"),
+                           "--output_dir", str(reference / "fdf"), "--val_fraction", "0.2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "shards already done" in done.stdout
+
+
 def test_other_options_into_same_folder_are_refused(reference):
     with pytest.raises(ValueError, match="other options"):
         build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
