@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import licenses, plan
-from data_prep.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes
+from data_prep.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
 
 # Formats the builder reads, with the extension their tar member gets (MPO: phone JPEGs).
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
@@ -224,9 +224,8 @@ def download_shard(shard: str, cfg: DownloadConfig, opener: urllib.request.Opene
                    on_record: Callable[[Result], None] | None = None) -> dict:
     """Fetch one planned shard; write its tar, status parquet and (last) stats JSON."""
     out = Path(cfg.output_dir)
-    for pattern in (f"{shard}.*.tmp-*", f"{shard}_stats.json.tmp-*"):  # left by a killed run
-        for stale in out.glob(pattern):
-            stale.unlink(missing_ok=True)
+    for target in (f"{shard}.*", f"{shard}_stats.json"):  # left by a killed run
+        remove_partial(out, target)
     records = plan.read_shard(out, shard)
     start = time.perf_counter()
     rows, errors, ok_bytes = [], Counter(), 0

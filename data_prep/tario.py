@@ -29,6 +29,12 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def remove_partial(directory: str | os.PathLike, name_glob: str) -> None:
+    """Delete the temporary files a killed writer left for targets matching `name_glob`."""
+    for stale in Path(directory).glob(f"{name_glob}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def json_bytes(obj) -> bytes:
     """The one JSON encoding used inside shards (compact, sorted keys: byte-stable)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes
+from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
 from fdf_builder import crop as fdfcrop
 from fdf_builder.shards import parse_range, raw_shard_ids, split_of
 
@@ -196,8 +196,8 @@ def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
     stats = ShardStats(shard)
     start = time.perf_counter()
     for split in SPLITS:  # temporary files of a killed run
-        for stale in (out / split).glob(f"{shard}.tar.tmp-*"):
-            stale.unlink()
+        remove_partial(out / split, f"{shard}.tar")
+    remove_partial(out / "stats", f"{shard}.json")
     writers = {s: AtomicTarWriter(out / s / f"{shard}.tar") for s in SPLITS}
     try:
         samples = iter_samples(Path(cfg.input_dir) / f"{shard}.tar")
