@@ -252,14 +252,6 @@ def _check_layout(cfg: Any, p: ClusterProfile) -> None:
                          f"({p.nodes} nodes x {p.tasks_per_node})")
 
 
-def _create_mlflow_store(cfg: Any) -> None:
-    """Create training's default sqlite store (`<run_dir>/mlflow.db`) now: every task opens it at
-    start, and tasks creating its tables at the same moment fail ("duplicate column name")."""
-    if cfg.tracking_uri is None:
-        from mlflow.tracking import MlflowClient
-        MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.run_dir).resolve()}/mlflow.db")
-
-
 def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bool = False,
                     max_requeues: int = 10, after: Sequence[submitit.Job] = ()) -> submitit.Job | None:
     """Submit fdf-train (`train_args`: its command line) as one job of p.nodes x p.tasks_per_node
@@ -271,7 +263,6 @@ def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bo
         return None
     folder = Path(cfg.run_dir) / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    _create_mlflow_store(cfg)
     config = folder / f"train_{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     config.write_text(text)
     job = submit(p, TrainTask(str(config.resolve()), str(cfg.run_dir), max_requeues, p.cpus_per_task), after=after)

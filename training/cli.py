@@ -12,6 +12,7 @@ launchers that hold the options as a dict.
 """
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _create_sqlite_store(uri: str, run_dir: Path) -> None:
+    """Create the store's tables under a file lock: ranks that srun starts together would otherwise
+    race to create them and fail ("duplicate column name")."""
+    from mlflow.tracking import MlflowClient
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".mlflow-store.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri)
 
 
 class ConfigToRunDir(SaveConfigCallback):
@@ -100,6 +111,8 @@ class TrainCLI(LightningCLI):
                 run_id = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
             uri = cfg.tracking_uri or f"sqlite:///{run_dir.resolve()}/mlflow.db"
             local = uri.startswith(("sqlite:", "file:"))
+            if uri.startswith("sqlite:"):
+                _create_sqlite_store(uri, run_dir)
             kwargs["logger"] = MLFlowLogger(
                 experiment_name=cfg.experiment_name, run_name=cfg.run_name or run_dir.name, tracking_uri=uri,
                 artifact_location=(run_dir / "mlartifacts").resolve().as_uri() if local else None, run_id=run_id)
