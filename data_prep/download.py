@@ -222,18 +222,24 @@ def _sample_json(rec: dict, res: Result) -> dict:
 
 def download_shard(shard: str, cfg: DownloadConfig, opener: urllib.request.OpenerDirector,
                    on_record: Callable[[Result], None] | None = None) -> dict:
-    """Fetch one planned shard; write its tar, status parquet and (last) stats JSON."""
-    out = Path(cfg.output_dir)
+    """Fetch one planned shard over http(s); write its tar, status parquet and (last) stats JSON."""
+    return write_shard(shard, Path(cfg.output_dir), lambda r: fetch(r["url"], cfg, opener), cfg.threads,
+                       on_record)
+
+
+def write_shard(shard: str, out: Path, get: Callable[[dict], Result], threads: int,
+                on_record: Callable[[Result], None] | None = None) -> dict:
+    """Get every planned record of one shard with `get(record)` (a fetch, or a local read), in
+    `threads` threads, results in key order; write the tar, status parquet and (last) stats JSON."""
     for target in (f"{shard}.*", f"{shard}_stats.json"):  # left by a killed run
         remove_partial(out, target)
     records = plan.read_shard(out, shard)
     start = time.perf_counter()
     rows, errors, ok_bytes = [], Counter(), 0
-    pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"fetch-{shard}")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"get-{shard}")
     try:
         with AtomicTarWriter(out / f"{shard}.tar") as tar:
-            for rec, res in _ordered(pool, lambda r: fetch(r["url"], cfg, opener), records,
-                                     window=4 * cfg.threads):
+            for rec, res in _ordered(pool, get, records, window=4 * threads):
                 if res.status == "ok":
                     tar.add_sample(rec["key"], {FORMAT_EXT[res.format]: res.data,
                                                 "json": json_bytes(_sample_json(rec, res))})
@@ -270,33 +276,40 @@ def _check(cfg: DownloadConfig) -> None:
 
 
 def run(cfg: DownloadConfig) -> dict:
-    """Plan (once), then download every shard of `cfg.shards` that is not done; return a summary.
-
-    The summary totals the stats of all shards in the range (also those done before) and gives
-    this run's throughput.
-    """
+    """Plan (once), then download every shard of `cfg.shards` that is not done; return a summary."""
     _check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "options.json", asdict(cfg))
     the_plan = plan.make_plan(out, cfg.metadata, cfg.shard_size, cfg.allowed_licenses, cfg.on_bad_line)
-    selected = plan.shard_range(cfg.shards, the_plan["num_shards"])
-    todo = [s for s in selected if not (out / f"{s}_stats.json").exists()]
-    print(f"fdf-download: {the_plan['records']} records in {the_plan['num_shards']} shards; "
-          f"{len(selected) - len(todo)} of {len(selected)} selected shards already done, "
-          f"{len(todo)} to download → {out}")
     opener = build_opener()
+    return write_shards(out, the_plan, cfg.shards, lambda r: fetch(r["url"], cfg, opener), cfg.threads,
+                        cfg.progress, "fdf-download")
+
+
+def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[dict], Result], threads: int,
+                 progress: bool, prog: str) -> dict:
+    """Write every planned shard of the `shards` range that is not done yet; return a summary.
+
+    The summary totals the stats of all shards in the range (also those done before) and gives
+    this run's throughput.
+    """
+    selected = plan.shard_range(shards, the_plan["num_shards"])
+    todo = [s for s in selected if not (out / f"{s}_stats.json").exists()]
+    print(f"{prog}: {the_plan['records']} records in {the_plan['num_shards']} shards; "
+          f"{len(selected) - len(todo)} of {len(selected)} selected shards already done, "
+          f"{len(todo)} to write → {out}")
     start = time.perf_counter()
     now = Counter()
     with tqdm(total=sum(plan.shard_length(out, s) for s in todo), unit="img",
-              disable=not cfg.progress or not todo, dynamic_ncols=True) as bar:
+              disable=not progress or not todo, dynamic_ncols=True) as bar:
         def on_record(res: Result) -> None:
             now[res.status] += 1
             bar.update(1)
             bar.set_postfix(ok=now["ok"], failed=now["error"], refresh=False)
 
         for shard in todo:
-            download_shard(shard, cfg, opener, on_record)
+            write_shard(shard, out, get, threads, on_record)
     seconds = time.perf_counter() - start
 
     total, errors = Counter(), Counter()
@@ -311,8 +324,8 @@ def run(cfg: DownloadConfig) -> dict:
                "run_seconds": round(seconds, 3),
                "run_images_per_s": round(now["ok"] / seconds, 2) if todo and seconds else 0.0}
     if todo:
-        print(f"fdf-download: {summary['run_records']} records in {seconds:.1f}s: {now['ok']} ok "
+        print(f"{prog}: {summary['run_records']} records in {seconds:.1f}s: {now['ok']} ok "
               f"({summary['run_images_per_s']:.1f} img/s), {now['error']} failed")
-    print(f"fdf-download: selected shards hold {total['ok']} of {total['count']} photos; failures: "
+    print(f"{prog}: selected shards hold {total['ok']} of {total['count']} photos; failures: "
           + (", ".join(f"{k}={v}" for k, v in errors.most_common()) or "none"))
     return summary

@@ -92,53 +92,69 @@ def _write_shard(plan_dir: Path, index: int, rows: list[dict]) -> None:
     atomic_write_bytes(plan_dir / f"{shard_name(index)}.parquet", buf.getvalue())
 
 
-def make_plan(output_dir: str | os.PathLike, metadata: list[str], shard_size: int,
-              allowed_licenses: Iterable[str], on_bad_line: Literal["error", "skip"] = "error") -> dict:
-    """Return `<out>/plan.json`, writing the plan first if there is none.
+def load_plan(output_dir: Path, options: dict) -> dict | None:
+    """`<out>/plan.json` if the folder was planned with `options`; None if not planned yet.
 
     An existing plan made with other options is an error: its keys would silently change.
     """
-    out = Path(output_dir)
-    options = plan_options(metadata, shard_size, allowed_licenses, on_bad_line)
-    plan_file = out / "plan.json"
-    if plan_file.exists():
-        plan = json.loads(plan_file.read_text())
-        if plan.get("options_hash") != _options_hash(options):
-            diff = sorted(k for k in options if plan.get("options", {}).get(k) != options[k])
-            raise ValueError(f"{plan_file}: this output folder was planned with other options "
-                             f"({', '.join(diff)} differ); use a new --output_dir or the same options")
-        return plan
+    plan_file = output_dir / "plan.json"
+    if not plan_file.exists():
+        return None
+    plan = json.loads(plan_file.read_text())
+    if plan.get("options_hash") != _options_hash(options):
+        diff = sorted(k for k in options if plan.get("options", {}).get(k) != options[k])
+        raise ValueError(f"{plan_file}: this output folder was planned with other options "
+                         f"({', '.join(diff)} differ); use a new --output_dir or the same options")
+    return plan
+
+
+def write_plan(output_dir: Path, options: dict, rows: Iterable[dict], shard_size: int, stats: Counter,
+               extra: dict | None = None) -> dict:
+    """Key the records `rows` (PLAN_COLUMNS but `key`) in order, write them as plan shards of
+    `shard_size`, then `plan.json` (last: the plan is complete). `stats` may still be counted by
+    the `rows` generator while it is consumed; it is written once all rows are."""
     if not 1 <= shard_size <= MAX_SHARD_SIZE:
         raise ValueError(f"shard_size must be in 1..{MAX_SHARD_SIZE} (4-digit index in keys), "
                          f"got {shard_size}")
+    plan_dir = output_dir / "plan"
+    shard, num_shards, records = [], 0, 0
+    for row in rows:
+        shard.append({"key": f"{shard_name(num_shards)}{len(shard):04d}", **row})
+        records += 1
+        if len(shard) == shard_size:
+            _write_shard(plan_dir, num_shards, shard)
+            shard, num_shards = [], num_shards + 1
+            if num_shards >= MAX_SHARDS:
+                raise ValueError(f"more than {MAX_SHARDS} shards: raise shard_size")
+    if shard:
+        _write_shard(plan_dir, num_shards, shard)
+        num_shards += 1
+    plan = {"options": options, "options_hash": _options_hash(options), "num_shards": num_shards,
+            "records": records, "stats": dict(sorted(stats.items())), **(extra or {})}
+    atomic_write_json(output_dir / "plan.json", plan)
+    return plan
+
+
+def make_plan(output_dir: str | os.PathLike, metadata: list[str], shard_size: int,
+              allowed_licenses: Iterable[str], on_bad_line: Literal["error", "skip"] = "error") -> dict:
+    """Return `<out>/plan.json` of YFCC100M metadata, writing the plan first if there is none."""
+    out = Path(output_dir)
+    options = plan_options(metadata, shard_size, allowed_licenses, on_bad_line)
+    plan = load_plan(out, options)
+    if plan is not None:
+        return plan
     if not metadata:
         raise ValueError("metadata: give at least one YFCC100M metadata file")
     for path in metadata:
         if not Path(path).is_file():
             raise FileNotFoundError(f"metadata file not found: {path}")
-
     stats, bad_lines = Counter(), []
-    plan_dir = out / "plan"
-    rows, num_shards = [], 0
     allowed = licenses.allowed_codes(allowed_licenses)
-    for source, rec, code in _selected(options["metadata"], allowed, on_bad_line, stats, bad_lines):
-        rows.append({"key": f"{shard_name(num_shards)}{len(rows):04d}", "photo_id": rec.photo_id,
-                     "line_index": rec.line_index, "source": source, "user_nsid": rec.user_nsid,
-                     "author": rec.author, "title": rec.title, "page_url": rec.page_url,
-                     "url": rec.url, "license_name": rec.license_name,
-                     "license_url": rec.license_url, "license": code})
-        if len(rows) == shard_size:
-            _write_shard(plan_dir, num_shards, rows)
-            rows, num_shards = [], num_shards + 1
-            if num_shards >= MAX_SHARDS:
-                raise ValueError(f"more than {MAX_SHARDS} shards: raise shard_size")
-    if rows:
-        _write_shard(plan_dir, num_shards, rows)
-        num_shards += 1
-    plan = {"options": options, "options_hash": _options_hash(options), "num_shards": num_shards,
-            "records": stats["kept"], "stats": dict(sorted(stats.items())), "bad_lines": bad_lines}
-    atomic_write_json(plan_file, plan)  # last: the plan is complete
-    return plan
+    rows = ({"photo_id": rec.photo_id, "line_index": rec.line_index, "source": source,
+             "user_nsid": rec.user_nsid, "author": rec.author, "title": rec.title, "page_url": rec.page_url,
+             "url": rec.url, "license_name": rec.license_name, "license_url": rec.license_url, "license": code}
+            for source, rec, code in _selected(options["metadata"], allowed, on_bad_line, stats, bad_lines))
+    return write_plan(out, options, rows, shard_size, stats, {"bad_lines": bad_lines})
 
 
 def read_shard(output_dir: str | os.PathLike, shard: str) -> list[dict]:

@@ -19,7 +19,9 @@ rewrite exactly the face boxes, as in the paper's table.
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from PIL import Image
 from data_prep.assets import resolve_file
 from data_prep.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
-from eval.fid import to_uint8
+from fdf_core.fid import to_uint8
 from fdf_builder import crop as fdfcrop
 from fdf_builder.keypoints import KEYPOINT_NAMES
 from training.conditioning import prepare
@@ -42,9 +44,11 @@ from training.datamodule import decode_sample
 from training.module import load_generator
 from training.networks import GeneratorAt
 
+log = logging.getLogger(__name__)
 METHODS = ("generator", *BASELINES)
 CHECKPOINT_ENV = "FDF_GENERATOR_CHECKPOINT"
 CHECKPOINT_FLAG = "--checkpoint"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "fdf_utkface32_ema.pt"  # see eval/weights/README.md
 NO_KEYPOINTS = "none"  # keypoint backend name: anonymize every face without pose
 JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator sees its training inputs
 
@@ -55,7 +59,8 @@ class AnonymizerConfig:
 
     method: "generator" (DeepPrivacy) or a baseline: blackout, pixelation_16x16, pixelation_8x8,
         gaussian_9x9, heavy_blur
-    checkpoint: training checkpoint whose EMA generator is used (or $FDF_GENERATOR_CHECKPOINT)
+    checkpoint: training checkpoint or exported model whose EMA generator is used (else
+        $FDF_GENERATOR_CHECKPOINT, else the model shipped in eval/weights/)
     detector: retinaface_mnet025 | retinaface_r50 (weights via detector_weights or its env var)
     confidence: detector score threshold; low values favour privacy (missed faces are not hidden)
     keypoints: movenet | keypoint-rcnn | none (every face without pose)
@@ -99,8 +104,9 @@ class Faces:
 
 
 def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu") -> GeneratorAt:
-    """The EMA generator of a training checkpoint at the resolution and fade-in it had reached."""
-    progress = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("progress")
+    """The EMA generator of a training checkpoint (or an exported model) at the resolution and
+    fade-in it had reached."""
+    progress = torch.load(checkpoint, map_location="cpu", weights_only=True).get("progress")
     generator = load_generator(str(checkpoint), ema=True, map_location=device)
     if progress is None:
         return GeneratorAt(generator, generator.max_resolution, 1.0)
@@ -108,9 +114,21 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
 
 
 def resolve_checkpoint(path: str | None) -> Path:
-    return resolve_file(path, CHECKPOINT_ENV, None,
-                        "generator checkpoint (a training checkpoint, e.g. <run_dir>/checkpoints/final.ckpt)",
-                        CHECKPOINT_FLAG)
+    """The generator to use: `--checkpoint`, else `$FDF_GENERATOR_CHECKPOINT`, else the model shipped
+    with fdf (`eval/weights/`, see its README)."""
+    if path or os.environ.get(CHECKPOINT_ENV) or not SHIPPED_MODEL.is_file():
+        return resolve_file(path, CHECKPOINT_ENV, None,
+                            "generator checkpoint (a training checkpoint, e.g. <run_dir>/checkpoints/final.ckpt, "
+                            "or an exported model)", CHECKPOINT_FLAG)
+    return SHIPPED_MODEL
+
+
+def describe_generator(path: Path, generator: GeneratorAt) -> str:
+    """One line naming the model and the resolution it paints at (model card name for exports)."""
+    card = torch.load(path, map_location="cpu", weights_only=True).get("card") or {}
+    name = card.get("name") or str(path)
+    shipped = " (shipped with fdf; give --checkpoint for another)" if path == SHIPPED_MODEL else ""
+    return f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"
 
 
 def _pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -158,10 +176,15 @@ class Anonymizer:
             self.detector = detector
         if keypoint_model is not None:
             self.keypoint_model = keypoint_model
-        self.generator = None
+        self.generator, self.generator_name = None, None
         if cfg.method == "generator":
-            self.generator = generator or load_generator_at(resolve_checkpoint(cfg.checkpoint), self.device)
-            self.generator.to(self.device).eval().requires_grad_(False)
+            if generator is None:
+                path = resolve_checkpoint(cfg.checkpoint)
+                generator = load_generator_at(path, self.device)
+                self.generator_name = describe_generator(path, generator)
+                log.info("generator: %s", self.generator_name)
+            self.generator = generator.to(self.device).eval().requires_grad_(False)
+            self.generator_name = self.generator_name or f"given generator: {generator.resolution}x{generator.resolution}"
 
     @cached_property
     def detector(self):
@@ -247,6 +270,8 @@ class Anonymizer:
         self.timings["crop_paste"] += time.perf_counter() - t0
         generated = self._generate(samples)
         t0 = time.perf_counter()
+        gray = {i for i, im in enumerate(images) if is_grayscale(im)}
+        generated = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, generated)]
         outputs = [_Composite(im) for im in images]
         for (i, j, extent, crop), face in zip(jobs, generated):
             outputs[i].add(face, extent, crop, feather_width(faces[i].boxes[j], self.cfg.feather))
@@ -284,6 +309,16 @@ class Anonymizer:
             self.timings["generation"] += time.perf_counter() - t0
             out.extend(to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy())
         return out
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+    """A grayscale photo stored as RGB: its anonymized faces must stay gray."""
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+def _to_gray(face: np.ndarray) -> np.ndarray:
+    luma = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
+    return np.repeat(luma[..., None], 3, axis=2)
 
 
 class _Composite:

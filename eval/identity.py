@@ -1,148 +1,220 @@
-"""Identity removal: does a face recognition model still match the anonymized face to the original?
+"""Identity removal measured with a real face recognizer: dlib's ResNet face embedding.
 
-For every detected face, a face-embedding network embeds the original face and the same box after
-anonymization; the cosine distance between the two embeddings says how much identity is left. The
-de-identification rate is the share of faces whose distance exceeds the model's verification
-threshold, i.e. that the model would no longer accept as the same person (DeepPrivacy's video
-follow-up reports the related TPR at FAR 0.001 on LFW: 0.986 before, 0.038 after; REFERENCE.md).
+Two figures per anonymization method, on photo pairs of the same people (LFW-style folder:
+`Person_Name_0001.jpg`, `Person_Name_0002.jpg`, two photos per person):
 
-The embedder is any TorchScript module mapping a float `(B, 3, S, S)` RGB batch, normalized as
-`(pixel - mean) / std`, to `(B, D)` embeddings, e.g. FaceNet (InceptionResnetV1, VGGFace2) traced
-with `torch.jit.trace` and saved. None ships with this project: give the file with `--embedder` or
-`$FDF_FACE_EMBEDDER`. The threshold belongs to the model (calibrate it, e.g. at FAR 0.001 on LFW).
+- **TPR at FAR 1e-3** (the protocol of the video de-identification follow-up of DeepPrivacy, which
+  reports 0.986 before and 0.038 after anonymization with FaceNet): the verification threshold is the
+  distance at which 0.1% of different-person pairs of the *original* photos are accepted; the rate
+  is the share of same-person pairs (first photo original, second anonymized) still accepted.
+- **De-identification rate**: the share of faces whose embedding moved farther than the
+  recognizer's own threshold (0.6 for dlib) between the original and the anonymized photo.
+
+The subject of each photo is found by dlib's HOG detector on the original (the largest face), and
+the anonymized face is embedded at that same place (5-point alignment, dlib's ResNet), so a method
+is judged on what it did to the face, not on whether a detector still finds it. Whether one does is
+reported too (`still_detected`: dlib's HOG detector, independent of the anonymizer's RetinaFace,
+finds a face overlapping the subject's box, IoU >= 0.5, in the anonymized photo): a generator should
+paint a face there, black-out should not.
+
+The models ship in the PyPI packages `dlib-bin` and `face_recognition_models` (nothing is downloaded);
+`--dlib_models` / `$FDF_DLIB_MODELS` point at another folder holding the same two files.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from data_prep.assets import resolve_file
+from data_prep.assets import MissingAssetError
 from data_prep.tario import atomic_write_json
-from eval.anonymize import IMAGE_EXTS, read_image
-from eval.anonymizer import Anonymizer, AnonymizerConfig
-from fdf_builder import crop as fdfcrop
+from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
 
-EMBEDDER_ENV = "FDF_FACE_EMBEDDER"
-EMBEDDER_FLAG = "--embedder"
-
-
-def resolve_embedder(path: str | os.PathLike | None = None) -> Path:
-    """The embedder file from `path` or `$FDF_FACE_EMBEDDER`; MissingAssetError naming both if neither."""
-    return resolve_file(path, EMBEDDER_ENV, None,
-                        "face embedding model (a TorchScript file: float (B,3,S,S) → (B,D) embeddings, "
-                        "e.g. a traced FaceNet)", EMBEDDER_FLAG)
+DLIB_MODELS_ENV = "FDF_DLIB_MODELS"
+DLIB_MODELS_FLAG = "--dlib_models"
+EMBEDDING_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+SHAPE_FILE = "shape_predictor_5_face_landmarks.dat"
+DLIB_THRESHOLD = 0.6  # dlib's verification threshold on Euclidean embedding distance
+PAIR_NAME = re.compile(r"^(?P<person>.+)_(?P<index>\d{4})\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
-def load_embedder(path: str | os.PathLike | None = None, device: str = "cpu") -> torch.jit.ScriptModule:
-    """The TorchScript face embedder (see :func:`resolve_embedder`), in eval mode."""
-    file = resolve_embedder(path)
-    try:
-        return torch.jit.load(str(file), map_location=device).eval()
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{file}: not a loadable TorchScript module ({e})") from None
+def dlib_models_dir(path: str | os.PathLike | None = None) -> Path:
+    """Folder with dlib's embedding and 5-point shape models: the flag, `$FDF_DLIB_MODELS`, or the
+    `face_recognition_models` package."""
+    if path or os.environ.get(DLIB_MODELS_ENV):
+        folder = Path(path or os.environ[DLIB_MODELS_ENV]).expanduser()
+        origin = f"{DLIB_MODELS_FLAG} {path}" if path else f"${DLIB_MODELS_ENV}"
+    else:
+        try:
+            import face_recognition_models
+        except ImportError as e:
+            raise MissingAssetError(f"dlib face models not found ({e}): `pip install face_recognition_models==0.3.0 "
+                                    f"'setuptools<81'` (install.sh does), or give the folder with {DLIB_MODELS_FLAG} "
+                                    f"or ${DLIB_MODELS_ENV}") from None
+        folder, origin = Path(face_recognition_models.__file__).parent / "models", "face_recognition_models"
+    missing = [f for f in (EMBEDDING_FILE, SHAPE_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise MissingAssetError(f"{folder} ({origin}) lacks {', '.join(missing)}: give the folder holding dlib's "
+                                f"models with {DLIB_MODELS_FLAG} or ${DLIB_MODELS_ENV}")
+    return folder
 
 
-def face_crops(image: np.ndarray, boxes: np.ndarray, size: int, margin: float) -> np.ndarray:
-    """(N, size, size, 3) squares around the boxes, grown by `margin` × side, zero-padded."""
-    out = np.zeros((len(boxes), size, size, 3), np.uint8)
-    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4)):
-        side = max(x1 - x0, y1 - y0) * (1 + margin)
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        sq = [round(cx - side / 2), round(cy - side / 2)]
-        s = max(1, round(side))
-        crop = fdfcrop.cut(image, (sq[0], sq[1], sq[0] + s, sq[1] + s))
-        interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-        out[i] = cv2.resize(crop, (size, size), interpolation=interp)
-    return out
+class DlibFaces:
+    """dlib's HOG face detector and ResNet embedding (128-d, L2 distance, same person below 0.6)."""
+
+    def __init__(self, models: str | os.PathLike | None = None):
+        import dlib
+        folder = dlib_models_dir(models)
+        self._dlib = dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.shape = dlib.shape_predictor(str(folder / SHAPE_FILE))
+        self.embedder = dlib.face_recognition_model_v1(str(folder / EMBEDDING_FILE))
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        """(N, 4) x0, y0, x1, y1 boxes, largest first (upsampled once if none at full size)."""
+        rects = self.detector(image, 0) or self.detector(image, 1)
+        boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float64).reshape(-1, 4)
+        return boxes[np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")]
+
+    def embed(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The 128-d embedding of the face in `box`, aligned by the 5-point shape model."""
+        rect = self._dlib.rectangle(*(int(round(v)) for v in box))
+        image = np.ascontiguousarray(image)
+        return np.asarray(self.embedder.compute_face_descriptor(image, self.shape(image, rect)), np.float64)
 
 
-@torch.inference_mode()
-def embed(embedder: torch.nn.Module, crops: np.ndarray, mean: float, std: float, batch_size: int = 64,
-          device: str = "cpu") -> torch.Tensor:
-    """L2-normalized `(N, D)` embeddings of uint8 `(N, S, S, 3)` crops."""
-    out = []
-    for start in range(0, len(crops), batch_size):
-        x = torch.from_numpy(crops[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float()
-        e = embedder((x - mean) / std)
-        if e.ndim != 2 or e.shape[0] != x.shape[0]:
-            raise ValueError(f"the embedder returned shape {tuple(e.shape)} for a batch of {x.shape[0]}: "
-                             "expected (B, D)")
-        out.append(torch.nn.functional.normalize(e.float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
-def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """1 - cos of paired rows of two L2-normalized embedding sets."""
-    return (1 - (a * b).sum(dim=1)).numpy()
+def photo_pairs(folder: Path, limit: int | None = None) -> list[tuple[Path, Path]]:
+    """(first, second) photo of every person with at least two, in name order."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--pairs_dir {folder}: no such folder")
+    people: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(folder.iterdir()):
+        if m := PAIR_NAME.match(path.name):
+            people[m.group("person")].append(path)
+    pairs = [(photos[0], photos[1]) for _, photos in sorted(people.items()) if len(photos) >= 2]
+    if not pairs:
+        raise FileNotFoundError(f"--pairs_dir {folder}: no photo pairs named Person_Name_0001.jpg / _0002.jpg")
+    return pairs[:limit]
 
 
-def deidentification_rate(distances: np.ndarray, threshold: float) -> float:
-    """Share of faces whose anonymized version the model no longer verifies as the same person."""
-    distances = np.asarray(distances)
-    if distances.size == 0:
-        raise ValueError("no faces to score")
-    return float((distances > threshold).mean())
+def threshold_at_far(genuine_free: np.ndarray, far: float) -> float:
+    """The distance below which a share `far` of different-person pairs is accepted."""
+    return float(np.quantile(genuine_free, far))
+
+
+def impostor_distances(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Distances of every different-person pair (first photo of i, second photo of j, i != j)."""
+    d = np.linalg.norm(first[:, None, :] - second[None, :, :], axis=-1)
+    return d[~np.eye(len(first), dtype=bool)]
 
 
 @dataclass(kw_only=True)
 class IdentityConfig(AnonymizerConfig):
-    """De-identification rate of an anonymizer on a folder of photos (see :class:`AnonymizerConfig`).
+    """Identity removal per anonymization method on same-person photo pairs (see module doc).
 
-    images: a photo or a folder of photos
-    threshold: the embedder's verification threshold on cosine distance (same person below it)
-    embedder: TorchScript face embedder (or $FDF_FACE_EMBEDDER)
-    input_size / mean / std / margin: the embedder's input: square face crops grown by margin × side
-        (defaults: FaceNet's 160 px, (x - 127.5) / 128)
+    pairs_dir: folder of Person_Name_0001.jpg / Person_Name_0002.jpg photos (e.g. LFW)
+    methods: anonymization methods to score (generator needs a checkpoint or the shipped model)
+    num_pairs: use the first that many people (None: all)
+    far: false accept rate that sets the verification threshold (the protocol: 1e-3)
+    threshold: the recognizer's own same-person threshold for the de-identification rate
+    dlib_models: folder with dlib's models (default: the face_recognition_models package)
     output: result JSON (options saved beside it)
     """
 
-    images: str
-    threshold: float
-    embedder: str | None = None
-    input_size: int = 160
-    mean: float = 127.5
-    std: float = 128.0
-    margin: float = 0.2
+    pairs_dir: str
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    num_pairs: int | None = None
+    far: float = 1e-3
+    threshold: float = DLIB_THRESHOLD
+    dlib_models: str | None = None
     output: str = "identity.json"
     progress: bool = True
 
 
+def _read(path: Path) -> np.ndarray:
+    from eval.anonymize import read_image
+    return read_image(path)[0]
+
+
+def subjects(faces: DlibFaces, pairs: list[tuple[Path, Path]], progress: bool) -> tuple[list, np.ndarray, np.ndarray, int]:
+    """Pairs whose two photos both show a face to dlib: (kept pairs with the second photo's subject
+    box, first embeddings, second embeddings, number skipped)."""
+    kept, first, second = [], [], []
+    for a, b in tqdm(pairs, unit="pair", desc="originals", disable=not progress):
+        ia, ib = _read(a), _read(b)
+        ba, bb = faces.detect(ia), faces.detect(ib)
+        if not len(ba) or not len(bb):
+            continue
+        kept.append((a, b, bb[0]))
+        first.append(faces.embed(ia, ba[0]))
+        second.append(faces.embed(ib, bb[0]))
+    return kept, np.array(first), np.array(second), len(pairs) - len(kept)
+
+
+def score_method(faces: DlibFaces, anonymizer: Anonymizer, kept: list, first: np.ndarray, second: np.ndarray,
+                 threshold: float, recognizer_threshold: float, progress: bool) -> dict:
+    """TPR at the threshold, de-identification rate and still-detected rate of one method."""
+    after, detected, gray_kept, gray = [], 0, 0, 0
+    for _, path, box in tqdm(kept, unit="pair", desc=anonymizer.cfg.method, disable=not progress):
+        image = _read(path)
+        (anonymized,) = anonymizer.anonymize([image])
+        after.append(faces.embed(anonymized, box))
+        detected += any(iou(box, b) >= 0.5 for b in faces.detect(anonymized))
+        if is_grayscale(image):
+            gray += 1
+            gray_kept += is_grayscale(anonymized)
+    after = np.array(after)
+    genuine = np.linalg.norm(first - after, axis=1)
+    moved = np.linalg.norm(second - after, axis=1)
+    return {"tpr_at_far": float((genuine < threshold).mean()),
+            "deidentification_rate": float((moved > recognizer_threshold).mean()),
+            "still_detected": detected / len(kept), "distance_moved_median": float(np.median(moved)),
+            "grayscale_kept": f"{gray_kept}/{gray}"}
+
+
 def run(cfg: IdentityConfig) -> dict:
     start = time.perf_counter()
-    embedder_file = resolve_embedder(cfg.embedder)  # first: fail before any model work
-    embedder = load_embedder(embedder_file, cfg.device)
-    src = Path(cfg.images)
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if src.is_dir() else [src]
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no photos ({', '.join(IMAGE_EXTS)}) at {src}")
-    anonymizer = Anonymizer(cfg)
-    distances = []
-    for path in tqdm(files, unit="img", desc="identity", disable=not cfg.progress):
-        image, _ = read_image(path)
-        (faces,) = anonymizer.find_faces([image])
-        if not len(faces):
-            continue
-        (anonymized,) = anonymizer.anonymize([image], [faces])
-        before = embed(embedder, face_crops(image, faces.boxes, cfg.input_size, cfg.margin), cfg.mean, cfg.std,
-                       device=cfg.device)
-        after = embed(embedder, face_crops(anonymized, faces.boxes, cfg.input_size, cfg.margin), cfg.mean, cfg.std,
-                      device=cfg.device)
-        distances.append(cosine_distances(before, after))
-    d = np.concatenate(distances) if distances else np.zeros(0)
-    result = {"method": cfg.method, "images": len(files), "faces": int(d.size), "threshold": cfg.threshold,
-              "deidentification_rate": deidentification_rate(d, cfg.threshold) if d.size else None,
-              "distance_mean": float(d.mean()) if d.size else None,
-              "distance_median": float(np.median(d)) if d.size else None,
-              "embedder": str(embedder_file),
-              "seconds": round(time.perf_counter() - start, 2)}
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    pairs = photo_pairs(Path(cfg.pairs_dir), cfg.num_pairs)
+    faces = DlibFaces(cfg.dlib_models)
+    anonymizers = {m: Anonymizer(AnonymizerConfig(**{**{k: getattr(cfg, k) for k in AnonymizerConfig.__dataclass_fields__},
+                                                     "method": m})) for m in cfg.methods}  # load all before work
+    kept, first, second, skipped = subjects(faces, pairs, cfg.progress)
+    if len(kept) < 2:
+        raise ValueError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
+    impostors = impostor_distances(first, second)
+    threshold = threshold_at_far(impostors, cfg.far)
+    genuine = np.linalg.norm(first - second, axis=1)
+    result = {"pairs": len(kept), "pairs_skipped_no_face": skipped, "far": cfg.far,
+              "impostor_pairs": int(impostors.size), "threshold_at_far": threshold,
+              "recognizer": "dlib_face_recognition_resnet_model_v1", "recognizer_threshold": cfg.threshold,
+              "original": {"tpr_at_far": float((genuine < threshold).mean()),
+                           "same_person_distance_median": float(np.median(genuine)),
+                           "different_person_distance_median": float(np.median(impostors))},
+              "methods": {}}
+    for method, anonymizer in anonymizers.items():
+        result["methods"][method] = score_method(faces, anonymizer, kept, first, second, threshold, cfg.threshold,
+                                                 cfg.progress)
+        if method == "generator":
+            result["generator"] = anonymizer.generator_name
+    result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, result)
@@ -153,7 +225,8 @@ def run(cfg: IdentityConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from data_prep.cli_util import parse_dataclass
     return run(parse_dataclass(IdentityConfig, argv, prog="fdf-identity",
-                               description="De-identification rate: embedding distance original vs anonymized."))
+                               description="Identity removal per method with dlib's face recognizer: "
+                                           "TPR at FAR 1e-3 on photo pairs and de-identification rate."))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,15 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from eval import fid, wider
+from eval import wider
+from fdf_core import fid
 
 
 @dataclass
 class MetricOptions:
     """Everything a metric may need; each metric uses its own subset.
 
-    generate_fn / real_loader / data_files: see :func:`eval.fid.compute_fid`.
+    generate_fn / real_loader / data_files: see :func:`fdf_core.fid.compute_fid`.
     detections_dir: detections in the WIDER kit's text layout; wider_root: the kit's .mat files.
     """
 

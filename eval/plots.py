@@ -1,7 +1,8 @@
 """`FID vs kimg` of a training run as a PNG, from the run's MLflow metric history.
 
-Series: `fid` (training's FIDCallback; its x is the `fid/kimg` logged with it) and every
-`eval/fid_<feature>` (the `fdf-eval` job; x = step = images shown). With `--evaluate`, the
+Series: `fid` (training's FIDCallback) and `eval/fid` / `eval/fd_random_conv` (the `fdf-eval`
+job). All are logged at the training step; the x of a point is the `<series>/kimg` logged with it
+at the same step. With `--evaluate`, the
 checkpoints of `<run_dir>/checkpoints/` (`img*.ckpt` snapshots and `final.ckpt`) that have no result
 JSON yet are evaluated first, so one command turns a finished run into its curve. Phase changes
 (the `phase/NN` tags of the run) are drawn as dotted lines.
@@ -16,8 +17,7 @@ from pathlib import Path
 from data_prep.tario import atomic_write_json
 from eval import evaluate
 
-TRAINING_FID = "fid"
-EVAL_PREFIX = "eval/fid_"
+SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
 
 
 @dataclass
@@ -28,6 +28,7 @@ class PlotConfig:
     output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
     evaluate: compute the FID of checkpoints that have none yet (needs data_root)
     data_root / feature / inception_weights / num_images / batch_size / cache_dir / device: as fdf-eval
+        (num_images: the first that many validation faces; None = all)
     tracking_uri / run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
     """
 
@@ -38,7 +39,7 @@ class PlotConfig:
     feature: str = "inception"
     inception_weights: str | None = None
     num_images: int | None = None
-    batch_size: int = 64
+    batch_size: int = 50
     cache_dir: str | None = "runs/fid_cache"
     device: str = "cpu"
     tracking_uri: str | None = None
@@ -57,16 +58,12 @@ def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[fl
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     series = {}
-    for key in sorted(run.data.metrics):
-        if key == TRAINING_FID:
-            kimg_at = {m.step: m.value for m in client.get_metric_history(run_id, "fid/kimg")}
-            points = {kimg_at.get(m.step, float(m.step)): m.value for m in client.get_metric_history(run_id, key)}
-        elif key.startswith(EVAL_PREFIX):
-            points = {m.step / 1000: m.value for m in sorted(client.get_metric_history(run_id, key),
-                                                              key=lambda m: m.timestamp)}  # re-evaluations: last wins
-        else:
+    for key in SERIES:
+        if key not in run.data.metrics:
             continue
-        series[key] = sorted(points.items())
+        kimg_at = {m.step: m.value for m in client.get_metric_history(run_id, f"{key}/kimg")}
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+        series[key] = sorted({kimg_at.get(m.step, float("nan")): m.value for m in history}.items())  # last wins
     phases = []
     for tag, text in run.data.tags.items():
         m = re.fullmatch(r"(\S+) from kimg ([0-9.]+).*", text) if tag.startswith("phase/") else None
@@ -89,7 +86,8 @@ def plot_fid(series: dict[str, list[tuple[float, float]]], phases: list[tuple[fl
         ax.annotate(name, (kimg, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
                     va="top", ha="right", color="grey")
     ax.set_xlabel("kimg (thousands of real images shown)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel("FID (Inception)" if any(not k.endswith("random_conv") for k in series) else
+                  "Fréchet distance (random_conv, not FID)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -107,7 +105,7 @@ def run(cfg: PlotConfig) -> dict:
         if cfg.data_root is None:
             raise ValueError("--evaluate needs --data_root (the FDF shards the run was trained on)")
         for ckpt in ckpts:
-            out = run_dir / "eval" / f"fid_{cfg.feature}_{ckpt.stem}.json"
+            out = evaluate.default_output(ckpt, cfg.feature)
             if not out.is_file():
                 evaluate.run(evaluate.EvaluateConfig(
                     checkpoint=str(ckpt), data_root=cfg.data_root, feature=cfg.feature,

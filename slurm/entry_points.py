@@ -14,6 +14,7 @@ def _script(module: str) -> Callable[[], None]:
 
 
 fdf_download = _script("data_prep.cli")
+fdf_ingest = _script("data_prep.folder")
 fdf_build = _script("fdf_builder.cli")
 fdf_pipeline = _script("slurm.pipeline")
 fdf_train = _script("training.cli")

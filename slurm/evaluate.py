@@ -1,12 +1,12 @@
 """`python -m slurm.evaluate`: the FID of many checkpoints as one job array, one task per checkpoint.
 
     python -m slurm.evaluate --cluster slurm/profiles/local.yaml --run_dir runs/train/tiny \\
-        --data_root runs/demo/fdf --feature random
+        --data_root runs/demo/fdf --feature random_conv
     python -m slurm.evaluate --cluster slurm/profiles/example_gpu.yaml --checkpoints '[a.ckpt, b.ckpt]' \\
         --data_root /data/fdf --device cuda --dry_run true
 
 Every task runs fdf-eval's own `eval.evaluate.run` on its checkpoint: the result JSON goes to
-`<run_dir>/eval/fid_<feature>_<checkpoint>.json` (fdf-eval's default) and the metric to the
+`<run_dir>/eval/<metric>_<checkpoint>.json` (fdf-eval's default) and the metric to the
 checkpoint's MLflow run, which also gets the array's job ids and log folder as tags
 (`slurm.eval.job_ids`, `slurm.eval.log_dir`). A checkpoint that has its result JSON already is not
 evaluated again (`--skip_done false` redoes it). Tasks are single processes: the profile's nodes and
@@ -31,11 +31,6 @@ from slurm.launch import submit_array, wait
 TAG = "slurm.eval."
 
 
-def result_path(checkpoint: Path, feature: str) -> Path:
-    """fdf-eval's default output for a checkpoint: `<run_dir>/eval/fid_<feature>_<name>.json`."""
-    return (evaluate.run_dir_of(checkpoint) or checkpoint.parent) / "eval" / f"fid_{feature}_{checkpoint.stem}.json"
-
-
 def task_profile(p: ClusterProfile) -> ClusterProfile:
     """The profile for one evaluation task: one node, one process, at most one GPU."""
     return dataclasses.replace(p, nodes=1, tasks_per_node=1, gpus_per_node=min(p.gpus_per_node, 1),
@@ -49,7 +44,7 @@ def evaluation_configs(base: evaluate.EvaluateConfig, checkpoints: Sequence[str 
     for ckpt in dict.fromkeys(Path(c) for c in checkpoints):
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-        out = result_path(ckpt, base.feature)
+        out = evaluate.default_output(ckpt, base.feature)
         if not (skip_done and out.is_file()):
             configs.append(dataclasses.replace(base, checkpoint=str(ckpt), output=str(out)))
     return configs

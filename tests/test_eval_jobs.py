@@ -106,52 +106,59 @@ def test_wider_job_names_the_expected_layout(tmp_path):
 
 def test_fid_job_writes_json_and_logs_to_the_run(tiny_run, fdf_shards, tmp_path):
     ckpt = tiny_run / "checkpoints" / "final.ckpt"
-    args = ["--checkpoint", str(ckpt), "--data_root", str(fdf_shards), "--feature", "random",
+    args = ["--checkpoint", str(ckpt), "--data_root", str(fdf_shards), "--feature", "random_conv",
             "--cache_dir", str(tmp_path / "cache"), "--batch_size", "8"]
     first = evaluate.main(args + ["--output", str(tmp_path / "fid.json")])
     saved = json.loads((tmp_path / "fid.json").read_text())
     assert saved["fid"] == first["fid"] > 0 and saved["num_images"] == 16 and saved["resolution"] == 32
     assert saved["images_shown"] == 96 and saved["run_id"] == torch.load(ckpt, weights_only=True)["mlflow_run_id"]
-    assert len(list((tmp_path / "cache" / "all").glob("fid_real_*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 1
     second = evaluate.main(args + ["--output", str(tmp_path / "fid2.json")])  # real statistics from the cache
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-6)
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run}/mlflow.db")
-    history = client.get_metric_history(saved["run_id"], "eval/fid_random")
-    assert [(m.step, m.value) for m in history][-1] == (96, pytest.approx(first["fid"]))
+    history = client.get_metric_history(saved["run_id"], "eval/fd_random_conv")
+    assert [(m.step, m.value) for m in history][-1] == (12, pytest.approx(first["fid"]))  # the training step
+    assert [m.value for m in client.get_metric_history(saved["run_id"], "eval/fd_random_conv/kimg")][-1] == 0.096
     assert "eval/fid.json" in [a.path for a in client.list_artifacts(saved["run_id"], "eval")]
 
 
 def test_fid_curve_over_the_run_checkpoints(tiny_run, fdf_shards, tmp_path):
     png = tmp_path / "curve.png"
     result = plots.main(["--run_dir", str(tiny_run), "--evaluate", "true", "--data_root", str(fdf_shards),
-                         "--feature", "random", "--cache_dir", str(tmp_path / "cache"), "--output", str(png)])
+                         "--feature", "random_conv", "--cache_dir", str(tmp_path / "cache"), "--output", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    kimg = [x for x, _ in result["series"]["eval/fid_random"]]
+    kimg = [x for x, _ in result["series"]["eval/fd_random_conv"]]
     assert kimg == pytest.approx([n / 1000 for n in SNAPSHOT_IMAGES])
     assert [name for _, name in result["phases"]][:3] == ["stabilize8", "fade16", "stabilize16"]
-    assert len(list((tiny_run / "eval").glob("fid_random_img??????????.json"))) == len(SNAPSHOT_IMAGES)
+    assert len(list((tiny_run / "eval").glob("fd_random_conv_img??????????.json"))) == len(SNAPSHOT_IMAGES)
 
 
-def test_identity_metric_needs_an_embedder(monkeypatch, tmp_path):
-    monkeypatch.delenv(identity.EMBEDDER_ENV, raising=False)
-    with pytest.raises(MissingAssetError, match=f"--embedder.*{identity.EMBEDDER_ENV}"):
-        identity.main(["--images", str(PHOTOS), "--threshold", "0.5", "--method", "blackout"])
+LFW = assets_dir() / "faces" / "lfw_pairs"
 
 
-def test_identity_distances_with_a_torchscript_embedder(monkeypatch, tmp_path):
-    model = tmp_path / "embedder.pt"  # a stand-in embedding: the face at 8x8 pixels, as a TorchScript file
-    torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten())).save(str(model))
-    monkeypatch.setenv(identity.EMBEDDER_ENV, str(model))
-    embedder = identity.load_embedder()
-    image = cv2.cvtColor(cv2.imread(str(PHOTOS / "dlib__examples_faces_2008_001009.jpg")), cv2.COLOR_BGR2RGB)
-    boxes = np.array([[150.0, 100, 226, 176]])
-    same = identity.embed(embedder, identity.face_crops(image, boxes, 64, 0.2), 127.5, 127.5)
-    assert identity.cosine_distances(same, same) == pytest.approx([0], abs=1e-6)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "a.jpg").write_bytes((PHOTOS / "dlib__examples_faces_2008_001009.jpg").read_bytes())
-    result = identity.main(["--images", str(photos), "--method", "blackout", "--threshold", "0.01",
-                            "--input_size", "64", "--output", str(tmp_path / "id.json"), "--progress", "false"])
-    assert result["faces"] >= 2 and result["distance_mean"] > 0.01
-    assert result["deidentification_rate"] == 1.0 and result["embedder"] == str(model)
-    assert json.loads((tmp_path / "id.json").read_text()) == result
+def test_dlib_recognizer_tells_same_from_different_people():
+    faces = identity.DlibFaces()
+    a1, a2, b1 = (identity._read(LFW / f) for f in ("Abdullah_0001.jpg", "Abdullah_0002.jpg", "Abel_Pacheco_0001.jpg"))
+    e = {k: faces.embed(im, faces.detect(im)[0]) for k, im in (("a1", a1), ("a2", a2), ("b1", b1))}
+    assert np.linalg.norm(e["a1"] - e["a2"]) < identity.DLIB_THRESHOLD < np.linalg.norm(e["a1"] - e["b1"])
+
+
+def test_identity_job_on_lfw_pairs(tmp_path):
+    out = tmp_path / "identity.json"
+    result = identity.main(["--pairs_dir", str(LFW), "--num_pairs", "6", "--methods", "[blackout, gaussian_9x9]",
+                            "--output", str(out), "--progress", "false"])
+    assert json.loads(out.read_text()) == result and result["pairs"] + result["pairs_skipped_no_face"] == 6
+    original = result["original"]
+    assert original["same_person_distance_median"] < 0.6 < original["different_person_distance_median"]
+    assert original["tpr_at_far"] > 0.8
+    blackout, blur = result["methods"]["blackout"], result["methods"]["gaussian_9x9"]
+    assert blackout["deidentification_rate"] == 1.0 and blackout["tpr_at_far"] == 0.0
+    assert blackout["still_detected"] == 0.0  # nothing face-like is left for an independent detector
+    assert blur["deidentification_rate"] < 0.5  # a 9x9 blur of a 250 px face keeps the identity
+    assert blackout["grayscale_kept"] == blur["grayscale_kept"] == f"{result['pairs']}/{result['pairs']}"
+
+
+def test_identity_job_names_missing_models(monkeypatch, tmp_path):
+    monkeypatch.setenv(identity.DLIB_MODELS_ENV, str(tmp_path))
+    with pytest.raises(MissingAssetError, match=f"lacks {identity.EMBEDDING_FILE}.*{identity.DLIB_MODELS_ENV}"):
+        identity.main(["--pairs_dir", str(LFW), "--methods", "[blackout]"])

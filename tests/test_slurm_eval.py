@@ -38,7 +38,7 @@ def run_dir(fdf_shards, tmp_path_factory) -> Path:
 def _args(run_dir: Path, fdf_shards: Path, logs: Path, *extra: str) -> list[str]:
     return ["--cluster", str(PROFILES_DIR / "local.yaml"), "--cluster.log_dir", str(logs),
             "--checkpoints", json.dumps([str(run_dir / "checkpoints" / n) for n in CHECKPOINTS]),
-            "--data_root", str(fdf_shards), "--feature", "random", "--batch_size", "8",
+            "--data_root", str(fdf_shards), "--feature", "random_conv", "--batch_size", "8",
             "--cache_dir", str(logs.parent / "fid_cache"), *extra]
 
 
@@ -76,21 +76,21 @@ def test_array_over_two_checkpoints_writes_one_result_each(slurm_cluster, run_di
     run_id = torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["mlflow_run_id"]
     expected = {"img0000000024": (24, 16), "final": (96, 32)}  # images shown, resolution reached
     for r, (stem, (images, resolution)) in zip(results, expected.items()):
-        saved = json.loads((run_dir / "eval" / f"fid_random_{stem}.json").read_text())
+        saved = json.loads((run_dir / "eval" / f"fd_random_conv_{stem}.json").read_text())
         assert saved == r and saved["checkpoint"] == str(run_dir / "checkpoints" / f"{stem}.ckpt")
         assert (saved["images_shown"], saved["resolution"], saved["num_images"]) == (images, resolution, 16)
         assert saved["fid"] > 0 and saved["run_id"] == run_id
     assert results[0]["fid"] != results[1]["fid"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
-    history = {m.step: m.value for m in client.get_metric_history(run_id, "eval/fid_random")}
-    assert history == {24: pytest.approx(results[0]["fid"]), 96: pytest.approx(results[1]["fid"])}
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "eval/fd_random_conv")}
+    assert history == {3: pytest.approx(results[0]["fid"]), 12: pytest.approx(results[1]["fid"])}  # training steps
     tags = client.get_run(run_id).data.tags
     assert tags["slurm.eval.job_ids"] == f"{array_id}_0 {array_id}_1" and tags["slurm.eval.log_dir"] == str(logs)
 
     # The laptop's path: fdf-eval in this process gives the array task's number.
     local = evaluate.run(evaluate.EvaluateConfig(
-        checkpoint=str(run_dir / "checkpoints" / "final.ckpt"), data_root=str(fdf_shards), feature="random",
+        checkpoint=str(run_dir / "checkpoints" / "final.ckpt"), data_root=str(fdf_shards), feature="random_conv",
         batch_size=8, cache_dir=str(tmp_path / "fid_cache"), output=str(tmp_path / "final.json"), log_mlflow=False))
     assert local["fid"] == pytest.approx(results[1]["fid"], rel=1e-6)
 

@@ -16,8 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from training.cli import main
-from training.conditioning import prepare
 from training.datamodule import FDFDataModule, ShardStream, list_shards
+from fdf_core.fid import RandomConvFeatures
+from training.fid import generator_fid
 from training.networks import GeneratorAt
 from training.module import NonFiniteLossError, load_generator
 from training.schedule import Schedule
@@ -93,21 +94,11 @@ def _mlflow_history(client: MlflowClient, run_id: str, key: str) -> list:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
 
-def l1_inside_box(generator, datamodule) -> float:
-    """Stand-in for eval's FID through the same hook: mean |G(z=0) − real| inside the face boxes."""
-    error, count = 0.0, 0.0
-    for batch in datamodule.iter_val(8):
-        p = prepare(batch["images"], batch["bbox"], batch["keypoints"], generator.resolution, generator.alpha)
-        fake = generator(p.condition, p.mask, p.keypoints)
-        error += ((fake - p.real).abs() * (1 - p.mask)).sum().item()
-        count += 3 * (1 - p.mask).sum().item()
-    return error / count
-
-
 def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
     run_dir = tmp_path / "run"
     main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(run_dir), *FAST,
-          "--fid.fid_fn", "test_training.l1_inside_box", "--fid.every_kimg", "0.096"])
+          "--fid.every_kimg", "0.096", "--fid.feature", "random_conv", "--fid.num_images", "16",
+          "--fid.batch_size", "8"])
 
     final = run_dir / "checkpoints" / "final.ckpt"
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
@@ -143,10 +134,16 @@ def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert len(samples) >= 5 and all(p.endswith(".png") for p in samples)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/final.ckpt"]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # FID on the step axis of every other metric, with its kimg, resolution and phase beside it
+    fid = _mlflow_history(client, run.info.run_id, "fid")
+    assert [m.step for m in fid] == [12, 24] and all(math.isfinite(m.value) and m.value > 0 for m in fid)
     assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/kimg")] == pytest.approx([0.096, 0.192])
-    fid = [m.value for m in _mlflow_history(client, run.info.run_id, "fid")]
-    assert len(fid) == 2 and all(math.isfinite(v) and v > 0 for v in fid)
-    assert fid[1] == pytest.approx(l1_inside_box(GeneratorAt(g, 32), _datamodule(fdf_shards)), rel=1e-5)
+    assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/resolution")] == [32, 32]  # fade32 at 0.096
+    assert [m.step for m in _mlflow_history(client, run.info.run_id, "fid/phase")] == [12, 24]
+    expected = generator_fid(GeneratorAt(g, 32), _datamodule(fdf_shards), 16, 8, RandomConvFeatures())
+    assert fid[1].value == pytest.approx(expected, rel=1e-5)
+    assert len(list((run_dir / "fid_cache").glob("fid_real_*.pt"))) == 1  # one per resolution
 
 
 def test_non_finite_loss_stops_the_run_with_the_step(fdf_shards, tmp_path):

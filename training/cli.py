@@ -25,6 +25,9 @@ from training.checkpointing import AtomicCheckpointIO, KimgCheckpoint
 from training.datamodule import FDFDataModule
 from training.module import ProgressiveGAN
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def _progress(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["progress"]
 
@@ -58,6 +61,8 @@ class ConfigToRunDir(SaveConfigCallback):
         self.parser.save(self.config, path, overwrite=True, multifile=False)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
+            # MLflow 3 files experiments without this tag under its GenAI views; this one is model training
+            logger.experiment.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             params = {k: v for k, v in _flatten(self.config.as_dict()).items() if k not in ("ckpt_path", "config")}
             existing = logger.experiment.get_run(logger.run_id).data.params
             changed = {k for k, v in params.items() if k in existing and existing[k] != str(v)[:250]}

@@ -223,7 +223,11 @@ class FDFDataModule(pl.LightningDataModule):
 
         For evaluation hooks (FID, sample grids): same samples, same order, every time.
         """
-        shards = self.val_shards if sum(self.val_sizes) else self.train_shards
+        return self.iter_split("val" if sum(self.val_sizes) else "train", batch_size, limit)
+
+    def iter_split(self, split: str, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The first `limit` samples of a split in file order, batched (no shuffling, no augmentation)."""
+        shards = {"val": self.val_shards, "train": self.train_shards}[split]
         samples = ((shard, key, members) for shard in shards for key, members in iter_samples(shard))
         samples = itertools.islice(samples, limit)
         while chunk := list(itertools.islice(samples, batch_size)):

@@ -264,10 +264,17 @@ class ProgressiveGAN(pl.LightningModule):
 
 
 def load_generator(path: str, ema: bool = True, map_location: str | torch.device = "cpu") -> Generator:
-    """The (EMA) generator of a training checkpoint, in eval mode, loaded with weights_only=True."""
+    """The (EMA) generator of a training checkpoint or of an exported model (`training.export`), in
+    eval mode, loaded with weights_only=True."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     hp = ckpt["hyper_parameters"]
     generator = build_generator(NetworkConfig(**hp["network"]), Schedule(**hp["schedule"]))
-    prefix = "generator_ema." if ema else "generator."
-    generator.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    if "generator_ema" in ckpt:  # an export holds the EMA weights only
+        if not ema:
+            raise ValueError(f"{path}: an exported model holds the EMA generator only")
+        state = ckpt["generator_ema"]
+    else:
+        prefix = "generator_ema." if ema else "generator."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    generator.load_state_dict(state)
     return generator.to(map_location).eval().requires_grad_(False)

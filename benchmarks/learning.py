@@ -1,0 +1,204 @@
+"""Does the generator learn? Build, train and evaluate on real faces, then print one JSON object.
+
+    python benchmarks/learning.py                      # everything, resumable (about 2 h on 2 cores)
+    python benchmarks/learning.py --stages '[evaluate]' --workdir runs/utkface   # an existing run
+
+Stages (each resumable: a rerun skips what is done):
+1. ingest: the UTKFace crops (`$FDF_ASSETS/faces/utkface`, non-commercial research license) → raw
+   shards with `fdf-ingest`, as a user with a folder of photos would;
+2. build: FDF shards with the project's RetinaFace + MoveNet builder, 13% of the photos held out;
+3. train: `training/configs/utkface_cpu32.yaml` (8x8 → 32x32), Inception FID of 1,000 held-out faces
+   logged to MLflow during training;
+4. export: the EMA generator with its model card (`training.export`);
+5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at 32x32 the FID of the
+   generator, of every baseline of `eval.baselines` and of 1,000 training faces (the sampling floor);
+   identity removal of every method on the LFW pairs (`fdf-identity`: TPR at FAR 1e-3, de-identification
+   rate, whether dlib's detector still finds a face); training speed per resolution; wall time. Also
+   writes the FID-curve PNG and a condition / generated / real grid (`--figures`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.assets import assets_dir  # noqa: E402
+from data_prep.tario import atomic_write_json  # noqa: E402
+
+STAGES = ("ingest", "build", "train", "export", "evaluate")
+CONFIG = REPO / "training" / "configs" / "utkface_cpu32.yaml"
+CARD = {
+    "name": "fdf-utkface32 (DeepPrivacy U-Net, base width 64, 32x32, CPU-trained)",
+    "data": "UTKFace crop_part1 (Zhang, Song, Qi, CVPR 2017): 7,491 training faces built into FDF shards by "
+            "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out",
+    "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
+               "images keep their owners' copyright; use this model under the same terms.",
+    "notes": "Trained 140 kimg on 2 CPU cores with training/configs/utkface_cpu32.yaml (benchmarks/learning.py). "
+             "Paints 32x32 faces: a demonstration that the pipeline learns, not the paper's 128x128 model.",
+}
+
+
+def ingest(work: Path, faces: Path) -> dict:
+    from data_prep.folder import IngestConfig, run
+    return run(IngestConfig(image_dir=str(faces), output_dir=str(work / "raw"), shard_size=1000, progress=False,
+                            license_name="UTKFace: non-commercial research only",
+                            license_url="https://susanqq.github.io/UTKFace/",
+                            author="UTKFace (Zhang, Song, Qi, CVPR 2017); images keep their owners' copyright"))
+
+
+def build(work: Path) -> dict:
+    from fdf_builder.build import BuildConfig, run
+    return run(BuildConfig(input_dir=str(work / "raw"), output_dir=str(work / "fdf"), val_fraction=0.13,
+                           processes=2, progress=False))
+
+
+def train(work: Path) -> dict:
+    from training.cli import main
+    main(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
+          "--trainer.enable_progress_bar", "false"])
+    return {"run_dir": str(work / "train")}
+
+
+def export(work: Path) -> dict:
+    from training.export import export_generator
+    out = export_generator(work / "train" / "checkpoints" / "final.ckpt", work / "model.pt", CARD)
+    return {"model": str(out), "bytes": out.stat().st_size}
+
+
+def mlflow_run(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    return client, client.get_run(ckpt["mlflow_run_id"])
+
+
+def fid_curve(client, run) -> list[dict]:
+    """Training's FID points: step, kimg, resolution, phase index, FID, seconds it took."""
+    rid = run.info.run_id
+    series = {k: {m.step: m.value for m in client.get_metric_history(rid, k)}
+              for k in ("fid", "fid/kimg", "fid/resolution", "fid/phase", "fid/seconds")}
+    return [{"step": step, "kimg": round(series["fid/kimg"][step], 3), "resolution": int(series["fid/resolution"][step]),
+             "phase": int(series["fid/phase"][step]), "fid": round(value, 2),
+             "seconds": round(series["fid/seconds"][step], 1)} for step, value in sorted(series["fid"].items())]
+
+
+def training_speed(client, run) -> dict:
+    """Median img/s per resolution and the run's wall time."""
+    rid = run.info.run_id
+    res = {m.step: int(m.value) for m in client.get_metric_history(rid, "progress/resolution")}
+    speeds: dict[int, list[float]] = {}
+    for m in client.get_metric_history(rid, "speed/img_per_s"):
+        if m.step in res:
+            speeds.setdefault(res[m.step], []).append(m.value)
+    wall = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    return {"img_per_s": {str(r): round(statistics.median(v), 1) for r, v in sorted(speeds.items())},
+            "train_wall_seconds": wall}
+
+
+def fid_table(work: Path, model: Path, num_images: int, cache: Path) -> dict:
+    """FID at the generator's resolution on the same held-out faces: generator, baselines, real train faces."""
+    from eval.anonymizer import load_generator_at
+    from eval.baselines import BASELINES
+    from eval.evaluate import baseline_fid
+    from fdf_core.fid import compute_fid
+    from training.conditioning import prepare
+    from training.datamodule import FDFDataModule
+    from training.fid import generator_fid
+    data = FDFDataModule(str(work / "fdf"))
+    data.setup("validate")
+    g = load_generator_at(model)
+    table = {"generator": generator_fid(g, data, num_images, cache_dir=cache)}
+    for method in BASELINES:
+        table[method] = baseline_fid(method, data, g.resolution, num_images, cache_dir=cache)
+    # the sampling floor: as many training faces against the held-out ones
+    fakes = (prepare(b["images"], b["bbox"], b["keypoints"], g.resolution).real
+             for b in data.iter_split("train", 50, num_images))
+    reals = ({"img": prepare(b["images"], b["bbox"], b["keypoints"], g.resolution).real, "fake": f}
+             for b, f in zip(data.iter_val(50, num_images), fakes))
+    table["real_train_faces"] = compute_fid(lambda b: b["fake"], reals, "inception", cache, data.val_shards,
+                                            num_images=num_images)
+    return {"resolution": g.resolution, "num_images": num_images, "fid": {k: round(v, 2) for k, v in table.items()}}
+
+
+def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96) -> Path:
+    """Rows: condition, generated (z = 0), real, for the first `count` held-out faces."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+    from eval.anonymizer import load_generator_at
+    from training.conditioning import prepare
+    from training.datamodule import FDFDataModule
+    data = FDFDataModule(str(work / "fdf"))
+    data.setup("validate")
+    g = load_generator_at(model)
+    b = next(data.iter_val(count, count))
+    p = prepare(b["images"], b["bbox"], b["keypoints"], g.resolution)
+    with torch.inference_mode():
+        rows = torch.cat([p.condition, g(p.condition, p.mask, p.keypoints), p.real])
+    rows = F.interpolate(rows, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.add(1).div(2).clamp(0, 1), output, nrow=count, padding=2, pad_value=1.0)
+    return output
+
+
+def evaluate(work: Path, args) -> dict:
+    run_dir = work / "train"
+    client, run = mlflow_run(run_dir)
+    model = work / "model.pt"
+    out = {"fid_curve": fid_curve(client, run), **training_speed(client, run)}
+    out["fid_table"] = fid_table(work, model, args.num_images, work / "fid_cache")
+    if args.num_pairs != 0:
+        from eval.anonymizer import METHODS
+        from eval.identity import IdentityConfig, run as identity
+        ident = identity(IdentityConfig(pairs_dir=str(args.lfw), methods=list(METHODS), checkpoint=str(model),
+                                        num_pairs=args.num_pairs or None, output=str(work / "identity.json"),
+                                        progress=False))
+        out["identity"] = {k: ident[k] for k in ("pairs", "pairs_skipped_no_face", "threshold_at_far", "original",
+                                                 "methods")}
+    if args.figures:
+        from eval.plots import PlotConfig, run as plot
+        figures = Path(args.figures)
+        plot(PlotConfig(run_dir=str(run_dir), output=str(figures / "utkface32_fid_curve.png")))
+        out["figures"] = [str(figures / "utkface32_fid_curve.png"), str(grid(work, model, figures / "utkface32_grid.png"))]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=str(REPO / "runs" / "utkface"))
+    p.add_argument("--stages", default=str(list(STAGES)), help="subset of " + ", ".join(STAGES))
+    p.add_argument("--faces", default=str(assets_dir() / "faces" / "utkface"))
+    p.add_argument("--lfw", default=str(assets_dir() / "faces" / "lfw_pairs"))
+    p.add_argument("--num_images", type=int, default=1000, help="held-out faces for the FID table")
+    p.add_argument("--num_pairs", type=int, default=None, help="LFW pairs for identity (default all; 0 = skip)")
+    p.add_argument("--figures", default=None, help="folder for the FID-curve PNG and the sample grid")
+    args = p.parse_args(argv)
+    stages = [s.strip(" '\"") for s in args.stages.strip("[]").split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        p.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    work = Path(args.workdir)
+    start = time.perf_counter()
+    summary: dict = {"workdir": str(work)}
+    steps = {"ingest": lambda: ingest(work, Path(args.faces)), "build": lambda: build(work),
+             "train": lambda: train(work), "export": lambda: export(work), "evaluate": lambda: evaluate(work, args)}
+    for name in STAGES:
+        if name in stages:
+            t0 = time.perf_counter()
+            result = steps[name]()
+            summary[name] = result if name == "evaluate" else {"seconds": round(time.perf_counter() - t0, 1)}
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(work / "learning.json", json.loads(json.dumps(summary, default=str)))
+    print(json.dumps(summary, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""FID of a generator on the FDF validation faces: one function for training and `fdf-eval`.
+
+The paper's protocol (docs/reference.md): the EMA generator with z = 0 on the conditions of the
+validation faces (box blanked, keypoints), against those faces, at the resolution (and fade-in
+alpha) the generator is at. The first `num_images` validation faces in file order are used, so
+every evaluation of a run sees the same faces, and their statistics are cached per (data,
+resolution, feature network, num_images). Under DDP every rank embeds every `world_size`-th batch
+and the statistics are summed (torchmetrics), so the value does not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from fdf_core.fid import compute_fid
+from training.conditioning import prepare
+from training.datamodule import FDFDataModule
+from training.networks import GeneratorAt
+
+
+@dataclass
+class ValConditions:
+    """Validation batches as `compute_fid` wants them: the real image in [-1, 1] and its condition
+    at `resolution`; this rank's share of them."""
+
+    data: FDFDataModule
+    batch_size: int
+    num_images: int | None
+    resolution: int
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self.data.iter_val(self.batch_size, self.num_images)
+        for b in itertools.islice(batches, self.rank, None, self.world_size):
+            p = prepare(b["images"].to(self.device), b["bbox"].to(self.device), b["keypoints"].to(self.device),
+                        self.resolution)
+            yield {"img": p.real, "condition": p.condition, "mask": p.mask, "keypoints": p.keypoints}
+
+
+def validation_count(data: FDFDataModule, num_images: int | None) -> int:
+    """Faces the FID uses: `num_images` of the val split (all when None); an error if there are none."""
+    total = sum(data.val_sizes)
+    if not total:
+        raise ValueError(f"no validation faces under {Path(data.root) / 'val'}: the FID is defined on the "
+                         "val split (build with a val_fraction > 0)")
+    return min(num_images or total, total)
+
+
+@torch.inference_mode()
+def generator_fid(generator: GeneratorAt, data: FDFDataModule, num_images: int | None = 1000,
+                  batch_size: int = 50, feature: str | nn.Module = "inception",
+                  cache_dir: str | Path | None = None, inception_weights: str | None = None,
+                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1) -> float:
+    """FID (or, with a module as `feature`, the Fréchet distance in its features) of `generator`."""
+    count = validation_count(data, num_images)
+    batches = ValConditions(data, batch_size, count, generator.resolution, torch.device(device),
+                            rank, world_size)
+    return compute_fid(lambda b: generator(b["condition"], b["mask"], b["keypoints"]), batches, feature,
+                       cache_dir, data.val_shards, inception_weights, device, num_images=count)
