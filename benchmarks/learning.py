@@ -57,7 +57,7 @@ def ingest(work: Path, faces: Path) -> dict:
 def build(work: Path) -> dict:
     from fdf_builder.build import BuildConfig, run
     return run(BuildConfig(input_dir=str(work / "raw"), output_dir=str(work / "fdf"), val_fraction=0.13,
-                           processes=2, progress=False))
+                           crop_rule="pad", processes=2, progress=False))  # tight crops: keep FDF's context
 
 
 def train(work: Path) -> dict:
@@ -69,7 +69,7 @@ def train(work: Path) -> dict:
 
 def export(work: Path) -> dict:
     from training.export import export_generator
-    out = export_generator(work / "train" / "checkpoints" / "final.ckpt", work / "model.pt", CARD)
+    out = export_generator(work / "train" / "checkpoints" / "final.ckpt", work / "model.pt", CARD, crop_rule="pad")
     return {"model": str(out), "bytes": out.stat().st_size}
 
 

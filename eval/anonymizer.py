@@ -68,6 +68,8 @@ class AnonymizerConfig:
         `data.keypoint_threshold`
     batch_size: faces per generator call and images per detector call
     feather: width of the blend band outside each face box, as a fraction of the face side
+    crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule of
+        the generator's training faces (recorded in exported models; fdf for training checkpoints)
     """
 
     method: str = "generator"
@@ -84,6 +86,7 @@ class AnonymizerConfig:
     device: str = "cpu"
     feather: float = 0.1
     allow_download: bool = False
+    crop_rule: str | None = None
 
 
 @dataclass
@@ -123,12 +126,13 @@ def resolve_checkpoint(path: str | None) -> Path:
     return SHIPPED_MODEL
 
 
-def describe_generator(path: Path, generator: GeneratorAt) -> str:
-    """One line naming the model and the resolution it paints at (model card name for exports)."""
-    card = torch.load(path, map_location="cpu", weights_only=True).get("card") or {}
-    name = card.get("name") or str(path)
+def generator_info(path: Path, generator: GeneratorAt) -> tuple[str, str]:
+    """(one line naming the model and the resolution it paints at, the crop rule of its training faces)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    name = (saved.get("card") or {}).get("name") or str(path)
     shipped = " (shipped with fdf; give --checkpoint for another)" if path == SHIPPED_MODEL else ""
-    return f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"
+    line = f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"
+    return line, saved.get("crop_rule", "fdf")
 
 
 def _pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -176,15 +180,18 @@ class Anonymizer:
             self.detector = detector
         if keypoint_model is not None:
             self.keypoint_model = keypoint_model
-        self.generator, self.generator_name = None, None
+        self.generator, self.generator_name, trained_rule = None, None, "fdf"
         if cfg.method == "generator":
             if generator is None:
                 path = resolve_checkpoint(cfg.checkpoint)
                 generator = load_generator_at(path, self.device)
-                self.generator_name = describe_generator(path, generator)
+                self.generator_name, trained_rule = generator_info(path, generator)
                 log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
             self.generator_name = self.generator_name or f"given generator: {generator.resolution}x{generator.resolution}"
+        self.crop_rule = cfg.crop_rule or trained_rule
+        if self.crop_rule not in fdfcrop.CROP_RULES:
+            raise ValueError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
 
     @cached_property
     def detector(self):
@@ -264,7 +271,7 @@ class Anonymizer:
                 if extent is None:
                     continue  # an empty box covers no pixel
                 # The crop is taken around every pixel the box touches, so none escapes the mask.
-                crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2])
+                crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2], rule=self.crop_rule)
                 jobs.append((i, j, extent, crop))
                 samples.append(self._sample(im, extent, f.keypoints[j], crop))
         self.timings["crop_paste"] += time.perf_counter() - t0

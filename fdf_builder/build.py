@@ -40,6 +40,7 @@ class BuildConfig:
     shards: str | None = None  # "start:stop" range of input shard ids, for job arrays
     resolution: int = 128  # side of the stored crops
     min_crop_size: int = 128  # FDF drops crops narrower than this (face side >~ 75 px)
+    crop_rule: str = "fdf"  # fdf: FDF's crop (capped at the photo border); pad: always 1.7x, zero-padded (tight face crops)
     detector: str = "retinaface_mnet025"  # or retinaface_r50
     detector_weights: str | None = None  # else $FDF_RETINAFACE_WEIGHTS / $FDF_RETINAFACE_R50_WEIGHTS
     confidence: float = 0.3  # RetinaFace score threshold used for FDF
@@ -82,6 +83,8 @@ def options_hash(cfg: BuildConfig) -> str:
     skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "processes", "device",
             "allow_download"}
     content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
+    if content.get("crop_rule") == "fdf":  # the rule before the option existed: old builds keep their hash
+        del content["crop_rule"]
     return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -151,7 +154,7 @@ def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, annot: 
     and the keypoint model would be the slowest step for nothing.
     """
     height, width = image.shape[:2]
-    crops = [fdfcrop.crop_box(box, (height, width)) for box in det.boxes]
+    crops = [fdfcrop.crop_box(box, (height, width), rule=cfg.crop_rule) for box in det.boxes]
     large = [i for i, c in enumerate(crops) if c.side >= cfg.min_crop_size]
     stats.dropped["too_small"] += len(crops) - len(large)
     if not large:
@@ -311,6 +314,8 @@ def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
 def run(cfg: BuildConfig) -> dict:
     """Build every raw shard of `cfg.shards` that is not done yet; return the index."""
     out = Path(cfg.output_dir)
+    if cfg.crop_rule not in fdfcrop.CROP_RULES:
+        raise ValueError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {cfg.crop_rule!r}")
     out.mkdir(parents=True, exist_ok=True)
     _check_options(cfg)
     todo_all = parse_range(cfg.shards, raw_shard_ids(cfg.input_dir))

@@ -3,6 +3,10 @@
 The rule follows DeepPrivacy's data set (REFERENCE.md, "Crop"): the square stays inside the photo
 whenever it can (shifted, expansion capped), so most crops contain no padding; only when even the
 squared face box does not fit does it fall back to a centred 1.7x square padded with zeros.
+
+`rule="pad"` always takes that centred 1.7x square (zeros past the border): for photo sets of tight
+face crops (UTKFace, aligned-face sets) FDF's rule caps the growth at the border, leaving a crop that
+is almost all face box and no context; padding keeps every face at FDF's usual share of its crop.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import cv2
 import numpy as np
 
 EXPANSION = 0.35  # of the squared face side, added on every side
+CROP_RULES = ("fdf", "pad")  # FDF's (shift and cap inside the photo), or always the padded 1.7x square
 
 
 @dataclass(frozen=True)
@@ -29,14 +34,19 @@ def _fit(start: int, length: int, limit: int) -> int:
     return min(max(start, 0), limit - length)
 
 
-def crop_box(face_box: np.ndarray, image_hw: tuple[int, int], expansion: float = EXPANSION) -> Crop:
-    """Square crop for one face box (x0, y0, x1, y1 in photo pixels)."""
+def crop_box(face_box: np.ndarray, image_hw: tuple[int, int], expansion: float = EXPANSION,
+             rule: str = "fdf") -> Crop:
+    """Square crop for one face box (x0, y0, x1, y1 in photo pixels) by `rule` (see module doc)."""
+    if rule not in CROP_RULES:
+        raise ValueError(f"crop rule must be one of {CROP_RULES}, not {rule!r}")
     height, width = image_hw
     x0, y0, x1, y1 = (float(v) for v in face_box)
     side = int(round(max(x1 - x0, y1 - y0)))
     side = max(side, 1)
-    if side > min(height, width):
-        return _padded_crop(face_box, expansion)
+    if rule == "pad" or side > min(height, width):
+        padded = _padded_crop(face_box, expansion)
+        bx0, by0, bx1, by1 = padded.box
+        return Crop(padded.box, padded=bx0 < 0 or by0 < 0 or bx1 > width or by1 > height)
     # Square by growing the shorter side around the box centre, then shift inside the photo.
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     sx = _fit(int(round(cx - side / 2)), side, width)

@@ -4,8 +4,10 @@ download → build → train → evaluate → anonymize. Without `--metadata` it
 corpus (photos embedded in `data_prep/sample/`, or any folder given with `--corpus`) on a loopback
 HTTP server and writes YFCC100M metadata lines for it, so the download stage runs exactly as it
 would against Flickr. Each stage is resumable, so running the pipeline again only does what is
-missing. The demo's FID uses a fixed random feature network (no Inception weights on a laptop):
-it shows the machinery, not a number comparable with the paper's.
+missing. The evaluate stage computes the paper's FID (TF-2015 Inception) of every snapshot of the
+tiny run on the demo's few validation faces: the machinery of a real run, on numbers too small to
+mean anything. The anonymize stage uses the generator shipped with fdf (`eval/weights/`, trained
+by `benchmarks/learning.py`) unless `--anonymize_checkpoint` names another, e.g. the tiny run's.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ class PipelineConfig:
     device: str = "cpu"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     train_config: str = str(Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny_cpu.yaml")
-    fid_feature: str = "random"  # "inception" needs --inception weights (see fdf-eval)
+    fid_feature: str = "inception"  # the paper's FID network; random_conv: fast, not FID (see fdf-eval)
     anonymize_input: str | None = None  # photo/folder/video to anonymize (default: a sample photo)
+    anonymize_checkpoint: str | None = None  # generator for the anonymize stage (default: the shipped model)
     progress: bool = True
 
 
@@ -80,7 +83,7 @@ def anonymize_stage(cfg: PipelineConfig) -> dict:
         sample_corpus_dir() / "photos" / "face_recognition__examples_two_people.jpg")
     dst = work / "anonymized" / (src.name if src.is_file() else src.name + "_anonymized")
     return anonymize(AnonymizeConfig(input=str(src), output=str(dst), progress=cfg.progress,
-                                     checkpoint=str(work / "train" / "checkpoints" / "final.ckpt"),
+                                     checkpoint=cfg.anonymize_checkpoint,
                                      keypoints=cfg.keypoints, device=cfg.device))
 
 

@@ -41,6 +41,17 @@ def test_fallback_pads_with_zeros_when_face_larger_than_photo():
     assert (pixels[c.side // 2, c.side // 2] == 200).all()
 
 
+def test_pad_rule_keeps_fdf_context_for_tight_face_crops():
+    box = np.array([10, 10, 90, 90], float)  # a face filling a 100 px photo, as in UTKFace
+    capped, padded = fc.crop_box(box, (100, 100)), fc.crop_box(box, (100, 100), rule="pad")
+    assert capped.box == (0, 0, 100, 100) and not capped.padded  # FDF's rule: no room for context
+    assert padded.box == (-18, -18, 118, 118) and padded.padded and padded.side == round(80 * 1.7)
+    roomy = fc.crop_box(np.array([200, 200, 300, 300], float), (1000, 1000), rule="pad")
+    assert roomy.box == (165, 165, 335, 335) and not roomy.padded  # where it fits, the rules agree
+    with pytest.raises(ValueError, match="crop rule"):
+        fc.crop_box(box, (100, 100), rule="wide")
+
+
 def test_crop_coords_normalize_to_unit_square():
     c = fc.Crop((100, 50, 300, 250), padded=False)
     pts = fc.to_crop_coords(np.array([[100, 50, 0.9], [300, 250, 0.5], [200, 150, 0.1]]), c)
