@@ -27,6 +27,7 @@ import importlib.util
 import io
 import json
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -131,7 +132,9 @@ class InceptionPool3(nn.Module):
                              f"{INCEPTION_FLAG} or ${INCEPTION_ENV}")
         try:
             # TorchScript: restricted code and tensors, no pickled Python objects to run
-            self.net = torch.jit.load(str(file), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch 2.9+ deprecates jit.load; this file exists only as TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = torch.jit.load(str(file), map_location="cpu").eval()
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{file}: not a loadable TorchScript module ({e})") from None
         self.file = file

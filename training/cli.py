@@ -28,6 +28,17 @@ from training.module import ProgressiveGAN
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+def tracking_uri(cfg) -> str:
+    """`--tracking_uri`, else the run folder's own sqlite store."""
+    return cfg.tracking_uri or f"sqlite:///{Path(cfg.run_dir).resolve()}/mlflow.db"
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The run's metric charts in the MLflow UI, in its model-training view (MLflow 3.x UIs open
+    the GenAI view unless the URL or the experiment's `mlflow.experimentKind` tag says otherwise)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning"
+
+
 def _progress(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["progress"]
 
@@ -63,6 +74,8 @@ class ConfigToRunDir(SaveConfigCallback):
         if isinstance(logger, MLFlowLogger):
             # MLflow 3 files experiments without this tag under its GenAI views; this one is model training
             logger.experiment.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            print(f"MLflow run {logger.run_id} in {tracking_uri(self.config)}; in `mlflow ui` open "
+                  f"{run_page(logger.experiment_id, logger.run_id)}")
             params = {k: v for k, v in _flatten(self.config.as_dict()).items() if k not in ("ckpt_path", "config")}
             existing = logger.experiment.get_run(logger.run_id).data.params
             changed = {k for k, v in params.items() if k in existing and existing[k] != str(v)[:250]}
@@ -114,7 +127,7 @@ class TrainCLI(LightningCLI):
             run_id = None
             if ckpt:
                 run_id = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
-            uri = cfg.tracking_uri or f"sqlite:///{run_dir.resolve()}/mlflow.db"
+            uri = tracking_uri(cfg)
             local = uri.startswith(("sqlite:", "file:"))
             if uri.startswith("sqlite:"):
                 _create_sqlite_store(uri, run_dir)
