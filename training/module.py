@@ -78,11 +78,13 @@ class ProgressiveGAN(pl.LightningModule):
         self.loss_cfg, self.adam = _as(LossConfig, loss), _as(AdamConfig, optimizer)
         self.ema_half_life_kimg, self.hflip, self.channels_last, self.seed = (
             ema_half_life_kimg, hflip, channels_last, seed)
-        # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
+        # Plain dicts only: checkpoints must load with torch.load(weights_only=True). Not sent to the
+        # logger: the CLI logs the whole resolved config once, and tags options a resumed run changed
+        # (Lightning's own logging would fail the resume, as MLflow params cannot change).
         self.save_hyperparameters({
             "network": asdict(self.network), "schedule": asdict(self.schedule), "loss": asdict(self.loss_cfg),
             "optimizer": asdict(self.adam), "ema_half_life_kimg": ema_half_life_kimg, "hflip": hflip,
-            "channels_last": channels_last, "seed": seed})
+            "channels_last": channels_last, "seed": seed}, logger=False)
         self.automatic_optimization = False
         net, sch = self.network, self.schedule
         self.generator = build_generator(net, sch)
