@@ -109,7 +109,7 @@ def total(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="only the hard part of each clip (about 2 s each)")
+    p.add_argument("--quick", action="store_true", help="only the hard part of each clip (about 1 s each)")
     p.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     p.add_argument("--methods", default=f"generator,{BLUR},deface")
     p.add_argument("--checkpoint", default=None, help="training checkpoint of the generator")

@@ -60,6 +60,10 @@ class VideoOptions:
     margin: growth of a box that was not detected in that frame, as a fraction of its side
         (doubled over `lookahead` frames from the nearest detection)
     keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
+    grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
+        a box a few pixels off leaves part of a small face)
+    video_detect_max_size: frames up to this long side are detected at full size (small faces
+        are lost to downscaling); larger ones are downscaled to it
     crf / preset: libx264 quality (lower crf = better) and speed
     audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
     """
@@ -70,6 +74,8 @@ class VideoOptions:
     smooth_radius: int = 2
     margin: float = 0.15
     keypoint_smoothing: float = 0.6
+    grow: float = 0.05
+    video_detect_max_size: int = 1920
     crf: int = 18
     preset: str = "veryfast"
     audio_codec: str | None = None
@@ -142,12 +148,12 @@ class FaceTracker:
     frame t + lookahead has been pushed (or the video ended). See the module docstring."""
 
     def __init__(self, lookahead: int = 12, max_missing: int = 12, iou: float = 0.2, smooth_radius: int = 2,
-                 margin: float = 0.15):
-        if lookahead < 0 or max_missing < 0 or smooth_radius < 0 or margin < 0 or not 0 < iou <= 1:
+                 margin: float = 0.15, grow: float = 0.0):
+        if min(lookahead, max_missing, smooth_radius, margin, grow) < 0 or not 0 < iou <= 1:
             raise ValueError(f"need lookahead ({lookahead}), max_missing ({max_missing}), smooth_radius "
-                             f"({smooth_radius}), margin ({margin}) >= 0 and 0 < track_iou ({iou}) <= 1")
+                             f"({smooth_radius}), margin ({margin}), grow ({grow}) >= 0 and 0 < track_iou ({iou}) <= 1")
         self.lookahead, self.max_missing, self.iou = lookahead, max_missing, iou
-        self.smooth_radius, self.margin = smooth_radius, margin
+        self.smooth_radius, self.margin, self.grow = smooth_radius, margin, grow
         self.frames = 0  # frames pushed
         self.shot = 0
         self.shot_of: dict[int, int] = {}
@@ -227,6 +233,8 @@ class FaceTracker:
             if found is None:
                 continue
             box, score = found
+            w, h = box[2] - box[0], box[3] - box[1]
+            box = box + self.grow * np.array([-w, -h, w, h])
             if width is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
                 continue
             out_boxes.append(box)
@@ -374,13 +382,14 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
     and speed. The progress bar shows frames/s and the faces anonymized so far.
     """
     cap, info = open_video(src)
-    tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin)
+    tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin,
+                          opts.grow)
     smoother = _KeypointSmoother(opts.keypoint_smoothing)
     batch = anonymizer.cfg.batch_size
     writer: FFmpegWriter | None = None
     pending: deque[tuple[int, np.ndarray]] = deque()
     frames = faces = 0
-    histogram = None
+    histogram = size = None
     bar = tqdm(total=info.frames or None, unit="frame", desc=Path(src).name, disable=not progress)
     start = time.perf_counter()
 
@@ -421,7 +430,9 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             if chunk and writer is None:  # sized by the decoded frames (OpenCV may rotate them upright)
                 h, w = chunk[0][0].shape[:2]
                 writer = FFmpegWriter(dst, VideoInfo(w, h, info.fps, info.frames), src, opts)
-            for (image, cut), det in zip(chunk, anonymizer.detect([image for image, _ in chunk]) if chunk else []):
+                size = max(anonymizer.cfg.detect_max_size, min(max(h, w), opts.video_detect_max_size))
+            dets = anonymizer.detect([image for image, _ in chunk], size) if chunk else []
+            for (image, cut), det in zip(chunk, dets):
                 pending.append((tracker.push(det.boxes, det.scores, cut), image))
             # frames whose look-ahead is complete (all of them once the video has ended)
             while pending and (ended or pending[0][0] + opts.lookahead < tracker.frames):
