@@ -82,7 +82,7 @@ def build_generator(args) -> tuple[GeneratorAt, str]:
 def row(source: Path, output: Path, truth: Path, seconds: float, frames: int, src_info, extra: dict) -> dict:
     score = score_clip(source, output, truth).as_dict()
     out_info = probe(output)
-    return {**score, "frames_per_s": round(frames / seconds, 3) if seconds > 0 else None, **extra,
+    return {**score, "frames_per_s": round(frames / seconds, 3) if seconds else None, **extra,
             "frames_in": src_info.frames, "frames_out": out_info.frames,
             "frame_count_kept": out_info.frames == src_info.frames,
             "frame_rate_kept": abs(out_info.fps - src_info.fps) < 0.01,
@@ -97,12 +97,14 @@ def total(rows: list[dict]) -> dict:
     flick = sum(r["flicker"] * r["flicker_pairs"] for r in rows) / max(pairs, 1)
     flick_src = sum(r["flicker_source"] * r["flicker_pairs"] for r in rows) / max(pairs, 1)
     frames = sum(r["frames_in"] for r in rows)
-    seconds = sum(r["frames_in"] / r["frames_per_s"] for r in rows if r["frames_per_s"])
+    timed = [r for r in rows if r["frames_per_s"]]
+    seconds = sum(r["frames_in"] / r["frames_per_s"] for r in timed)
+    frames_timed = sum(r["frames_in"] for r in timed)
     return {"face_frames": faces, "leaked_face_frames": leaked,
             "leak_rate": {b: round(leaked[b] / faces[b], 4) if faces[b] else None for b in BINS},
             "flicker": round(flick, 3), "flicker_source": round(flick_src, 3),
             "flicker_ratio": round(flick / flick_src, 3) if flick_src else None,
-            "frames": frames, "frames_per_s": round(frames / seconds, 3) if seconds else None,
+            "frames": frames, "frames_per_s": round(frames_timed / seconds, 3) if seconds else None,
             "clips_with_leaks_ge24": sum(r["leaked_face_frames"]["ge24"] > 0 for r in rows),
             "all_kept": all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"] for r in rows)}
 
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--generator_width", type=int, default=32, help="base width of the random generator")
     p.add_argument("--deface", default=str(DEFACE), help="deface executable (benchmarks/deface_env.sh)")
     p.add_argument("--work_dir", default=None, help="keep clips and outputs here (default: a temporary folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="in --work_dir, score outputs that are already there (with their timing) again "
+                        "instead of making them anew, e.g. after a change of the metrics")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args(argv)
@@ -146,22 +151,29 @@ def main(argv: list[str] | None = None) -> dict:
                 methods.remove("deface")
         per_method: dict[str, list[dict]] = {m: [] for m in methods}
         for spec in select(args.clips):
-            src, truth = write_clip(spec, work / "clips", args.quick)
+            src, truth = work / "clips" / f"{spec.name}.mp4", work / "clips" / f"{spec.name}.json"
+            if not (args.resume and src.is_file() and truth.is_file()):
+                src, truth = write_clip(spec, work / "clips", args.quick)
             src_info = probe(src)
             result["clips"][spec.name] = {"what": spec.what, "frames": src_info.frames, "rows": {}}
             for method in methods:
                 out = work / "out" / f"{spec.name}_{method}.mp4"
-                if method == "deface":
+                timing = out.with_suffix(".timing.json")
+                if args.resume and out.is_file() and timing.is_file():
+                    run = json.loads(timing.read_text())
+                elif method == "deface":
                     wall = run_deface(deface, src, out)
-                    startup = result["deface"]["startup_s"]
-                    r = row(src, out, truth, max(wall - startup, 1e-6), src_info.frames, src_info,
-                            {"frames_per_s_wall": round(src_info.frames / wall, 3)})
+                    run = {"seconds": max(wall - result["deface"]["startup_s"], 1e-6), "frames": src_info.frames,
+                           "frames_per_s_wall": round(src_info.frames / wall, 3)}
                 else:
-                    a = ours[method]
-                    a.timings.clear()
-                    stats = anonymize_video(a, src, out, VideoOptions(), progress=False)
-                    r = row(src, out, truth, stats["seconds"], stats["frames"], src_info,
-                            {"boxes_anonymized": stats["faces"]})
+                    ours[method].timings.clear()
+                    stats = anonymize_video(ours[method], src, out, VideoOptions(), progress=False)
+                    run = {"seconds": stats["seconds"], "frames": stats["frames"], "boxes_anonymized": stats["faces"],
+                           "time_fractions": {k: round(v / stats["seconds"], 3)
+                                              for k, v in ours[method].timings.items()}}
+                timing.write_text(json.dumps(run))
+                extra = {k: v for k, v in run.items() if k not in ("seconds", "frames")}
+                r = row(src, out, truth, run["seconds"], run["frames"], src_info, extra)
                 per_method[method].append(r)
                 result["clips"][spec.name]["rows"][method] = r
         result["total"] = {m: total(rows) for m, rows in per_method.items() if rows}
