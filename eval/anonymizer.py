@@ -210,10 +210,11 @@ class Anonymizer:
                                     allow_download=self.cfg.allow_download)
 
     # ------------------------------------------------------------------ faces
-    def detect(self, images: list[np.ndarray]) -> list[Faces]:
-        """Detector boxes and scores of each image (no keypoints yet)."""
+    def detect(self, images: list[np.ndarray], max_size: int | None = None) -> list[Faces]:
+        """Detector boxes and scores of each image (no keypoints yet); `max_size` overrides
+        `detect_max_size` (video frames are detected at their own size, see eval.video)."""
         t0 = time.perf_counter()
-        dets = self.detector.detect(images)
+        dets = self.detector.detect(images, max_size)
         self.timings["detection"] += time.perf_counter() - t0
         return [Faces(d.boxes.astype(np.float64), d.scores.astype(np.float64)) for d in dets]
 

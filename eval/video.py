@@ -1,22 +1,40 @@
-"""Video anonymization as a stream: frames are read, anonymized and piped to ffmpeg in small chunks.
+"""Video anonymization as a stream, with look-ahead face tracking so that no frame leaks a face.
 
-Memory stays at `batch_size` frames whatever the length of the video (DeepPrivacy read every frame
-into memory, a common out-of-memory report of its users). ffmpeg writes H.264 at the source's frame
-rate (a variable-rate source becomes constant at its average rate) and takes the audio streams from
-the source file in the same pass, so sound and timing are kept; container metadata (which may hold
-a location) is not copied. The ffmpeg binary is the one
-bundled with the `imageio-ffmpeg` package, else `ffmpeg` on PATH.
+Frames are decoded, detected `batch_size` at a time, tracked, anonymized and piped to ffmpeg. A
+frame is written only once the `lookahead` frames after it have been detected (the tool writes
+files, it need not be live), so a face the detector misses for a few frames (motion blur, a half
+turned head, a face entering the frame) is filled in from both sides instead of leaking. Memory
+stays at `lookahead + 2 * batch_size` frames whatever the length of the video (DeepPrivacy read
+every frame into memory, a common out-of-memory report of its users). ffmpeg writes H.264 at the
+source's frame rate (a variable-rate source becomes constant at its average rate) and takes the
+audio streams from the source file in the same pass, so sound and timing are kept; container
+metadata (which may hold a location) is not copied. The ffmpeg binary is the one bundled with the
+`imageio-ffmpeg` package, else `ffmpeg` on PATH.
 
-Faces are tracked from frame to frame (:class:`BoxTracker`) so that boxes move smoothly instead of
-jittering with every detection, and a face that the detector misses for a few frames stays hidden.
+Tracking (:class:`FaceTracker`): detections are matched to tracks by IoU with the box the track's
+velocity predicts (so a box follows a fast pan), or, failing that, by centre distance; hard cuts
+(a jump of the colour histogram) end every track. The boxes of frame t are decided when frame
+t + lookahead is known: a detected face gets the mean of its detections over t ± `smooth_radius`,
+grown to cover this frame's detection (steady, never lagging behind the face); a missed face
+between two detections gets the interpolated box; before its first detection (up to `lookahead`
+frames back) and after its last (up to `max_missing` frames on) it gets the box its velocity
+predicts. Boxes that were not detected are grown by `margin` (more the further they are from a
+detection), because a leak costs more than a slightly larger mask.
+
+The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
+so the latent never changes along a track), boxes smoothed as above (so the condition, the
+background around the box, moves smoothly), and keypoints smoothed per track in box coordinates.
+Faces of all the frames of a batch go through the generator together.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,24 +45,39 @@ from tqdm import tqdm
 from eval.anonymizer import Anonymizer, Faces
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive frames that is a cut
 
 
 @dataclass
 class VideoOptions:
     """Tracking and encoding of videos.
 
-    track_iou: IoU with a track's box for a detection to continue that track
-    smoothing: weight of the previous box in the moving average of a track (0 = raw detections)
-    max_missing: frames a track is kept at its last box when the detector loses the face
+    lookahead: frames detected ahead of the frame being written; a face found within this many
+        frames after a miss is filled in backwards (memory grows by this many frames)
+    max_missing: frames a track is extrapolated after its last detection
+    track_iou: IoU with a track's predicted box for a detection to continue that track
+    smooth_radius: a detected box is the mean of its track's detections over ±this many frames
+    margin: growth of a box that was not detected in that frame, as a fraction of its side
+        (doubled over `lookahead` frames from the nearest detection)
+    keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
+    grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
+        a box a few pixels off leaves part of a small face)
+    video_detect_max_size: frames up to this long side are detected at full size (small faces
+        are lost to downscaling); larger ones are downscaled to it
     crf / preset: libx264 quality (lower crf = better) and speed
     audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
     """
 
-    track_iou: float = 0.3
-    smoothing: float = 0.6
-    max_missing: int = 3
+    lookahead: int = 12
+    max_missing: int = 12
+    track_iou: float = 0.2
+    smooth_radius: int = 2
+    margin: float = 0.15
+    keypoint_smoothing: float = 0.6
+    grow: float = 0.05
+    video_detect_max_size: int = 1920
     crf: int = 18
-    preset: str = "medium"
+    preset: str = "veryfast"
     audio_codec: str | None = None
 
 
@@ -74,56 +107,194 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-class BoxTracker:
-    """Greedy IoU tracking with smoothed boxes.
+def _affinity(predicted: np.ndarray, boxes: np.ndarray, iou: float) -> np.ndarray:
+    """(T, D) match quality: IoU where it reaches `iou`, else a centre-distance score below it for
+    boxes of similar size whose centres are within half a box side (a face that moved further
+    than its predicted box); 0 = no match."""
+    aff = _iou(predicted, boxes)
+    cp = (predicted[:, None, :2] + predicted[:, None, 2:]) / 2
+    cd = (boxes[None, :, :2] + boxes[None, :, 2:]) / 2
+    side_p = np.maximum(predicted[:, 2] - predicted[:, 0], predicted[:, 3] - predicted[:, 1])[:, None]
+    side_d = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[None, :]
+    dist = np.linalg.norm(cp - cd, axis=2) / np.maximum(side_p, 1e-6)
+    similar = (side_d < 2 * side_p) & (side_p < 2 * side_d)
+    near = np.where(similar & (dist < 0.5), iou * (1 - 2 * dist) * 0.99, 0.0)
+    return np.where(aff >= iou, aff, near)
 
-    Each frame's detections are matched to the live tracks by IoU (highest first, at least
-    `iou`). A matched track's box becomes the moving average `smoothing · old + (1 - smoothing) ·
-    detection`, grown to cover the detection: the box is steady, yet never leaves part of the
-    current face uncovered while it lags behind a moving face. A detection without a track starts
-    one; a track without a detection keeps its box (and its last score) for `max_missing` frames.
-    """
 
-    def __init__(self, iou: float = 0.3, smoothing: float = 0.6, max_missing: int = 3):
-        if not 0 <= smoothing < 1 or not 0 < iou <= 1 or max_missing < 0:
-            raise ValueError(f"need 0 <= smoothing < 1 ({smoothing}), 0 < iou <= 1 ({iou}), max_missing >= 0")
-        self.iou, self.smoothing, self.max_missing = iou, smoothing, max_missing
-        self.boxes = np.zeros((0, 4))
-        self.scores = np.zeros(0)
-        self.missing = np.zeros(0, np.int64)
+@dataclass
+class _Track:
+    shot: int
+    obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
 
-    def update(self, boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """This frame's detections → the boxes and scores to anonymize in this frame."""
+    @property
+    def first(self) -> int:
+        return min(self.obs)
+
+    @property
+    def last(self) -> int:
+        return max(self.obs)
+
+    def start_velocity(self) -> np.ndarray:
+        frames = sorted(self.obs)[:2]
+        if len(frames) < 2:
+            return np.zeros(4)
+        return (self.obs[frames[1]][0] - self.obs[frames[0]][0]) / (frames[1] - frames[0])
+
+
+class FaceTracker:
+    """Look-ahead tracking: `push` each frame's detections in order; `boxes(t)` is final once
+    frame t + lookahead has been pushed (or the video ended). See the module docstring."""
+
+    def __init__(self, lookahead: int = 12, max_missing: int = 12, iou: float = 0.2, smooth_radius: int = 2,
+                 margin: float = 0.15, grow: float = 0.0):
+        if min(lookahead, max_missing, smooth_radius, margin, grow) < 0 or not 0 < iou <= 1:
+            raise ValueError(f"need lookahead ({lookahead}), max_missing ({max_missing}), smooth_radius "
+                             f"({smooth_radius}), margin ({margin}), grow ({grow}) >= 0 and 0 < track_iou ({iou}) <= 1")
+        self.lookahead, self.max_missing, self.iou = lookahead, max_missing, iou
+        self.smooth_radius, self.margin, self.grow = smooth_radius, margin, grow
+        self.frames = 0  # frames pushed
+        self.shot = 0
+        self.shot_of: dict[int, int] = {}
+        self.tracks: dict[int, _Track] = {}
+        self._next_id = 0
+
+    def push(self, boxes: np.ndarray, scores: np.ndarray, cut: bool = False) -> int:
+        """Detections of the next frame (after a hard cut if `cut`); returns its index."""
+        t = self.frames
+        self.frames += 1
+        if cut and t > 0:
+            self.shot += 1
+        self.shot_of[t] = self.shot
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
-        iou = _iou(self.boxes, boxes) if len(self.boxes) and len(boxes) else np.zeros((len(self.boxes), len(boxes)))
+        reach = self.max_missing + self.lookahead  # a gap this long can still be bridged
+        live = [k for k, tr in self.tracks.items() if tr.shot == self.shot and t - tr.last <= reach]
         track_of = np.full(len(boxes), -1)
-        matched = np.zeros(len(self.boxes), bool)
-        for flat in np.argsort(-iou, axis=None, kind="stable"):
-            t, d = np.unravel_index(flat, iou.shape)
-            if iou[t, d] < self.iou:
-                break
-            if not matched[t] and track_of[d] < 0:
-                matched[t], track_of[d] = True, t
-        new_boxes, new_scores, new_missing = [], [], []
-        for d, t in enumerate(track_of):
-            if t >= 0:
-                s = self.smoothing * self.boxes[t] + (1 - self.smoothing) * boxes[d]
-                box = np.concatenate([np.minimum(s[:2], boxes[d, :2]), np.maximum(s[2:], boxes[d, 2:])])
-            else:
-                box = boxes[d]
-            new_boxes.append(box)
-            new_scores.append(scores[d])
-            new_missing.append(0)
-        for t in np.flatnonzero(~matched):
-            if self.missing[t] < self.max_missing:
-                new_boxes.append(self.boxes[t])
-                new_scores.append(self.scores[t])
-                new_missing.append(self.missing[t] + 1)
-        self.boxes = np.asarray(new_boxes, np.float64).reshape(-1, 4)
-        self.scores = np.asarray(new_scores, np.float64)
-        self.missing = np.asarray(new_missing, np.int64)
-        return self.boxes.copy(), self.scores.copy()
+        if live and len(boxes):
+            predicted = np.stack([self.tracks[k].obs[self.tracks[k].last][0]
+                                  + self.tracks[k].velocity * (t - self.tracks[k].last) for k in live])
+            aff = _affinity(predicted, boxes, self.iou)
+            used = np.zeros(len(live), bool)
+            for flat in np.argsort(-aff, axis=None, kind="stable"):
+                i, d = np.unravel_index(flat, aff.shape)
+                if aff[i, d] <= 0:
+                    break
+                if not used[i] and track_of[d] < 0:
+                    used[i], track_of[d] = True, live[i]
+        for d, k in enumerate(track_of):
+            if k < 0:
+                k = self._next_id
+                self._next_id += 1
+                self.tracks[k] = _Track(self.shot)
+            tr = self.tracks[k]
+            if tr.obs:
+                last = tr.last
+                v = (boxes[d] - tr.obs[last][0]) / (t - last)
+                tr.velocity = v if len(tr.obs) == 1 else 0.5 * tr.velocity + 0.5 * v
+            tr.obs[t] = (boxes[d], float(scores[d]))
+        return t
+
+    def _grow(self, box: np.ndarray, distance: int) -> np.ndarray:
+        f = self.margin * (1 + min(distance, max(self.lookahead, 1)) / max(self.lookahead, 1))
+        w, h = box[2] - box[0], box[3] - box[1]
+        return box + f * np.array([-w, -h, w, h])
+
+    def _box_at(self, tr: _Track, t: int) -> tuple[np.ndarray, float] | None:
+        if t in tr.obs:
+            r = self.smooth_radius
+            near = [tr.obs[f][0] for f in range(t - r, t + r + 1) if f in tr.obs]
+            mean, det = np.mean(near, axis=0), tr.obs[t][0]
+            return np.concatenate([np.minimum(mean[:2], det[:2]), np.maximum(mean[2:], det[2:])]), tr.obs[t][1]
+        before = [f for f in tr.obs if f < t]
+        after = [f for f in tr.obs if f > t]
+        prev, nxt = (max(before) if before else None), (min(after) if after else None)
+        if prev is not None and nxt is not None:
+            u = (t - prev) / (nxt - prev)
+            box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
+            return self._grow(box, min(t - prev, nxt - t)), max(tr.obs[prev][1], tr.obs[nxt][1])
+        if prev is not None and t - prev <= self.max_missing:
+            return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
+        if nxt is not None and nxt - t <= self.lookahead:
+            return self._grow(tr.obs[nxt][0] - tr.start_velocity() * (nxt - t), nxt - t), tr.obs[nxt][1]
+        return None
+
+    def boxes(self, t: int, width: int | None = None, height: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Boxes, scores and track ids to anonymize in frame t (boxes entirely outside a
+        `width` x `height` frame are left out)."""
+        shot = self.shot_of[t]
+        out_boxes, out_scores, ids = [], [], []
+        for k, tr in self.tracks.items():
+            if tr.shot != shot:
+                continue
+            found = self._box_at(tr, t)
+            if found is None:
+                continue
+            box, score = found
+            w, h = box[2] - box[0], box[3] - box[1]
+            box = box + self.grow * np.array([-w, -h, w, h])
+            if width is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
+                continue
+            out_boxes.append(box)
+            out_scores.append(score)
+            ids.append(k)
+        return np.asarray(out_boxes, np.float64).reshape(-1, 4), np.asarray(out_scores, np.float64), ids
+
+    def forget(self, t: int) -> None:
+        """Frame t was written: drop what no later frame needs (bounded memory on long videos)."""
+        keep_from = t + 1 - self.smooth_radius
+        for k in list(self.tracks):
+            tr = self.tracks[k]
+            old = sorted(f for f in tr.obs if f < keep_from)
+            for f in old[:-1]:  # the latest one stays: the start of an interpolation or a hold
+                del tr.obs[f]
+            held = tr.last + self.max_missing > t  # still extrapolated into an unwritten frame
+            matchable = tr.shot == self.shot and self.frames - 1 - tr.last <= self.max_missing + self.lookahead
+            if not held and not matchable:
+                del self.tracks[k]
+        for f in [f for f in self.shot_of if f < keep_from - 1]:
+            del self.shot_of[f]
+
+
+class _KeypointSmoother:
+    """Per-track moving average of the 7 keypoints in box coordinates, so the pose the generator
+    is conditioned on does not jitter with every MoveNet call."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.state: dict[int, np.ndarray] = {}
+
+    def __call__(self, track: int, box: np.ndarray, keypoints: np.ndarray | None) -> np.ndarray | None:
+        size = np.array([box[2] - box[0], box[3] - box[1]])
+        prev = self.state.get(track)
+        if keypoints is None:
+            rel = prev
+        else:
+            rel = np.concatenate([(keypoints[:, :2] - box[:2]) / size, keypoints[:, 2:3]], axis=1)
+            if prev is not None:
+                rel = self.weight * prev + (1 - self.weight) * rel
+        if rel is None:
+            return None
+        self.state[track] = rel
+        return np.concatenate([rel[:, :2] * size + box[:2], rel[:, 2:3]], axis=1)
+
+    def forget(self, live: set[int]) -> None:
+        for k in [k for k in self.state if k not in live]:
+            del self.state[k]
+
+
+def _histogram(bgr_or_rgb: np.ndarray) -> np.ndarray:
+    small = cv2.resize(bgr_or_rgb, (64, 36), interpolation=cv2.INTER_AREA)
+    return np.concatenate([np.bincount((small[..., c] // 16).ravel(), minlength=16) / small[..., c].size
+                           for c in range(3)])
+
+
+def is_cut(previous: np.ndarray | None, current: np.ndarray) -> bool:
+    """Hard cut between two colour histograms (`_histogram`): camera motion, even a whip pan with
+    motion blur, moves them by < 0.1; a cut to another scene by far more."""
+    return previous is not None and float(np.abs(current - previous).sum() / 3) > CUT_HISTOGRAM
 
 
 @dataclass(frozen=True)
@@ -149,12 +320,17 @@ def open_video(path: str | Path) -> tuple[cv2.VideoCapture, VideoInfo]:
 
 
 class FFmpegWriter:
-    """RGB frames on stdin → H.264 `output`, audio streams of `audio_source` (if any) muxed in."""
+    """RGB frames on stdin → H.264 `output`, audio streams of `audio_source` (if any) muxed in.
+
+    Written under a temporary name beside `output` and renamed into place by `close`, so a killed
+    run never leaves a truncated video under the final name.
+    """
 
     def __init__(self, output: str | Path, info: VideoInfo, audio_source: str | Path | None,
                  opts: VideoOptions):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.output.with_name(f".{self.output.stem}.tmp-{os.getpid()}{self.output.suffix}")
         cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{info.width}x{info.height}", "-framerate", str(info.fps), "-i", "pipe:0"]
         if audio_source is not None:
@@ -164,7 +340,7 @@ class FFmpegWriter:
         # yuv420p needs even sizes: pad odd ones by one pixel instead of failing
         cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", opts.preset,
                 "-crf", str(opts.crf), "-pix_fmt", "yuv420p", "-r", str(info.fps), "-map_metadata", "-1",
-                str(self.output)]
+                str(self.partial)]
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self.shape = (info.height, info.width, 3)
@@ -185,47 +361,85 @@ class FFmpegWriter:
     def close(self) -> None:
         self.proc.stdin.close()
         if self.proc.wait() != 0:
+            self.partial.unlink(missing_ok=True)
             raise RuntimeError(f"ffmpeg failed writing {self.output} (exit {self.proc.returncode}): {self._error()}")
         self._stderr.close()
+        os.replace(self.partial, self.output)
 
     def abort(self) -> None:
         self.proc.kill()
         self.proc.wait()
         self._stderr.close()
-        self.output.unlink(missing_ok=True)
+        self.partial.unlink(missing_ok=True)
 
 
 def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, opts: VideoOptions = VideoOptions(),
                     progress: bool = True) -> dict:
     """Anonymize every frame of `src` into `dst` (H.264, same frame rate, the source's audio).
 
-    Frames are detected `batch_size` at a time, tracked, then anonymized; returns counts and speed.
+    Frames are detected `batch_size` at a time and tracked; each is anonymized once `lookahead`
+    later frames are known, the faces of `batch_size` frames per generator call. Returns counts
+    and speed. The progress bar shows frames/s and the faces anonymized so far.
     """
     cap, info = open_video(src)
-    tracker = BoxTracker(opts.track_iou, opts.smoothing, opts.max_missing)
+    tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin,
+                          opts.grow)
+    smoother = _KeypointSmoother(opts.keypoint_smoothing)
+    batch = anonymizer.cfg.batch_size
     writer: FFmpegWriter | None = None
+    pending: deque[tuple[int, np.ndarray]] = deque()
     frames = faces = 0
+    histogram = size = None
     bar = tqdm(total=info.frames or None, unit="frame", desc=Path(src).name, disable=not progress)
     start = time.perf_counter()
+
+    def write(ready: list[tuple[int, np.ndarray]]) -> None:
+        nonlocal frames, faces
+        h, w = ready[0][1].shape[:2]
+        found, ids = [], []
+        for t, image in ready:
+            boxes, scores, tracks = tracker.boxes(t, w, h)
+            found.append(Faces(boxes, scores))
+            ids.append(tracks)
+        if anonymizer.cfg.method == "generator":
+            for (t, image), f, tracks in zip(ready, found, ids):
+                anonymizer.add_keypoints(image, f)
+                f.keypoints = [smoother(k, b, kp) for k, b, kp in zip(tracks, f.boxes, f.keypoints)]
+            smoother.forget({k for tracks in ids for k in tracks} | set(tracker.tracks))
+        for out in anonymizer.anonymize([image for _, image in ready], found):
+            writer.write(out)
+        for t, _ in ready:
+            tracker.forget(t)
+        frames += len(ready)
+        faces += sum(len(f) for f in found)
+        bar.set_postfix(faces=faces, refresh=False)
+        bar.update(len(ready))
+
     try:
-        while True:
+        ended = False
+        while not ended:
             chunk = []
-            while len(chunk) < anonymizer.cfg.batch_size:
+            while len(chunk) < batch:
                 ok, bgr = cap.read()
                 if not ok:
+                    ended = True
                     break
-                chunk.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            if not chunk:
-                break
-            if writer is None:  # sized by the decoded frames (OpenCV may rotate them upright)
-                h, w = chunk[0].shape[:2]
+                current = _histogram(bgr)
+                chunk.append((cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), is_cut(histogram, current)))
+                histogram = current
+            if chunk and writer is None:  # sized by the decoded frames (OpenCV may rotate them upright)
+                h, w = chunk[0][0].shape[:2]
                 writer = FFmpegWriter(dst, VideoInfo(w, h, info.fps, info.frames), src, opts)
-            tracked = [Faces(*tracker.update(f.boxes, f.scores)) for f in anonymizer.detect(chunk)]
-            for frame in anonymizer.anonymize(chunk, tracked):
-                writer.write(frame)
-            frames += len(chunk)
-            faces += sum(len(f) for f in tracked)
-            bar.update(len(chunk))
+                size = max(anonymizer.cfg.detect_max_size, min(max(h, w), opts.video_detect_max_size))
+            dets = anonymizer.detect([image for image, _ in chunk], size) if chunk else []
+            for (image, cut), det in zip(chunk, dets):
+                pending.append((tracker.push(det.boxes, det.scores, cut), image))
+            # frames whose look-ahead is complete (all of them once the video has ended)
+            while pending and (ended or pending[0][0] + opts.lookahead < tracker.frames):
+                ready = []
+                while pending and len(ready) < batch and (ended or pending[0][0] + opts.lookahead < tracker.frames):
+                    ready.append(pending.popleft())
+                write(ready)
         if writer is None:
             raise ValueError(f"{src}: no frame could be decoded")
         writer.close()

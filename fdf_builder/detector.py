@@ -201,9 +201,10 @@ class FaceDetector:
         self._std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
-    def detect(self, images: list[np.ndarray]) -> list[Detections]:
-        """Faces of each HxWx3 uint8 RGB image, in the order given."""
-        resized = [self._resize(_check_image(im, i)) for i, im in enumerate(images)]
+    def detect(self, images: list[np.ndarray], max_size: int | None = None) -> list[Detections]:
+        """Faces of each HxWx3 uint8 RGB image, in the order given; images whose longer side
+        exceeds `max_size` (default: the detector's) are downscaled for the network."""
+        resized = [self._resize(_check_image(im, i), max_size or self.max_size) for i, im in enumerate(images)]
         shapes = [_padded_shape(r.shape[:2]) for r in resized]
         order = sorted(range(len(images)), key=lambda i: (shapes[i], i))
         results: list[Detections | None] = [None] * len(images)
@@ -221,9 +222,9 @@ class FaceDetector:
             start = stop
         return results  # type: ignore[return-value]
 
-    def _resize(self, image: np.ndarray) -> np.ndarray:
+    def _resize(self, image: np.ndarray, max_size: int) -> np.ndarray:
         h, w = image.shape[:2]
-        scale = self.max_size / max(h, w)
+        scale = max_size / max(h, w)
         if scale >= 1:
             return image
         size = (max(1, round(w * scale)), max(1, round(h * scale)))

