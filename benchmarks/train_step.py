@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import pytorch_lightning as pl
@@ -48,10 +49,11 @@ def real_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:
             "keypoints": kp.contiguous().to(device)}
 
 
-def build(resolution: int, batch: int, device: torch.device) -> tuple[ProgressiveGAN, int]:
-    """The 12M model and the first step of its stabilization phase at `resolution`."""
+def build(resolution: int, batch: int, device: torch.device, base_width: int = 256) -> tuple[ProgressiveGAN, int]:
+    """The model of width S=`base_width` (256: the 12M one, 512: the 46M one) and the first step of
+    its stabilization phase at `resolution`."""
     schedule = Schedule(batch_sizes={r: batch for r in (8, 16, 32, 64, 128)})
-    module = ProgressiveGAN(NetworkConfig(base_width=256), schedule, channels_last=device.type == "cuda")
+    module = ProgressiveGAN(NetworkConfig(base_width=base_width), schedule, channels_last=device.type == "cuda")
     phase = next(p for p in schedule.phases if p.name == f"stabilize{resolution}")
     return module, schedule.first_step(phase)
 
@@ -92,35 +94,56 @@ def lightning_seconds(resolution: int, batch: dict, warmup: int, steps: int, dev
     return min(np.diff(timer.starts[warmup:]))
 
 
-def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
-    module, start = build(resolution, batch["images"].shape[0], device)
+def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.device,
+              compile_backend: str | None = None, ddp: bool = False) -> Callable[[int], None]:
+    """`step(i)` runs training step `start + i` of `module` on `batch` without Lightning.
+
+    The module's own step (critic step with gradient penalty and drift, generator step, EMA update,
+    non-finite checks), with bf16 autocast, channels_last and fused Adam on a GPU.
+    `compile_backend` (e.g. "inductor"): torch.compile G, and D everywhere except the gradient-penalty
+    pass, which needs a double backward that AOTAutograd does not support; shapes are static.
+    `ddp`: G and D each wrapped in DistributedDataParallel (find_unused_parameters, as the Lightning
+    strategy of fdf-train: the blocks of other resolutions get no gradient), in an initialized
+    process group. As in Lightning, G's no-grad pass and the frozen critic of the generator step
+    bypass the wrappers, so each backward reduces only the network being trained.
+    """
+    if compile_backend and ddp:
+        raise ValueError("compile with DDP is not measured: choose one")
     module.to(device)
     g, d, ema, sch = module.generator, module.discriminator, module.generator_ema, module.schedule
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
+    g_train, g_nograd, d_train, d_gp, d_frozen = g, g, d, d, d
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        g_train = DDP(g, device_ids=ids, find_unused_parameters=True)
+        d_train = d_gp = DDP(d, device_ids=ids, find_unused_parameters=True)
+    if compile_backend:
+        g_train = g_nograd = torch.compile(g, backend=compile_backend, dynamic=False)
+        d_train = d_frozen = torch.compile(d, backend=compile_backend, dynamic=False)
     adam = dict(lr=0.00175, betas=(0.0, 0.99), fused=device.type == "cuda")
     opt_g, opt_d = torch.optim.Adam(g.parameters(), **adam), torch.optim.Adam(d.parameters(), **adam)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    rng = torch.Generator(device=device).manual_seed(0)
-    starts = []
-    for i in range(warmup + steps + 1):
-        sync(device)
-        starts.append(time.perf_counter())
+    rank = torch.distributed.get_rank() if ddp else 0
+    rng = torch.Generator(device=device).manual_seed(rank)
+    n = batch["images"].shape[0]
+
+    def step(i: int) -> None:
         info = sch.at_step(start + i)
-        n = batch["images"].shape[0]
         flip = torch.rand(n, device=device, generator=rng) < 0.5
         p = prepare(batch["images"], batch["bbox"], batch["keypoints"], info.phase.resolution, info.alpha, flip,
                     module.flip_order)
         if device.type == "cuda":
             p.real, p.condition, p.mask = (t.contiguous(memory_format=torch.channels_last)
                                            for t in (p.real, p.condition, p.mask))
-        critic = lambda x: d(x, p.condition, p.mask, p.keypoints, info.alpha)  # noqa: E731
+        critic = lambda net: lambda x: net(x, p.condition, p.mask, p.keypoints, info.alpha)  # noqa: E731
         with autocast:
             z = torch.randn(g.z_shape(n), device=device, generator=rng)
             with torch.no_grad():
-                fake = g(p.condition, p.mask, p.keypoints, z, info.alpha)
-            terms = discriminator_loss(critic(p.real), critic(fake), gradient_penalty(critic, p.real, fake, rng),
-                                       module.loss_cfg)
+                fake = g_nograd(p.condition, p.mask, p.keypoints, z, info.alpha)
+            terms = discriminator_loss(critic(d_train)(p.real), critic(d_train)(fake),
+                                       gradient_penalty(critic(d_gp), p.real, fake, rng), module.loss_cfg)
         assert all(math.isfinite(v) for v in torch.stack(list(terms.values())).tolist())
         opt_d.zero_grad(set_to_none=True)
         terms["d"].backward()
@@ -128,14 +151,32 @@ def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: 
         d.requires_grad_(False)
         with autocast:
             z = torch.randn(g.z_shape(n), device=device, generator=rng)
-            loss = generator_loss(critic(g(p.condition, p.mask, p.keypoints, z, info.alpha)))
+            loss = generator_loss(critic(d_frozen)(g_train(p.condition, p.mask, p.keypoints, z, info.alpha)))
         assert math.isfinite(loss.item())
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         d.requires_grad_(True)
         update_ema(ema, g, ema_beta(info.batch_size))
-    return min(np.diff(starts[warmup:]))
+
+    return step
+
+
+def step_seconds(step: Callable[[int], None], count: int, device: torch.device) -> list[float]:
+    """Wall time of each of `count` calls `step(0)`, `step(1)`, ..., the device synchronized around each."""
+    times = []
+    for i in range(count):
+        sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
+    module, start = build(resolution, batch["images"].shape[0], device)
+    return min(step_seconds(bare_step(module, start, batch, device), warmup + steps, device)[warmup:])
 
 
 def main() -> None:

@@ -1,0 +1,85 @@
+"""benchmarks/gpu.py in its CPU mode (--tiny): every section runs its real code path, so the script
+is ready on the day a GPU is lent. Figures are checked for shape and sign only, never for speed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_BENCH = REPO / "benchmarks" / "gpu.py"
+
+
+def _run(*args: str, timeout: float) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([sys.executable, str(GPU_BENCH), "--tiny", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout), proc  # stdout is exactly one JSON object
+
+
+def _leaves(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}.{k}" if path else k)
+    else:
+        yield path, obj
+
+
+RUN_KEYS = {"batch", "timed_steps", "img_per_s", "sec_per_step", "min_sec_per_step", "warmup_seconds",
+            "peak_memory_gib", "model_tflops", "fraction_of_peak"}
+
+
+@pytest.mark.slow  # several minutes on a busy 2-core machine: imports, a torch.compile, a spawned rank
+def test_tiny_mode_runs_every_section_and_reports_positive_figures(assets):
+    out, _ = _run("--budget_s", "840", timeout=880)
+    assert out["mode"] == "tiny (cpu)"
+    assert {"assumptions", "training", "builder", "anonymizer", "ddp", "wall_seconds"} <= out.keys()
+    assert out["assumptions"]["peak_tflops"] == 989.4
+
+    training = out["training"]
+    for name in ("12m", "46m"):
+        cfg = training[name]
+        assert {"base_width", "generator_params", "critic_params", "flops_per_image"} <= cfg.keys()
+        for batch in ("batch4", "batch8"):
+            assert RUN_KEYS <= cfg[batch]["eager"].keys(), (name, batch)
+    compiled = training["12m"]["batch4"]["compiled"]
+    assert RUN_KEYS | {"compile_seconds", "compile_backend"} <= compiled.keys()
+    assert compiled["compile_backend"] == "aot_eager"
+    assert training["46m"]["flops_per_image"] > training["12m"]["flops_per_image"]
+    assert {"best_12m_img_per_s", "goal_12m_img_per_s", "goal_met"} <= training.keys()
+
+    builder = out["builder"]
+    assert builder["photos"] == 2 and builder["faces_kept"] >= 1
+    assert {"images_per_s", "detection_fraction", "keypoints_fraction"} <= builder.keys()
+    anonymizer = out["anonymizer"]
+    assert anonymizer["photos"]["images"] == 2 and anonymizer["photos"]["faces"] >= 2
+    assert anonymizer["video_720p"]["frames"] == 3 and anonymizer["video_720p"]["size"] == "1280x720"
+    assert "frames_per_s" in anonymizer["video_720p"] and "images_per_s" in anonymizer["photos"]
+
+    ddp = out["ddp"]
+    assert ddp["backend"] == "gloo" and set(ddp["world_sizes"]) == {"1", "2"}
+    for run in ddp["world_sizes"].values():
+        assert {"img_per_s", "sec_per_step", "efficiency"} <= run.keys()
+        assert run["weights_identical_across_ranks"] is True  # the gradients were all-reduced
+
+    for path, value in _leaves(out):
+        assert not (isinstance(value, str) and value.startswith(("error", "skipped", "out of memory"))), (path, value)
+        if path.endswith("peak_memory_gib"):
+            assert value is None, path  # no GPU memory to report on a CPU
+        elif path == "gpus_visible":
+            assert value == 0
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert value > 0, (path, value)
+
+
+def test_budget_exhausted_still_prints_the_json():
+    """With no time left every section says so, and the JSON still comes out whole."""
+    out, proc = _run("--budget_s", "1", "--sections", "training", "builder", "anonymizer", timeout=300)
+    assert out["builder"].startswith("skipped: budget") and out["anonymizer"].startswith("skipped: budget")
+    runs = [v for k, v in _leaves(out["training"]) if k.endswith(("eager", "compiled"))]
+    assert len(runs) == 5 and all(r.startswith("skipped: budget") for r in runs)
+    assert "best_12m_img_per_s" not in out["training"]
+    assert "skipped" in proc.stderr
