@@ -27,6 +27,7 @@ import yaml
 from data_prep.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.fid import RandomConvFeatures, compute_fid
+from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
 
@@ -79,7 +80,7 @@ def run_config(run_dir: Path | None) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not readable YAML ({e})") from None
+        raise InputError(f"{path}: not readable YAML ({e})") from None
 
 
 def mlflow_target(checkpoint: Path, tracking_uri: str | None = None,
@@ -112,10 +113,10 @@ class _Conditions:
 def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
     if cfg.feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, not {cfg.feature!r}")
+        raise ConfigError(f"--feature must be one of {FEATURES}, not {cfg.feature!r}")
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        raise MissingInputError(f"--checkpoint {ckpt} does not exist")
     run_dir = run_dir_of(ckpt)
     threshold = cfg.keypoint_threshold
     if threshold is None:
@@ -126,7 +127,7 @@ def run(cfg: EvaluateConfig) -> dict:
     data = FDFDataModule(cfg.data_root, keypoint_threshold=threshold)
     data.setup("validate")
     if not sum(data.val_sizes):
-        raise ValueError(f"no validation faces under {Path(cfg.data_root) / 'val'}: the FID is defined on the val split")
+        raise NothingToDoError(f"no validation faces under {Path(cfg.data_root) / 'val'}: the FID is defined on the val split")
     feature = RandomConvFeatures() if cfg.feature == "random" else "inception"
     batches = _Conditions(data, cfg.batch_size, cfg.num_images, g.resolution, g.alpha, device)
     # the cache key names the files, not how many faces were read from them
@@ -146,8 +147,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.log_mlflow:
         uri, run_id = mlflow_target(ckpt, cfg.tracking_uri, cfg.run_id)
         if run_id is None or uri is None:
-            raise ValueError(f"{ckpt}: no MLflow run recorded (no mlflow_run_id, or not in <run_dir>/checkpoints/): "
-                             "give --run_id and --tracking_uri, or --log_mlflow false")
+            raise ConfigError(f"{ckpt}: no MLflow run recorded (no mlflow_run_id, or not in <run_dir>/checkpoints/): "
+                              "give --run_id and --tracking_uri, or --log_mlflow false")
         result.update(tracking_uri=uri, run_id=run_id)
         atomic_write_json(out, result)
         from mlflow.tracking import MlflowClient
@@ -168,4 +169,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-eval"))

@@ -34,6 +34,7 @@ from torch import nn
 
 from data_prep.assets import resolve_file
 from data_prep.tario import atomic_write_bytes
+from fdf_core.errors import InputError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "FDF_INCEPTION_WEIGHTS"
@@ -107,10 +108,10 @@ def build_fid_metric(feature: str | nn.Module = "inception",
         # torch-fidelity loads the file with weights_only=False; refuse anything a safe load rejects
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a safely loadable Inception state_dict ({e}); give "
+        raise InputError(f"{path}: not a safely loadable Inception state_dict ({e}); give "
                          f"{INCEPTION_FILE} with {INCEPTION_FLAG} or ${INCEPTION_ENV}") from e
     if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ValueError(f"{path}: not torch-fidelity's Inception state_dict (no 'fc.weight'); "
+        raise InputError(f"{path}: not torch-fidelity's Inception state_dict (no 'fc.weight'); "
                          f"give {INCEPTION_FILE} with {INCEPTION_FLAG} or ${INCEPTION_ENV}")
     metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path),
                                       antialias=False, sync_on_compute=True)

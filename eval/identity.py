@@ -29,6 +29,7 @@ from data_prep.tario import atomic_write_json
 from eval.anonymize import IMAGE_EXTS, read_image
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from fdf_builder import crop as fdfcrop
+from fdf_core.errors import InputError, MissingInputError, NothingToDoError
 
 EMBEDDER_ENV = "FDF_FACE_EMBEDDER"
 EMBEDDER_FLAG = "--embedder"
@@ -47,7 +48,7 @@ def load_embedder(path: str | os.PathLike | None = None, device: str = "cpu") ->
     try:
         return torch.jit.load(str(file), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{file}: not a loadable TorchScript module ({e})") from None
+        raise InputError(f"{file}: not a loadable TorchScript module ({e})") from None
 
 
 def face_crops(image: np.ndarray, boxes: np.ndarray, size: int, margin: float) -> np.ndarray:
@@ -120,9 +121,11 @@ def run(cfg: IdentityConfig) -> dict:
     embedder_file = resolve_embedder(cfg.embedder)  # first: fail before any model work
     embedder = load_embedder(embedder_file, cfg.device)
     src = Path(cfg.images)
+    if not src.exists():
+        raise MissingInputError(f"--images {src} does not exist")
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if src.is_dir() else [src]
     if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no photos ({', '.join(IMAGE_EXTS)}) at {src}")
+        raise NothingToDoError(f"--images {src}: no photos ({', '.join(IMAGE_EXTS)})")
     anonymizer = Anonymizer(cfg)
     distances = []
     for path in tqdm(files, unit="img", desc="identity", disable=not cfg.progress):
@@ -157,4 +160,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-identity"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from data_prep.cli_util import parse_dataclass
 from data_prep.tario import atomic_write_json
+from fdf_core.errors import ConfigError
 
 
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
@@ -104,7 +105,7 @@ def run(cfg: PipelineConfig) -> dict:
     atomic_write_json(work / "pipeline_options.json", asdict(cfg))
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
+        raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
     summary, start = {}, time.perf_counter()
     if "download" in cfg.stages:
         with corpus_metadata(cfg) as metadata:
@@ -127,4 +128,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-pipeline"))

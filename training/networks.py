@@ -18,6 +18,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from fdf_core.errors import ConfigError
 from training.layers import (ConvAct, EqualizedConv2d, EqualizedLinear, MinibatchStd, downsample,
                              pose_maps, upsample)
 
@@ -40,7 +41,7 @@ def _resolutions(low: int, high: int) -> list[int]:
 
 def _check_power_of_two(name: str, value: int, low: int = 4) -> None:
     if value < low or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
+        raise ConfigError(f"{name} must be a power of two >= {low}, got {value}")
 
 
 class _Progressive(nn.Module):
@@ -53,7 +54,7 @@ class _Progressive(nn.Module):
         _check_power_of_two("min_resolution", min_resolution)
         _check_power_of_two("max_resolution", max_resolution)
         if min_resolution > max_resolution:
-            raise ValueError(f"min_resolution {min_resolution} > max_resolution {max_resolution}")
+            raise ConfigError(f"min_resolution {min_resolution} > max_resolution {max_resolution}")
         self.min_resolution, self.max_resolution = min_resolution, max_resolution
 
     def _check_input(self, resolution: int, alpha: float) -> None:
@@ -173,7 +174,7 @@ class Discriminator(_Progressive):
         super().__init__()
         self._setup_resolutions(min_resolution, max_resolution)
         if variant not in ("wide", "deep"):
-            raise ValueError(f"discriminator variant must be 'wide' or 'deep', got {variant!r}")
+            raise ConfigError(f"discriminator variant must be 'wide' or 'deep', got {variant!r}")
         self.variant, self.num_keypoints = variant, num_keypoints
         top = int(base_width * math.sqrt(2)) // 8 * 8 if variant == "wide" else base_width
         w = lambda r: level_width(top, r)  # noqa: E731
