@@ -1,8 +1,8 @@
 """One FID definition for training callbacks and the evaluation job.
 
-The paper's FID (REFERENCE.md "Model"/"Evaluation") is the 2048-d pool3 feature of the 2015-12-05
-TensorFlow Inception graph, on 128×128 crops, real = the FDF validation faces, fake = the generator's
-output for the same conditions with z = 0. Here that is torchmetrics' `FrechetInceptionDistance` on
+The paper's FID (docs/reference.md, "Published results") is the 2048-d pool3 feature of the
+2015-12-05 TensorFlow Inception graph, on 128×128 crops, real = the FDF validation faces, fake = the
+generator's output for the same conditions with z = 0. Here that is torchmetrics' `FrechetInceptionDistance` on
 torch-fidelity's port of those weights (`weights-inception-2015-12-05-6726825d.pth`) with the
 TensorFlow-compatible bilinear resize to 299 (`antialias=False`, as torch-fidelity itself computes
 it). Nothing is downloaded: the file comes from `--inception_weights` or `$FDF_INCEPTION_WEIGHTS`.

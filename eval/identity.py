@@ -3,8 +3,9 @@
 For every detected face, a face-embedding network embeds the original face and the same box after
 anonymization; the cosine distance between the two embeddings says how much identity is left. The
 de-identification rate is the share of faces whose distance exceeds the model's verification
-threshold, i.e. that the model would no longer accept as the same person (DeepPrivacy's video
-follow-up reports the related TPR at FAR 0.001 on LFW: 0.986 before, 0.038 after; REFERENCE.md).
+threshold, i.e. that the model would no longer accept as the same person (a related number reported
+for video de-identification: TPR at FAR 0.001 on LFW 0.986 before, 0.038 after; docs/reference.md,
+"Identity removal").
 
 The embedder is any TorchScript module mapping a float `(B, 3, S, S)` RGB batch, normalized as
 `(pixel - mean) / std`, to `(B, D)` embeddings, e.g. FaceNet (InceptionResnetV1, VGGFace2) traced

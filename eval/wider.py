@@ -1,7 +1,8 @@
 """WIDER FACE validation ground truth and the official detection AP protocol.
 
-The numbers must be comparable with the literature (REFERENCE.md "Evaluation"), so this follows
-the official kit (Yang et al. 2016, MATLAB `eval_tools`; its Python port) rule for rule:
+The numbers must be comparable with the literature (docs/reference.md, "Evaluation on WIDER
+FACE"), so this follows the official kit (Yang et al. 2016, MATLAB `eval_tools`; its Python port)
+rule for rule:
 
 - scores are normalized over the whole detection set with the kit's min/max (min starts at 1,
   max at 0), detections of an image are taken in descending score order (stable for ties);

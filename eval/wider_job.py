@@ -1,7 +1,7 @@
 """`fdf-wider`: DeepPrivacy's WIDER FACE table — how well a face detector still finds anonymized faces.
 
-Every face of each validation image is anonymized from its ground-truth box (REFERENCE.md
-"Evaluation") by each method: none (the original), black-out, pixelation 16x16 and 8x8, 9x9
+Every face of each validation image is anonymized from its ground-truth box (docs/reference.md,
+"The paper's table") by each method: none (the original), black-out, pixelation 16x16 and 8x8, 9x9
 Gaussian blur σ=3, heavy blur, and the generator. The generator gets keypoints from the data
 builder's keypoint backend; a face the backend cannot match is anonymized without pose (all
 keypoints missing) instead of being left untouched as in the 2019 evaluation. A detector then runs on

@@ -164,7 +164,7 @@ class Discriminator(_Progressive):
 
     `wide` (the paper's choice): widths S·√2, per level concat pose, two 3x3, average pool.
     `deep`: widths S, per level concat pose, 1x1, a residual block of four 3x3 (three at 4x4), 1x1,
-    average pool (REFERENCE.md: the paper code's ablation; its counts match this layout).
+    average pool (docs/reference.md, Model: the paper code's ablation; its counts match this layout).
     At 4x4: concat pose, minibatch-stddev (optional), conv, 4x4 valid conv, linear to one score.
     No normalization layers.
     """
@@ -244,7 +244,7 @@ def count_parameters(net: _Progressive, resolution: int | None = None) -> int:
     return sum(p.numel() for p in net.parameters_at(resolution or net.max_resolution))
 
 
-PUBLISHED_MILLIONS = {  # REFERENCE.md, at 128x128
+PUBLISHED_MILLIONS = {  # docs/reference.md, Model: parameter counts at 128x128
     256: {"generator": 11.74, "wide": 11.41, "deep": 11.17},
     512: {"generator": 46.93, "wide": 45.53, "deep": 44.65},
 }

@@ -18,7 +18,7 @@ from fdf_core.errors import ConfigError
 
 
 def _paper_batch_sizes() -> dict[int, int]:
-    return {8: 256, 16: 256, 32: 128, 64: 96, 128: 64}  # REFERENCE.md (global batch, all ranks)
+    return {8: 256, 16: 256, 32: 128, 64: 96, 128: 64}  # docs/reference.md, Training (global batch, all ranks)
 
 
 @dataclass(frozen=True)
