@@ -27,12 +27,14 @@ import traceback
 from typing import Any, Callable, NoReturn
 
 import jsonargparse
+from jsonargparse._common import debug_mode_active  # JSONARGPARSE_DEBUG
 
 from fdf_core.errors import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
 DEBUG_ENV = "FDF_DEBUG"
 DEBUG_FLAG = "--debug"
-PACKAGES = ("fdf_core", "data_prep", "fdf_builder", "training", "eval", "slurm", "__main__")  # __main__: `python -m`
+# Our loggers; `__main__` is a stage module run with `python -m`.
+PACKAGES = ("fdf_core", "data_prep", "fdf_builder", "training", "eval", "slurm", "__main__")
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
@@ -95,32 +97,20 @@ def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None
     setup_logging(prog, debug)
     try:
         main(argv)
-    except UserError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as err:
-        if not _environment_error(err):
-            raise_as_bug(prog)
+    except Exception as err:  # noqa: BLE001 - every exception ends here, bugs in full
+        if not isinstance(err, UserError) and not _environment_error(err):
+            traceback.print_exc()
+            print(f"{prog}: internal error (a bug, not a mistake in the input): please report it with "
+                  "the traceback above", file=sys.stderr)
             return EXIT_BUG
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
-    except Exception:  # noqa: BLE001 - a bug: shown in full
-        raise_as_bug(prog)
-        return EXIT_BUG
+        return getattr(err, "exit_code", EXIT_INPUT)
     return 0
-
-
-def raise_as_bug(prog: str) -> None:
-    traceback.print_exc()
-    print(f"{prog}: internal error (a bug, not a mistake in the input): please report it with the "
-          "traceback above", file=sys.stderr)
 
 
 def console_main(module: str, prog: str) -> Callable[[], int]:
@@ -137,8 +127,6 @@ def console_main(module: str, prog: str) -> Callable[[], int]:
 
 # ---------------------------------------------------------------- option parsing
 _PARSER_KEY = re.compile(r'(?:Parser key|Key) "([\w.\-]+)"')
-
-
 _REQUIRED = re.compile(r"(arguments are required: )(.+)$")
 
 
@@ -176,7 +164,7 @@ class OneLineErrors:
     jsonargparse's own behaviour (raise with a traceback)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or jsonargparse._common.debug_mode_active():
+        if not self.exit_on_error or debug_mode_active():
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_prep.cli_util import parse_dataclass
 from data_prep.tario import atomic_write_json
-from fdf_core.errors import ConfigError
+from fdf_core.errors import ConfigError, SkippedItemsError
 
 
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
@@ -123,8 +123,16 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
-                               description="Run the fdf stages end to end (see README)."))
+    """The console script: `run`, then exit status 5 if the anonymize stage skipped files."""
+    cfg = parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
+                          description="Run the fdf stages end to end (see README).")
+    summary = run(cfg)
+    skipped = summary.get("anonymize", {}).get("skipped") or []
+    if skipped:
+        raise SkippedItemsError(f"anonymize stage: {len(skipped)} files skipped, first: {skipped[0]['file']}: "
+                                f"{skipped[0]['reason']} (all in {Path(cfg.workdir) / 'pipeline_summary.json'})",
+                                summary)
+    return summary
 
 
 if __name__ == "__main__":

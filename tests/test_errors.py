@@ -28,6 +28,7 @@ from eval.wider import main as wider_main
 from fdf_builder.cli import main as build_main
 from fdf_core import errors
 from fdf_core.console import run_main
+from slurm.pipeline import main as pipeline_main
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = "dlib__examples_faces_2008_001009.jpg"
@@ -176,6 +177,22 @@ def test_anonymize_folder_writes_every_readable_photo_and_lists_the_rest(assets,
     assert f"anonymize: warning: skipped {src / 'sub' / 'broken.jpg'}: not a readable image" in done.stderr
     assert lines[-1].startswith(f"anonymize: error: 2 of 4 files skipped, the other 2 written to {tmp_path / 'out'}; "
                                 f"first: {src / 'empty.png'}: not a readable image")
+
+
+def test_pipeline_ends_with_status_5_when_its_anonymize_stage_skipped_files(capsys, tiny_run, assets, tmp_path):
+    work, src = tmp_path / "work", tmp_path / "in"
+    work.mkdir()
+    (work / "train").symlink_to(tiny_run)  # the stage anonymizes with <workdir>/train/checkpoints/final.ckpt
+    src.mkdir()
+    good = (assets / "corpus" / "photos" / PHOTO).read_bytes()
+    (src / "a.jpg").write_bytes(good)
+    (src / "broken.jpg").write_bytes(good[:200])
+    done = _in_process(capsys, pipeline_main, "fdf-pipeline", "--workdir", work, "--stages", "[anonymize]",
+                       "--anonymize_input", src, "--progress", "false")
+    assert done.returncode == errors.EXIT_SKIPPED, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].startswith(
+        f"fdf-pipeline: error: anonymize stage: 1 files skipped, first: {src / 'broken.jpg'}: not a readable image")
+    assert (work / "anonymized" / "in_anonymized" / "a.jpg").is_file()
 
 
 def test_wider_ap_warns_about_images_without_detection_files_and_fails_when_strict(capsys, assets, tmp_path):
