@@ -25,8 +25,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import cv2
+import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
