@@ -57,7 +57,7 @@ from training.networks import count_parameters  # noqa: E402
 
 PEAK_TFLOPS = 989.4  # H100/H200 SXM, dense BF16 tensor cores (NVIDIA datasheets; 1,979 is with 2:4 sparsity)
 GOAL_IMG_PER_S = 1000
-PAPER_IMG_PER_S = 27  # DeepPrivacy, two V100s (REFERENCE.md)
+PAPER_IMG_PER_S = 27  # DeepPrivacy, two V100s (docs/reference.md, "Published results")
 CONFIGS = {"12m": 256, "46m": 512}  # base width S of training/configs/fdf128_<name>.yaml
 TINY_CONFIGS = {"12m": 16, "46m": 32}
 TINY_PHOTOS = ("face_recognition__examples_obama-240p.jpg",  # small files with one large face

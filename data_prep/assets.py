@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fdf_core.errors import MissingAssetError
+
+__all__ = ["MissingAssetError", "assets_dir", "resolve_file"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class MissingAssetError(FileNotFoundError):
-    """A weight or data file that the user has to provide."""
 
 
 def assets_dir() -> Path:

@@ -6,7 +6,9 @@ import inspect
 import re
 from typing import TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
+
+from fdf_core.console import ArgumentParser
 
 T = TypeVar("T")
 

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import time
 import urllib.request
 from collections import Counter, deque
@@ -29,6 +30,9 @@ from tqdm import tqdm
 
 from data_prep import licenses, plan
 from data_prep.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
+from fdf_core.errors import ConfigError, NothingToDoError
+
+log = logging.getLogger(__name__)
 
 # Formats the builder reads, with the extension their tar member gets (MPO: phone JPEGs).
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
@@ -54,6 +58,7 @@ class DownloadConfig:
     max_pixels: int = Image.MAX_IMAGE_PIXELS  # more: decompression_bomb (PIL refuses > 2x its own)
     allowed_licenses: list[str] = field(default_factory=lambda: list(licenses.DEFAULT_ALLOWED))
     on_bad_line: Literal["error", "skip"] = "error"  # malformed metadata line
+    allow_empty: bool = False  # metadata that keeps no record is not an error (exit 4 otherwise)
     user_agent: str = "fdf-download/0.1"
     progress: bool = True
 
@@ -268,11 +273,33 @@ def write_shard(shard: str, out: Path, get: Callable[[dict], Result], threads: i
 def _check(cfg: DownloadConfig) -> None:
     for name in ("threads", "max_bytes", "max_pixels"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.timeout <= 0 or cfg.retries < 0 or cfg.backoff < 0:
-        raise ValueError(f"need timeout > 0, retries >= 0, backoff >= 0; got {cfg.timeout}, "
-                         f"{cfg.retries}, {cfg.backoff}")
+        raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {cfg.timeout}, "
+                          f"{cfg.retries}, {cfg.backoff}")
     licenses.allowed_codes(cfg.allowed_licenses)
+
+
+def plan_counts(stats: dict) -> str:
+    """What the plan kept and dropped, in words: `12 kept of 15 lines; dropped: ...`."""
+    rejected = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("license_rejected:")}
+    dropped = [f"{sum(rejected.values())} by the license filter"
+               + (f" ({', '.join(f'{k}={v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
+               f"{stats.get('videos', 0)} videos", f"{stats.get('no_url', 0)} without URL"]
+    if stats.get("bad_lines"):
+        dropped.append(f"{stats['bad_lines']} malformed lines")
+    return f"{stats.get('kept', 0)} kept of {stats.get('lines', 0)} records; dropped: {', '.join(dropped)}"
+
+
+def report_plan(the_plan: dict) -> None:
+    """Say what the filters dropped, on every run: plan.json alone is easy to overlook. Skipped
+    malformed lines are a warning: a file cut short or in another layout shows up here."""
+    stats = the_plan.get("stats", {})
+    log.info("plan: %s", plan_counts(stats))
+    if stats.get("bad_lines"):
+        first = the_plan.get("bad_lines") or ["?"]
+        log.warning("%d malformed metadata lines skipped (--on_bad_line skip), first: %s",
+                    stats["bad_lines"], first[0])
 
 
 def run(cfg: DownloadConfig) -> dict:
@@ -282,6 +309,11 @@ def run(cfg: DownloadConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "options.json", asdict(cfg))
     the_plan = plan.make_plan(out, cfg.metadata, cfg.shard_size, cfg.allowed_licenses, cfg.on_bad_line)
+    report_plan(the_plan)
+    if the_plan["records"] == 0 and not cfg.allow_empty:
+        raise NothingToDoError(f"{', '.join(cfg.metadata)}: no record to download "
+                               f"({plan_counts(the_plan['stats'])}); check --metadata and "
+                               "--allowed_licenses, or pass --allow_empty true")
     opener = build_opener()
     return write_shards(out, the_plan, cfg.shards, lambda r: fetch(r["url"], cfg, opener), cfg.threads,
                         cfg.progress, "fdf-download")
@@ -320,7 +352,8 @@ def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[d
     summary = {"output_dir": str(out), "shards": len(selected),
                "shards_done_before": len(selected) - len(todo), "records": total["count"],
                "ok": total["ok"], "error": total["error"], "errors": dict(errors.most_common()),
-               "bytes": total["bytes"], "run_records": sum(now.values()), "run_ok": now["ok"],
+               "bytes": total["bytes"], "plan": the_plan["stats"],
+               "run_records": sum(now.values()), "run_ok": now["ok"],
                "run_seconds": round(seconds, 3),
                "run_images_per_s": round(now["ok"] / seconds, 2) if todo and seconds else 0.0}
     if todo:

@@ -28,6 +28,7 @@ from PIL import Image
 from data_prep import plan
 from data_prep.download import FetchError, Result, verify_image, write_shards
 from data_prep.tario import atomic_write_json
+from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ATTRIBUTION_COLUMNS = ("license_name", "license_url", "author", "page_url")
@@ -67,7 +68,7 @@ class IngestConfig:
 def list_photos(image_dir: Path) -> list[str]:
     """Relative POSIX paths of the photos under `image_dir`, sorted (the plan's order)."""
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"--image_dir {image_dir}: no such folder")
+        raise MissingInputError(f"--image_dir {image_dir}: no such folder")
     return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
                   if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
 
@@ -75,15 +76,15 @@ def list_photos(image_dir: Path) -> list[str]:
 def read_attribution(path: Path) -> dict[str, dict[str, str]]:
     """`{file: {column: value}}` of the attribution TSV (empty cells are left out)."""
     if not path.is_file():
-        raise FileNotFoundError(f"--attribution {path}: no such file")
+        raise MissingInputError(f"--attribution {path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         if "file" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: line 1 must be a header with a `file` column (and any of "
+            raise InputError(f"{path}: line 1 must be a header with a `file` column (and any of "
                              f"{', '.join(ATTRIBUTION_COLUMNS)})")
         unknown = set(reader.fieldnames) - {"file", *ATTRIBUTION_COLUMNS}
         if unknown:
-            raise ValueError(f"{path}: line 1: unknown column(s) {sorted(unknown)}")
+            raise InputError(f"{path}: line 1: unknown column(s) {sorted(unknown)}")
         return {row["file"]: {k: v for k, v in row.items() if k != "file" and v} for row in reader}
 
 
@@ -104,7 +105,7 @@ def plan_rows(cfg: IngestConfig, files: list[str], attribution: dict[str, dict[s
     for i, rel in enumerate(files):
         values = {k: getattr(cfg, k) or "" for k in ATTRIBUTION_COLUMNS} | attribution.get(rel, {})
         if not values["license_name"]:
-            raise ValueError(f"{Path(cfg.image_dir) / rel}: no license: give --license_name for the "
+            raise ConfigError(f"{Path(cfg.image_dir) / rel}: no license: give --license_name for the "
                              "folder or a license_name column in --attribution")
         rows.append({"photo_id": rel, "line_index": i, "source": source, "user_nsid": "",
                      "author": values["author"], "title": Path(rel).stem, "page_url": values["page_url"],
@@ -140,10 +141,10 @@ def run(cfg: IngestConfig) -> dict:
     out = Path(cfg.output_dir)
     files = list_photos(image_dir)
     if not files:
-        raise FileNotFoundError(f"--image_dir {image_dir}: no photos ({', '.join(PHOTO_SUFFIXES)}) in it")
+        raise NothingToDoError(f"--image_dir {image_dir}: no photos ({', '.join(PHOTO_SUFFIXES)}) in it")
     attribution = read_attribution(Path(cfg.attribution)) if cfg.attribution else {}
     if cfg.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {cfg.threads}")
+        raise ConfigError(f"--threads must be at least 1, got {cfg.threads}")
     options = _options(cfg, files, attribution)
     the_plan = plan.load_plan(out, options)
     if the_plan is None:
@@ -164,4 +165,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-ingest"))

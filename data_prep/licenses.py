@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from fdf_core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class License:
@@ -93,7 +95,7 @@ def allowed_codes(spec: Iterable[str]) -> frozenset[str]:
     for item in spec:
         code = item.lower() if item.lower() in LICENSES else license_code(item, "") or code_from_url(item)
         if code is None:
-            raise ValueError(f"allowed_licenses: unknown license {item!r}; known codes: "
+            raise ConfigError(f"--allowed_licenses: unknown license {item!r}; known codes: "
                              + ", ".join(LICENSES))
         codes.add(code)
     return frozenset(codes)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from data_prep import licenses
 from data_prep.tario import atomic_write_bytes, atomic_write_json
 from data_prep.yfcc import YfccRecord, iter_records
+from fdf_core.errors import ConfigError, MissingInputError
 
 PLAN_VERSION = 1
 MAX_SHARD_SIZE = 10_000  # keys hold the index in 4 digits
@@ -45,7 +46,7 @@ def shard_range(spec: str | None, num_shards: int) -> list[str]:
         start = int(start_s) if start_s else 0
         stop = int(stop_s) if stop_s else num_shards
     except ValueError:
-        raise ValueError(f"shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
+        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
     return [shard_name(i) for i in range(max(start, 0), min(stop, num_shards))]
 
 
@@ -103,8 +104,8 @@ def load_plan(output_dir: Path, options: dict) -> dict | None:
     plan = json.loads(plan_file.read_text())
     if plan.get("options_hash") != _options_hash(options):
         diff = sorted(k for k in options if plan.get("options", {}).get(k) != options[k])
-        raise ValueError(f"{plan_file}: this output folder was planned with other options "
-                         f"({', '.join(diff)} differ); use a new --output_dir or the same options")
+        raise ConfigError(f"{plan_file}: this output folder was planned with other options "
+                          f"({', '.join(diff)} differ); use a new --output_dir or the same options")
     return plan
 
 
@@ -114,8 +115,8 @@ def write_plan(output_dir: Path, options: dict, rows: Iterable[dict], shard_size
     `shard_size`, then `plan.json` (last: the plan is complete). `stats` may still be counted by
     the `rows` generator while it is consumed; it is written once all rows are."""
     if not 1 <= shard_size <= MAX_SHARD_SIZE:
-        raise ValueError(f"shard_size must be in 1..{MAX_SHARD_SIZE} (4-digit index in keys), "
-                         f"got {shard_size}")
+        raise ConfigError(f"--shard_size must be in 1..{MAX_SHARD_SIZE} (4-digit index in keys), "
+                          f"got {shard_size}")
     plan_dir = output_dir / "plan"
     shard, num_shards, records = [], 0, 0
     for row in rows:
@@ -125,7 +126,7 @@ def write_plan(output_dir: Path, options: dict, rows: Iterable[dict], shard_size
             _write_shard(plan_dir, num_shards, shard)
             shard, num_shards = [], num_shards + 1
             if num_shards >= MAX_SHARDS:
-                raise ValueError(f"more than {MAX_SHARDS} shards: raise shard_size")
+                raise ConfigError(f"more than {MAX_SHARDS} shards: raise --shard_size")
     if shard:
         _write_shard(plan_dir, num_shards, shard)
         num_shards += 1
@@ -144,10 +145,10 @@ def make_plan(output_dir: str | os.PathLike, metadata: list[str], shard_size: in
     if plan is not None:
         return plan
     if not metadata:
-        raise ValueError("metadata: give at least one YFCC100M metadata file")
+        raise ConfigError("--metadata: give at least one YFCC100M metadata file")
     for path in metadata:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"metadata file not found: {path}")
+            raise MissingInputError(f"--metadata: file not found: {path}")
     stats, bad_lines = Counter(), []
     allowed = licenses.allowed_codes(allowed_licenses)
     rows = ({"photo_id": rec.photo_id, "line_index": rec.line_index, "source": source,

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from data_prep import licenses
 from data_prep.yfcc import YfccRecord, format_line
+from fdf_core.errors import InputError, MissingInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -144,7 +145,7 @@ class CorpusServer:
     def __init__(self, directory: str | os.PathLike, port: int = 0):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"corpus folder not found: {self.directory}")
+            raise MissingInputError(f"corpus folder not found: {self.directory}")
         self._server = _Server(("127.0.0.1", port), partial(_Handler, directory=str(self.directory)))
         self._thread: threading.Thread | None = None
 
@@ -176,7 +177,7 @@ def read_manifest(corpus_dir: str | os.PathLike) -> list[dict]:
         rows = list(csv.DictReader(f, delimiter="\t"))
     for i, row in enumerate(rows, start=2):
         if not row.get("file") or not row.get("license"):
-            raise ValueError(f"{path}: line {i}: needs 'file' and 'license' columns")
+            raise InputError(f"{path}: line {i}: needs 'file' and 'license' columns")
     return rows
 
 
@@ -193,7 +194,7 @@ def corpus_records(base_url: str, corpus_dir: str | os.PathLike | None = None) -
             continue
         lic = licenses.LICENSES.get(row["license"].lower())
         if lic is None:
-            raise ValueError(f"{corpus_dir / 'manifest.tsv'}: {row['file']}: license "
+            raise InputError(f"{corpus_dir / 'manifest.tsv'}: {row['file']}: license "
                              f"{row['license']!r} is not in data_prep.licenses.LICENSES")
         owner = row["repo"].split("/")[0]
         digest = row.get("sha256") or hashlib.sha256(row["file"].encode()).hexdigest()

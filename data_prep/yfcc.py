@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 from urllib.parse import quote_plus, unquote_plus
 
+from fdf_core.errors import InputError
+
 COLUMNS_23 = (
     "photo_id", "user_nsid", "user_nickname", "date_taken", "date_uploaded", "capture_device",
     "title", "description", "user_tags", "machine_tags", "longitude", "latitude", "accuracy",
@@ -23,8 +25,9 @@ _INDEX = {n: {name: i for i, name in enumerate(cols)}
           for n, cols in ((23, COLUMNS_23), (25, COLUMNS_25))}
 
 
-class MetadataError(ValueError):
-    """A metadata line that is not a YFCC100M record; the message names file and line."""
+class MetadataError(InputError):
+    """A metadata line that is not a YFCC100M record; the message names file and line and says
+    how to go on (`--on_bad_line skip`)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ def iter_records(path: str | os.PathLike, on_bad_line: Literal["error", "skip"] 
                 yield parse_line(line, str(path), file_line)
             except MetadataError as e:
                 if on_bad_line == "error":
-                    raise
+                    raise MetadataError(f"{e} (fix the line, or skip such lines with "
+                                        "--on_bad_line skip)") from None
                 if skipped is not None:
                     skipped(str(e))
 

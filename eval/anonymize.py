@@ -5,27 +5,37 @@
     anonymize photos/ anonymized/ --method pixelation_16x16
 
 A folder is walked recursively and mirrored into OUTPUT (photos and videos by extension; other
-files are skipped and counted). A photo in which no face is found is copied byte for byte; other
+files are ignored and counted). A photo in which no face is found is copied byte for byte; other
 photos are written in the format of their extension (JPEG quality 95), without the source's
 metadata. Videos keep their frame rate and audio (`eval.video`). The options of the run are saved
 as `<OUTPUT>.options.json` beside a file output, or `<OUTPUT>/anonymize_options.json`.
+
+One unreadable photo or video in a folder does not stop the others: it is skipped with its reason,
+every good file is written, and the summary (JSON on stdout) lists the skipped files; the command
+then exits with status 5 (fdf_core.errors). A folder with no photo or video is an error (exit 4)
+unless `--allow_empty true`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_prep.tario import atomic_write_json
-from eval.anonymizer import Anonymizer, AnonymizerConfig
+from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig
 from eval.video import VideoOptions, anonymize_video, is_video
+from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError, SkippedItemsError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
@@ -38,11 +48,13 @@ class AnonymizeConfig(AnonymizerConfig, VideoOptions):
     input: photo, video or folder
     output: file of the same kind, or a folder for a folder
     progress: show progress bars
+    allow_empty: a folder without photos or videos is not an error
     """
 
     input: str
     output: str
     progress: bool = True
+    allow_empty: bool = False
 
 
 def _fields_of(cls, cfg) -> dict:
@@ -57,8 +69,21 @@ def read_image(path: Path) -> tuple[np.ndarray, Image.Image | None]:
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
             alpha = im.convert("RGBA").getchannel("A") if has_alpha else None
             return np.array(im.convert("RGB")), alpha
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+
+
+def video_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a video (None if its first frame decodes): checked before the
+    video is started, so that a broken file is skipped like an unreadable photo."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return "cannot be opened as a video"
+        ok, _ = cap.read()
+        return None if ok else "no frame could be decoded"
+    finally:
+        cap.release()
 
 
 def write_image(path: Path, rgb: np.ndarray, alpha: Image.Image | None) -> None:
@@ -78,14 +103,36 @@ def write_image(path: Path, rgb: np.ndarray, alpha: Image.Image | None) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], progress: bool = True) -> dict:
-    """Photos `src → dst`, `batch_size` at a time through the detector; counts per outcome."""
+def _readable(pairs: list[tuple[Path, Path]], skipped: list[dict]) -> tuple[list, list]:
+    """The pairs whose photo decodes, with the pixels; the others are added to `skipped`."""
+    good, loaded = [], []
+    for src, dst in pairs:
+        try:
+            loaded.append(read_image(src))
+        except InputError as err:
+            log.warning("skipped %s", err)
+            skipped.append({"file": str(src), "reason": str(err).removeprefix(f"{src}: ")})
+            continue
+        good.append((src, dst))
+    return good, loaded
+
+
+def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], progress: bool = True,
+                     skipped: list[dict] | None = None) -> dict:
+    """Photos `src → dst`, `batch_size` at a time through the detector; counts per outcome.
+
+    A photo that cannot be read is skipped and appended to `skipped` (file, reason); the others are
+    written whatever happens to it.
+    """
     stats = {"images": 0, "images_with_faces": 0, "faces": 0, "faces_without_pose": 0, "copied_unchanged": 0}
+    skipped = [] if skipped is None else skipped
     step = anonymizer.cfg.batch_size
     with tqdm(total=len(pairs), unit="img", desc="photos", disable=not progress) as bar:
         for start in range(0, len(pairs), step):
-            chunk = pairs[start:start + step]
-            loaded = [read_image(src) for src, _ in chunk]
+            chunk, loaded = _readable(pairs[start:start + step], skipped)
+            bar.update(len(pairs[start:start + step]) - len(chunk))
+            if not chunk:
+                continue
             images = [rgb for rgb, _ in loaded]
             faces = anonymizer.find_faces(images)
             with_faces = [i for i, f in enumerate(faces) if len(f)]
@@ -105,46 +152,92 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
     return stats
 
 
+def _check_options(cfg: AnonymizeConfig) -> None:
+    """Refuse bad options before any file is touched (the anonymizer would raise a bare ValueError)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r}: choose from {', '.join(METHODS)}")
+    if cfg.batch_size < 1 or cfg.feather < 0:
+        raise ConfigError(f"--batch_size ({cfg.batch_size}) must be >= 1 and --feather ({cfg.feather}) >= 0")
+
+
+def _folder_jobs(src: Path, dst: Path, allow_empty: bool) -> tuple[list, list, int]:
+    """(photo pairs, video pairs, count of other files) of a folder mirrored into `dst`."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"input {src} is a folder: output {dst} must be a folder too")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and dst.resolve() not in p.resolve().parents)
+    photos = [(p, dst / p.relative_to(src)) for p in files if p.suffix.lower() in IMAGE_EXTS]
+    videos = [(p, dst / p.relative_to(src)) for p in files if is_video(p)]
+    if not photos and not videos and not allow_empty:
+        raise NothingToDoError(f"input {src}: no photo ({', '.join(IMAGE_EXTS)}) or video in the folder "
+                               f"({len(files)} other files); check the path, or pass --allow_empty true")
+    return photos, videos, len(files) - len(photos) - len(videos)
+
+
+def _file_jobs(src: Path, dst: Path) -> tuple[list, list]:
+    """The one photo or video pair; the input's kind is checked first, then the output's."""
+    kind_in = is_video(src)
+    if not kind_in and src.suffix.lower() not in IMAGE_EXTS:
+        raise InputError(f"input {src}: not a photo ({', '.join(IMAGE_EXTS)}) or a video (.mp4, .mov, ...) "
+                         "by its extension")
+    if kind_in != is_video(dst) or (not kind_in and dst.suffix.lower() not in IMAGE_EXTS):
+        raise ConfigError(f"output {dst} must be a {'video' if kind_in else 'photo'} file like the input "
+                          f"{src.name} (photos: {', '.join(IMAGE_EXTS)})")
+    if kind_in and (problem := video_problem(src)):
+        raise InputError(f"{src}: {problem}")
+    if not kind_in:
+        read_image(src)  # an unreadable photo is an error before anything is written or loaded
+    return ([], [(src, dst)]) if kind_in else ([(src, dst)], [])
+
+
+def _readable_videos(videos: list[tuple[Path, Path]], skipped: list[dict]) -> list[tuple[Path, Path]]:
+    good = []
+    for v_src, v_dst in videos:
+        if problem := video_problem(v_src):
+            log.warning("skipped %s: %s", v_src, problem)
+            skipped.append({"file": str(v_src), "reason": problem})
+        else:
+            good.append((v_src, v_dst))
+    return good
+
+
 def run(cfg: AnonymizeConfig) -> dict:
-    """Anonymize `cfg.input` into `cfg.output`; returns (and prints) a summary."""
+    """Anonymize `cfg.input` into `cfg.output`; returns (and prints) a summary.
+
+    The summary counts what was `written` and lists what was `skipped` (file and reason); a folder
+    goes on past unreadable files, a single unreadable input is an :class:`InputError`.
+    """
     start = time.perf_counter()
+    _check_options(cfg)
     src, dst = Path(cfg.input), Path(cfg.output)
     if not src.exists():
-        raise FileNotFoundError(f"input {src} does not exist")
+        raise MissingInputError(f"input {src} does not exist")
     if src.resolve() == dst.resolve():
-        raise ValueError(f"output {dst} would overwrite the input")
+        raise ConfigError(f"output {dst} would overwrite the input")
+    skipped: list[dict] = []
     if src.is_dir():
-        if dst.exists() and not dst.is_dir():
-            raise ValueError(f"input {src} is a folder: output {dst} must be a folder too")
-        files = sorted(p for p in src.rglob("*") if p.is_file() and dst.resolve() not in p.resolve().parents)
-        photos = [(p, dst / p.relative_to(src)) for p in files if p.suffix.lower() in IMAGE_EXTS]
-        videos = [(p, dst / p.relative_to(src)) for p in files if is_video(p)]
-        skipped = len(files) - len(photos) - len(videos)
+        photos, videos, ignored = _folder_jobs(src, dst, cfg.allow_empty)
+        videos = _readable_videos(videos, skipped)
         options_file = dst / "anonymize_options.json"
     else:
-        kind_in, kind_out = is_video(src), is_video(dst)
-        if kind_in != kind_out or (not kind_in and dst.suffix.lower() not in IMAGE_EXTS):
-            raise ValueError(f"output {dst} must be a {'video' if kind_in else 'photo'} file like the input "
-                             f"(photos: {', '.join(IMAGE_EXTS)})")
-        if not kind_in and src.suffix.lower() not in IMAGE_EXTS:
-            raise ValueError(f"input {src}: not a photo ({', '.join(IMAGE_EXTS)}) or a video")
-        photos, videos = ([], [(src, dst)]) if kind_in else ([(src, dst)], [])
-        skipped = 0
+        (photos, videos), ignored = _file_jobs(src, dst), 0
         options_file = dst.with_name(dst.name + ".options.json")
     atomic_write_json(options_file, asdict(cfg))
     anonymizer = Anonymizer(cfg)
-    summary = {"method": cfg.method, **anonymize_images(anonymizer, photos, cfg.progress), "videos": []}
+    summary = {"method": cfg.method, **anonymize_images(anonymizer, photos, cfg.progress, skipped), "videos": []}
     video_opts = VideoOptions(**_fields_of(VideoOptions, cfg))
     for v_src, v_dst in videos:
         summary["videos"].append({"file": str(v_src), **anonymize_video(anonymizer, v_src, v_dst, video_opts,
                                                                         cfg.progress)})
-    summary.update(skipped_files=skipped, seconds=round(time.perf_counter() - start, 3))
+    summary.update(written=summary["images"] + len(summary["videos"]), skipped=skipped, ignored_files=ignored,
+                   seconds=round(time.perf_counter() - start, 3))
     print(json.dumps(summary))
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    """The console script: `run`, then exit status 5 (SkippedItemsError) if anything was skipped."""
+    from jsonargparse import ActionConfigFile
+    from fdf_core.console import ArgumentParser
     parser = ArgumentParser(prog="anonymize", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", type=str, help="photo, video or folder")
     parser.add_argument("output", type=str, help="file of the same kind, or a folder")
@@ -152,8 +245,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_class_arguments(AnonymizeConfig, as_group=False, skip={"input", "output"})
     ns = parser.parse_args(argv).as_dict()
     ns.pop("config", None)
-    return run(AnonymizeConfig(**ns))
+    cfg = AnonymizeConfig(**ns)
+    summary = run(cfg)
+    if summary["skipped"]:
+        first, n = summary["skipped"][0], len(summary["skipped"])
+        raise SkippedItemsError(f"{n} of {n + summary['written']} files skipped, the other {summary['written']} "
+                                f"written to {cfg.output}; first: {first['file']}: {first['reason']} (all in "
+                                "the summary)", summary)
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "anonymize"))

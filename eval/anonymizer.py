@@ -5,7 +5,7 @@ the builder's rule), stored as an FDF sample (JPEG q95 crop + box and keypoints 
 FORMAT.md §2) and read back by training's own `decode_sample` and `prepare`, so inference inputs are
 built by the training code path itself (same keypoint conversion, same box blanking). A face whose
 keypoints the backend cannot match is still anonymized, with every keypoint missing (no pose):
-leaving it untouched was a flaw of the 2019 evaluation (REFERENCE.md "Evaluation").
+leaving it untouched was a flaw of the 2019 evaluation (docs/reference.md, "Flaws of the 2019 evaluation").
 
 The generated crop is resized back and pasted with a feathered edge: weight 1 on the face box
 (every pixel the box touches), falling linearly to 0 over `feather` × the face side outside it.
@@ -36,6 +36,7 @@ from PIL import Image
 from data_prep.assets import resolve_file
 from data_prep.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
+from fdf_core.errors import ConfigError
 from fdf_core.fid import to_uint8
 from fdf_builder import crop as fdfcrop
 from fdf_builder.keypoints import KEYPOINT_NAMES
@@ -170,9 +171,9 @@ class Anonymizer:
     def __init__(self, cfg: AnonymizerConfig, generator: GeneratorAt | None = None,
                  detector=None, keypoint_model=None):
         if cfg.method not in METHODS:
-            raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"--method {cfg.method!r}: unknown; choose from {', '.join(METHODS)}")
         if cfg.batch_size < 1 or cfg.feather < 0:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must be >= 1 and feather ({cfg.feather}) >= 0")
+            raise ConfigError(f"--batch_size ({cfg.batch_size}) must be >= 1 and --feather ({cfg.feather}) >= 0")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.timings: dict[str, float] = defaultdict(float)
@@ -191,7 +192,7 @@ class Anonymizer:
             self.generator_name = self.generator_name or f"given generator: {generator.resolution}x{generator.resolution}"
         self.crop_rule = cfg.crop_rule or trained_rule
         if self.crop_rule not in fdfcrop.CROP_RULES:
-            raise ValueError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
+            raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
 
     @cached_property
     def detector(self):

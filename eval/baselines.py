@@ -1,9 +1,9 @@
 """Traditional anonymizers, the baselines of DeepPrivacy's WIDER FACE table.
 
 Each one rewrites the pixels inside the given face boxes and nothing else. Two choices differ from
-the 2019 evaluation code on purpose (REFERENCE.md "Evaluation"): black-out is true black (the
-original filled the box with noise) and pixelation is blocky, area-downsampled then
-nearest-upsampled (the original upsampled bilinearly, which is a blur). The parameters of every
+the 2019 evaluation code on purpose (docs/reference.md, "Flaws of the 2019 evaluation"): black-out
+is true black (the original filled the box with noise) and pixelation is blocky, area-downsampled
+then nearest-upsampled (the original upsampled bilinearly, which is a blur). The parameters of every
 method are recorded in :data:`BASELINES` so a result table can print exactly what was run.
 
 Boxes are `(N, 4)` `x0, y0, x1, y1` in pixels; the box covers pixel columns `floor(x0) ..

@@ -29,6 +29,7 @@ import yaml
 from data_prep.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.baselines import anonymize_boxes
+from fdf_core.errors import ConfigError, InputError, MissingInputError
 from fdf_core.fid import RandomConvFeatures, compute_fid
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
@@ -83,7 +84,7 @@ def run_config(run_dir: Path | None) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not readable YAML ({e})") from None
+        raise InputError(f"{path}: not readable YAML ({e})") from None
 
 
 def mlflow_target(checkpoint: Path, tracking_uri: str | None = None,
@@ -129,10 +130,10 @@ def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: 
 def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
     if cfg.feature not in METRIC_NAMES:
-        raise ValueError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {cfg.feature!r}")
+        raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {cfg.feature!r}")
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"--checkpoint {ckpt}: no such file")
+        raise MissingInputError(f"--checkpoint {ckpt}: no such file")
     run_dir = run_dir_of(ckpt)
     threshold = cfg.keypoint_threshold
     if threshold is None:
@@ -156,8 +157,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.log_mlflow:
         uri, run_id = mlflow_target(ckpt, cfg.tracking_uri, cfg.run_id)
         if run_id is None or uri is None:
-            raise ValueError(f"{ckpt}: no MLflow run recorded (no mlflow_run_id, or not in <run_dir>/checkpoints/): "
-                             "give --run_id and --tracking_uri, or --log_mlflow false")
+            raise ConfigError(f"{ckpt}: no MLflow run recorded (no mlflow_run_id, or not in <run_dir>/checkpoints/): "
+                              "give --run_id and --tracking_uri, or --log_mlflow false")
         result.update(tracking_uri=uri, run_id=run_id)
         atomic_write_json(out, result)
         from mlflow.tracking import MlflowClient
@@ -179,4 +180,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-eval"))

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.assets import MissingAssetError
+from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
 from data_prep.tario import atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
 
@@ -101,14 +101,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def photo_pairs(folder: Path, limit: int | None = None) -> list[tuple[Path, Path]]:
     """(first, second) photo of every person with at least two, in name order."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"--pairs_dir {folder}: no such folder")
+        raise MissingInputError(f"--pairs_dir {folder}: no such folder")
     people: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(folder.iterdir()):
         if m := PAIR_NAME.match(path.name):
             people[m.group("person")].append(path)
     pairs = [(photos[0], photos[1]) for _, photos in sorted(people.items()) if len(photos) >= 2]
     if not pairs:
-        raise FileNotFoundError(f"--pairs_dir {folder}: no photo pairs named Person_Name_0001.jpg / _0002.jpg")
+        raise InputError(f"--pairs_dir {folder}: no photo pairs named Person_Name_0001.jpg / _0002.jpg")
     return pairs[:limit]
 
 
@@ -191,14 +191,14 @@ def run(cfg: IdentityConfig) -> dict:
     start = time.perf_counter()
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     pairs = photo_pairs(Path(cfg.pairs_dir), cfg.num_pairs)
     faces = DlibFaces(cfg.dlib_models)
     anonymizers = {m: Anonymizer(AnonymizerConfig(**{**{k: getattr(cfg, k) for k in AnonymizerConfig.__dataclass_fields__},
                                                      "method": m})) for m in cfg.methods}  # load all before work
     kept, first, second, skipped = subjects(faces, pairs, cfg.progress)
     if len(kept) < 2:
-        raise ValueError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
+        raise InputError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
     impostors = impostor_distances(first, second)
     threshold = threshold_at_far(impostors, cfg.far)
     genuine = np.linalg.norm(first - second, axis=1)
@@ -230,4 +230,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-identity"))

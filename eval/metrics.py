@@ -102,5 +102,7 @@ def fid_val(opts: MetricOptions) -> dict[str, float]:
 def wider_ap(opts: MetricOptions) -> dict[str, float]:
     """WIDER FACE val AP (official protocol) of detections written in the kit's text layout."""
     _require(opts, "wider_ap", "detections_dir")
-    aps = wider.evaluate(wider.read_detections(opts.detections_dir), wider.load_wider_gt(opts.wider_root))
+    detections, gt = wider.read_detections(opts.detections_dir), wider.load_wider_gt(opts.wider_root)
+    wider.check_coverage(detections, gt, opts.detections_dir)
+    aps = wider.evaluate(detections, gt)
     return {f"wider_ap_{d}": ap for d, ap in aps.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep.tario import atomic_write_json
 from eval import evaluate
+from fdf_core.errors import ConfigError, NothingToDoError
 
 SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
 
@@ -103,7 +104,7 @@ def run(cfg: PlotConfig) -> dict:
     ckpts = checkpoints(run_dir)
     if cfg.evaluate:
         if cfg.data_root is None:
-            raise ValueError("--evaluate needs --data_root (the FDF shards the run was trained on)")
+            raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
         for ckpt in ckpts:
             out = evaluate.default_output(ckpt, cfg.feature)
             if not out.is_file():
@@ -116,11 +117,11 @@ def run(cfg: PlotConfig) -> dict:
     if (uri is None or run_id is None) and ckpts:
         uri, run_id = evaluate.mlflow_target(ckpts[-1], uri, run_id)
     if uri is None or run_id is None:
-        raise ValueError(f"{run_dir}: no checkpoint naming its MLflow run: give --tracking_uri and --run_id")
+        raise ConfigError(f"{run_dir}: no checkpoint naming its MLflow run: give --tracking_uri and --run_id")
     series, phases = fid_history(uri, run_id)
     if not series:
-        raise ValueError(f"MLflow run {run_id} ({uri}) has no FID metric yet: run fdf-eval on its checkpoints "
-                         "or pass --evaluate")
+        raise NothingToDoError(f"MLflow run {run_id} ({uri}) has no FID metric yet: run fdf-eval on its checkpoints "
+                               "or pass --evaluate")
     output = Path(cfg.output) if cfg.output else run_dir / "fid_vs_kimg.png"
     atomic_write_json(output.with_name(output.stem + "_options.json"), asdict(cfg))
     plot_fid(series, phases, output, f"{run_dir.name} ({run_id[:8]})")
@@ -135,4 +136,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-plot-fid"))

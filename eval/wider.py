@@ -1,7 +1,8 @@
 """WIDER FACE validation ground truth and the official detection AP protocol.
 
-The numbers must be comparable with the literature (REFERENCE.md "Evaluation"), so this follows
-the official kit (Yang et al. 2016, MATLAB `eval_tools`; its Python port) rule for rule:
+The numbers must be comparable with the literature (docs/reference.md, "Evaluation on WIDER
+FACE"), so this follows the official kit (Yang et al. 2016, MATLAB `eval_tools`; its Python port)
+rule for rule:
 
 - scores are normalized over the whole detection set with the kit's min/max (min starts at 1,
   max at 0), detections of an image are taken in descending score order (stable for ties);
@@ -25,6 +26,7 @@ stores `x y w h score`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,12 +37,19 @@ import scipy.io
 
 from data_prep.assets import MissingAssetError, assets_dir
 from data_prep.tario import atomic_write_bytes, atomic_write_json
+from fdf_core.errors import InputError, MissingInputError, NothingToDoError
+
+log = logging.getLogger(__name__)
 
 DIFFICULTIES = ("easy", "medium", "hard")
 LABEL_NAMES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 GT_MAT = "wider_face_val.mat"
 GT_TXT = "wider_face_val_bbx_gt.txt"
 NUM_THRESHOLDS = 1000
+
+
+class UnknownImageError(InputError, KeyError):
+    """A detection for an image that is not in the validation set (a KeyError for old callers)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class WiderGT:
         """Index of an image given as `event/file.jpg`, `file.jpg` or `file` (stems are unique)."""
         stem = Path(name).stem
         if stem not in self._stems:
-            raise KeyError(f"{name!r} is not a WIDER FACE validation image")
+            raise UnknownImageError(f"{name!r} is not a WIDER FACE validation image")
         return self._stems[stem]
 
     def boxes_xyxy(self, i: int) -> np.ndarray:
@@ -298,30 +307,30 @@ def read_detections(pred_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a folder in the kit's layout into `{"event/file.jpg": (N, 5) x0 y0 x1 y1 score}`."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
-        raise FileNotFoundError(f"detection folder {pred_dir} does not exist")
+        raise MissingInputError(f"detection folder {pred_dir} does not exist")
     out = {}
     for path in sorted(pred_dir.glob("*/*.txt")):
         lines = path.read_text().splitlines()
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) < 2:
-            raise ValueError(f"{path}: expected the image name and the detection count")
+            raise InputError(f"{path}: expected the image name and the detection count")
         if Path(lines[0].strip().replace("\\", "/")).stem != path.stem:
-            raise ValueError(f"{path}:1: image name {lines[0].strip()!r} does not match the file name")
+            raise InputError(f"{path}:1: image name {lines[0].strip()!r} does not match the file name")
         try:
             count = int(lines[1])
         except ValueError:
-            raise ValueError(f"{path}:2: expected the detection count, got {lines[1]!r}") from None
+            raise InputError(f"{path}:2: expected the detection count, got {lines[1]!r}") from None
         if len(lines) - 2 != count:
-            raise ValueError(f"{path}: count says {count} detections, found {len(lines) - 2} lines")
+            raise InputError(f"{path}: count says {count} detections, found {len(lines) - 2} lines")
         rows = []
         for k, line in enumerate(lines[2:], start=3):
             try:
                 vals = [float(v) for v in line.split()]
             except ValueError:
-                raise ValueError(f"{path}:{k}: expected 'x y w h score', got {line!r}") from None
+                raise InputError(f"{path}:{k}: expected 'x y w h score', got {line!r}") from None
             if len(vals) != 5:
-                raise ValueError(f"{path}:{k}: {len(vals)} values, expected 'x y w h score'")
+                raise InputError(f"{path}:{k}: {len(vals)} values, expected 'x y w h score'")
             rows.append(vals)
         d = np.asarray(rows, np.float64).reshape(-1, 5)
         d[:, 2:4] += d[:, 0:2]
@@ -336,22 +345,51 @@ class WiderEvalConfig:
     pred_dir: `<event>/<image>.txt` files (official layout)
     gt_dir: folder of the kit's .mat files (default `$FDF_ASSETS/wider`)
     output: JSON file for the APs (options are saved beside it)
+    strict: an image without a detection file is an error instead of a warning
     """
 
     pred_dir: str
     gt_dir: str | None = None
     output: str = "wider_ap.json"
     iou_threshold: float = 0.5
+    strict: bool = False
+
+
+def images_without_detections(detections: dict[str, np.ndarray], gt: WiderGT) -> list[str]:
+    """Validation images (kit order) that `detections` does not mention."""
+    have = {gt.index(name) for name in detections}
+    return [name for i, name in enumerate(gt.names) if i not in have]
+
+
+def check_coverage(detections: dict[str, np.ndarray], gt: WiderGT, pred_dir: str | os.PathLike,
+                   strict: bool = False) -> int:
+    """Warn (or with `strict` fail) when images have no detection file: the protocol scores them as
+    images without detections, so a truncated detection run gives a low AP without a word."""
+    if not detections:
+        raise NothingToDoError(f"--pred_dir {pred_dir}: no detection files (<event>/<image>.txt, the kit's "
+                               "layout)")
+    missing = images_without_detections(detections, gt)
+    if missing:
+        message = (f"{len(missing)} of {len(gt.names)} WIDER FACE val images have no detection file in "
+                   f"{pred_dir} (first: {Path(missing[0]).with_suffix('.txt')}); they count as images "
+                   "without detections, so a truncated run gives a low AP")
+        if strict:
+            raise InputError(message)
+        log.warning("%s (--strict true makes this an error)", message)
+    return len(missing)
 
 
 def run(cfg: WiderEvalConfig) -> dict[str, float]:
     start = time.perf_counter()
     gt = load_wider_gt(cfg.gt_dir)
-    aps = evaluate(read_detections(cfg.pred_dir), gt, iou_threshold=cfg.iou_threshold)
+    detections = read_detections(cfg.pred_dir)
+    missing = check_coverage(detections, gt, cfg.pred_dir, cfg.strict)
+    aps = evaluate(detections, gt, iou_threshold=cfg.iou_threshold)
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, aps)
-    print(json.dumps({**aps, "seconds": round(time.perf_counter() - start, 2)}))
+    print(json.dumps({**aps, "images_without_detections": missing,
+                      "seconds": round(time.perf_counter() - start, 2)}))
     return aps
 
 
@@ -362,4 +400,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-wider-ap"))

@@ -1,7 +1,7 @@
 """`fdf-wider`: DeepPrivacy's WIDER FACE table — how well a face detector still finds anonymized faces.
 
-Every face of each validation image is anonymized from its ground-truth box (REFERENCE.md
-"Evaluation") by each method: none (the original), black-out, pixelation 16x16 and 8x8, 9x9
+Every face of each validation image is anonymized from its ground-truth box (docs/reference.md,
+"The paper's table") by each method: none (the original), black-out, pixelation 16x16 and 8x8, 9x9
 Gaussian blur σ=3, heavy blur, and the generator. The generator gets keypoints from the data
 builder's keypoint backend; a face the backend cannot match is anonymized without pose (all
 keypoints missing) instead of being left untouched as in the 2019 evaluation. A detector then runs on
@@ -30,6 +30,7 @@ from eval.anonymize import read_image
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import BASELINES, PAPER_AP, anonymize_boxes
 from eval.wider import DIFFICULTIES, WiderGT, evaluate, load_wider_gt, write_detections
+from fdf_core.errors import ConfigError, MissingInputError
 
 ROWS = ("original", *BASELINES, "generator")
 DESCRIPTIONS = {"original": "no anonymization", "generator": "DeepPrivacy generator (EMA, z = 0)",
@@ -109,12 +110,12 @@ def run(cfg: WiderJobConfig) -> dict:
     start = time.perf_counter()
     unknown = [m for m in cfg.methods if m not in ROWS]
     if unknown or not cfg.methods:
-        raise ValueError(f"methods {unknown or cfg.methods}: choose from {', '.join(ROWS)}")
+        raise ConfigError(f"--methods {unknown or cfg.methods}: choose from {', '.join(ROWS)}")
     gt = load_wider_gt(cfg.gt_dir)
     root = Path(cfg.images)
     indices = [i for i, name in enumerate(gt.names) if (root / name).is_file()][:cfg.limit]
     if not indices:
-        raise FileNotFoundError(f"none of the {len(gt.names)} WIDER FACE val images is under {root} "
+        raise MissingInputError(f"none of the {len(gt.names)} WIDER FACE val images is under {root} "
                                 f"(expected <event>/<file>.jpg, e.g. {root / gt.names[0]})")
     out = Path(cfg.output_dir)
     atomic_write_json(out / "options.json", asdict(cfg))
@@ -169,4 +170,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-wider"))

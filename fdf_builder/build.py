@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
 from fdf_builder import crop as fdfcrop
 from fdf_builder.shards import parse_range, raw_shard_ids, split_of
+from fdf_core.errors import ConfigError, NothingToDoError
 
 SPLITS = ("train", "val")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -56,6 +57,7 @@ class BuildConfig:
     jpeg_quality: int = 95  # of the stored crops
     ffcv: bool = False  # also write <output_dir>/<split>.beton (needs the `ffcv` extra)
     progress: bool = True  # tqdm bar with img/s and faces/s
+    allow_empty: bool = False  # no raw shard in --input_dir (or in --shards) is not an error (exit 4 otherwise)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ShardStats:
 def options_hash(cfg: BuildConfig) -> str:
     """Hash of the options that change shard content (not paths, ranges or UI)."""
     skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "processes", "device",
-            "allow_download"}
+            "allow_download", "allow_empty"}
     content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
     if content.get("crop_rule") == "fdf":  # the rule before the option existed: old builds keep their hash
         del content["crop_rule"]
@@ -302,6 +304,9 @@ def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
                 faces_before += st["faces_kept"]
                 yield st
         return
+    # Load the models here once first: a missing or wrong weight file is then one error, whereas a
+    # Pool initializer that raises makes the pool start new workers for ever.
+    FaceAnnotator(cfg)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(min(cfg.processes, len(todo)), initializer=_worker_init, initargs=(cfg,)) as pool:
         for st in pool.imap_unordered(_worker_build, todo):
@@ -315,10 +320,16 @@ def run(cfg: BuildConfig) -> dict:
     """Build every raw shard of `cfg.shards` that is not done yet; return the index."""
     out = Path(cfg.output_dir)
     if cfg.crop_rule not in fdfcrop.CROP_RULES:
-        raise ValueError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {cfg.crop_rule!r}")
+        raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {cfg.crop_rule!r}")
+    available = raw_shard_ids(cfg.input_dir)
+    todo_all = parse_range(cfg.shards, available)
+    if not todo_all and not cfg.allow_empty:
+        where = f"--shards {cfg.shards} selects none of the {len(available)}" if available else "no"
+        raise NothingToDoError(f"--input_dir {cfg.input_dir}: {where} finished raw shards (NNNNN.tar with "
+                               "NNNNN_stats.json, written by fdf-download); check the folder, or pass "
+                               "--allow_empty true")
     out.mkdir(parents=True, exist_ok=True)
     _check_options(cfg)
-    todo_all = parse_range(cfg.shards, raw_shard_ids(cfg.input_dir))
     todo = [s for s in todo_all if not (out / "stats" / f"{s}.json").exists()]
     print(f"fdf-build: {len(todo_all) - len(todo)} of {len(todo_all)} shards already done, "
           f"{len(todo)} to build → {out}")
@@ -352,9 +363,9 @@ def _check_options(cfg: BuildConfig) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("options_hash") != opts["options_hash"] and any((out / "stats").glob("*.json")):
-            raise ValueError(f"{path}: this output folder was built with other options "
-                             f"(hash {old.get('options_hash')} != {opts['options_hash']}); "
-                             "use a new --output_dir")
+            raise ConfigError(f"{path}: this output folder was built with other options "
+                              f"(hash {old.get('options_hash')} != {opts['options_hash']}); "
+                              "use a new --output_dir")
     atomic_write_json(path, opts)
 
 

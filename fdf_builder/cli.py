@@ -12,4 +12,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-build"))

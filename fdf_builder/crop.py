@@ -1,6 +1,6 @@
 """FDF's face crop: square the detector box, grow it by 35% of its side on every side, resize.
 
-The rule follows DeepPrivacy's data set (REFERENCE.md, "Crop"): the square stays inside the photo
+The rule follows DeepPrivacy's data set (docs/reference.md, "Crop"): the square stays inside the photo
 whenever it can (shifted, expansion capped), so most crops contain no padding; only when even the
 squared face box does not fit does it fall back to a centred 1.7x square padded with zeros.
 

@@ -31,6 +31,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import nms as nms_op
 
 from data_prep.assets import MissingAssetError, resolve_file
+from fdf_core.errors import ConfigError, InputError
 
 DETECTORS = ("retinaface_mnet025", "retinaface_r50")
 MNET_ASSET = "weights/retinaface/mobilenet0.25_Final.pth"
@@ -120,15 +121,15 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             names = zf.namelist()
             if not any(n.endswith("data.pkl") for n in names):  # not torch's own zip format
                 if len(names) != 1:
-                    raise ValueError(f"{path}: zip with {len(names)} members, expected one "
+                    raise InputError(f"{path}: zip with {len(names)} members, expected one "
                                      "weight file")
                 source = io.BytesIO(zf.read(names[0]))
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: not a loadable torch weight file ({exc})") from exc
+        raise InputError(f"{path}: not a loadable torch weight file ({exc})") from exc
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise InputError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -136,7 +137,7 @@ def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], origin: str, na
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{origin}: weights do not fit {name}: {exc}") from exc
+        raise InputError(f"{origin}: weights do not fit {name}: {exc}") from exc
 
 
 def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
@@ -163,7 +164,8 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
                                 f"'{R50_PACKAGE_MODEL}' release, .zip or .pth)", WEIGHTS_FLAG)
         except MissingAssetError as exc:
             if weights or not allow_download:
-                raise MissingAssetError(f"{exc}. Or pass allow_download=True to fetch it.") \
+                raise MissingAssetError(f"{exc}. Or pass --allow_download true to fetch it "
+                                        "(needs internet).") \
                     from None
             from retinaface.pre_trained_models import models
             origin = models[R50_PACKAGE_MODEL].url
@@ -175,7 +177,7 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
         _load_strict(net, state, origin, name)
         preprocess = _R50_PREPROCESS
     else:
-        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+        raise ConfigError(f"--detector: unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
     return FaceDetector(name, net, preprocess, device=device, confidence=confidence, nms=nms,
                         max_size=max_size, batch_size=batch_size)
 
@@ -187,9 +189,10 @@ class FaceDetector:
                  confidence: float = 0.3, nms: float = 0.3, max_size: int = 1024,
                  batch_size: int = 8) -> None:
         if not 0.0 <= confidence <= 1.0 or not 0.0 <= nms <= 1.0:
-            raise ValueError(f"confidence ({confidence}) and nms ({nms}) must be in [0, 1]")
+            raise ConfigError(f"--confidence ({confidence}) and --nms ({nms}) must be in [0, 1]")
         if max_size < PAD_MULTIPLE or batch_size < 1:
-            raise ValueError(f"max_size must be >= {PAD_MULTIPLE} and batch_size >= 1")
+            raise ConfigError(f"--detect_max_size ({max_size}) must be >= {PAD_MULTIPLE} and --batch_size "
+                              f"({batch_size}) >= 1")
         self.name = name
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from data_prep.assets import MissingAssetError, resolve_file
+from fdf_core.errors import ConfigError, InputError
 from fdf_builder.detector import load_state_dict
 from fdf_builder.matching import FACE_KEYPOINTS, SCORE_THRESHOLD, face_in_box, match_faces
 
@@ -59,7 +60,7 @@ def build_keypoint_model(name: str = "movenet", weights: str | None = None, devi
         return MoveNetKeypoints(str(path))
     if name == "keypoint-rcnn":
         return KeypointRCNNKeypoints(_keypoint_rcnn_state(weights, allow_download), device)
-    raise ValueError(f"unknown keypoint backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise ConfigError(f"--keypoints: unknown keypoint backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _check(image: np.ndarray, boxes: np.ndarray,
@@ -109,12 +110,12 @@ class MoveNetKeypoints(KeypointModel):
             self.interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
             self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"{model_path}: not a loadable TFLite model ({exc})") from exc
+            raise InputError(f"{model_path}: not a loadable TFLite model ({exc})") from exc
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]
         if tuple(inp["shape"]) != (1, MOVENET_INPUT, MOVENET_INPUT, 3) or inp["dtype"] != np.uint8 \
                 or tuple(out["shape"]) != (1, 1, 17, 3):
-            raise ValueError(f"{model_path}: expected MoveNet SinglePose Lightning int8 (uint8 "
+            raise InputError(f"{model_path}: expected MoveNet SinglePose Lightning int8 (uint8 "
                              f"input 1x{MOVENET_INPUT}x{MOVENET_INPUT}x3, output 1x1x17x3), got "
                              f"input {inp['shape'].tolist()} {inp['dtype'].__name__}, output "
                              f"{out['shape'].tolist()}")
@@ -155,7 +156,8 @@ def _keypoint_rcnn_state(weights: str | None, allow_download: bool) -> dict[str,
                             "keypointrcnn_resnet50_fpn_coco state dict, .pth)", WEIGHTS_FLAG)
     except MissingAssetError as exc:
         if weights or not allow_download:
-            raise MissingAssetError(f"{exc}. Or pass allow_download=True to fetch it.") from None
+            raise MissingAssetError(f"{exc}. Or pass --allow_download true to fetch it (needs "
+                                    "internet).") from None
         from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
         return KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(
             progress=False, map_location="cpu", weights_only=True)
@@ -178,7 +180,7 @@ class KeypointRCNNKeypoints(KeypointModel):
         try:
             net.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"weights do not fit keypointrcnn_resnet50_fpn: {exc}") from exc
+            raise InputError(f"weights do not fit keypointrcnn_resnet50_fpn: {exc}") from exc
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.threshold = threshold

@@ -1,4 +1,4 @@
-"""FDF's rule for pairing face boxes with detected persons (REFERENCE.md, "Matching").
+"""FDF's rule for pairing face boxes with detected persons (docs/reference.md, "Matching").
 
 Face boxes are visited from the most to the least confident; each takes the first person, in the
 order the keypoint model listed them, that no earlier box took and whose nose and both eyes lie in

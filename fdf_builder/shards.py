@@ -5,6 +5,8 @@ import hashlib
 import re
 from pathlib import Path
 
+from fdf_core.errors import ConfigError, MissingInputError
+
 SHARD_RE = re.compile(r"^(\d{5})_stats\.json$")
 
 
@@ -12,7 +14,8 @@ def raw_shard_ids(input_dir: str | Path) -> list[str]:
     """Finished data_prep shards (those whose stats file exists), sorted."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: no such raw shard folder (run fdf-download first)")
+        raise MissingInputError(f"--input_dir {input_dir}: no such raw shard folder (the --output_dir "
+                                "of fdf-download)")
     return sorted(m.group(1) for p in input_dir.iterdir() if (m := SHARD_RE.match(p.name)))
 
 
@@ -25,7 +28,7 @@ def parse_range(spec: str | None, shard_ids: list[str]) -> list[str]:
         start = int(start_s) if start_s else 0
         stop = int(stop_s) if stop_s else None
     except ValueError:
-        raise ValueError(f"shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
+        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
     return [s for s in shard_ids if int(s) >= start and (stop is None or int(s) < stop)]
 
 

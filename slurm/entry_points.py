@@ -1,27 +1,19 @@
-"""Console scripts. Each stage's `main(argv)` returns its summary for Python callers; the script
-must not hand that to `sys.exit` (setuptools' wrapper does), which would print it and exit 1."""
+"""Console scripts (setup.cfg). Each is `fdf_core.console.console_main`: the stage's `main(argv)`
+under one error policy, returning the exit status that setuptools' wrapper passes to `sys.exit`
+(0 success; the other codes in fdf_core.errors and the README, "Errors and exit codes")."""
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from fdf_core.console import console_main
 
-
-def _script(module: str) -> Callable[[], None]:
-    def entry() -> None:
-        importlib.import_module(module).main()  # imported on use: `--help` stays fast
-    entry.__doc__ = f"`{module}.main()`, exit status 0 on success."
-    return entry
-
-
-fdf_download = _script("data_prep.cli")
-fdf_ingest = _script("data_prep.folder")
-fdf_build = _script("fdf_builder.cli")
-fdf_pipeline = _script("slurm.pipeline")
-fdf_train = _script("training.cli")
-fdf_slurm_build = _script("slurm.build")
-fdf_eval = _script("eval.evaluate")
-fdf_wider = _script("eval.wider_job")
-fdf_wider_ap = _script("eval.wider")
-fdf_identity = _script("eval.identity")
-fdf_plot_fid = _script("eval.plots")
-anonymize = _script("eval.anonymize")
+fdf_download = console_main("data_prep.cli", "fdf-download")
+fdf_ingest = console_main("data_prep.folder", "fdf-ingest")
+fdf_build = console_main("fdf_builder.cli", "fdf-build")
+fdf_pipeline = console_main("slurm.pipeline", "fdf-pipeline")
+fdf_train = console_main("training.cli", "fdf-train")
+fdf_slurm_build = console_main("slurm.build", "fdf-slurm-build")
+fdf_eval = console_main("eval.evaluate", "fdf-eval")
+fdf_wider = console_main("eval.wider_job", "fdf-wider")
+fdf_wider_ap = console_main("eval.wider", "fdf-wider-ap")
+fdf_identity = console_main("eval.identity", "fdf-identity")
+fdf_plot_fid = console_main("eval.plots", "fdf-plot-fid")
+anonymize = console_main("eval.anonymize", "anonymize")

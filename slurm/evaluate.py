@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 
 from data_prep.tario import atomic_write_json
 from eval import evaluate
 from eval.plots import checkpoints as run_checkpoints
+from fdf_core.console import ArgumentParser
+from fdf_core.errors import MissingInputError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, job_folder, profile_from_namespace
 from slurm.launch import submit_array, wait
 
@@ -43,7 +45,7 @@ def evaluation_configs(base: evaluate.EvaluateConfig, checkpoints: Sequence[str 
     configs = []
     for ckpt in dict.fromkeys(Path(c) for c in checkpoints):
         if not ckpt.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+            raise MissingInputError(f"checkpoint {ckpt} does not exist")
         out = evaluate.default_output(ckpt, base.feature)
         if not (skip_done and out.is_file()):
             configs.append(dataclasses.replace(base, checkpoint=str(ckpt), output=str(out)))
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
     ns = build_parser().parse_args(argv)
     checkpoints = [*ns.checkpoints, *(run_checkpoints(Path(ns.run_dir)) if ns.run_dir else [])]
     if not checkpoints:
-        raise ValueError("nothing to evaluate: give --checkpoints and/or --run_dir (with checkpoints/img*.ckpt "
+        raise NothingToDoError("nothing to evaluate: give --checkpoints and/or --run_dir (with checkpoints/img*.ckpt "
                          "or final.ckpt)")
     fields = {f.name for f in dataclasses.fields(evaluate.EvaluateConfig)} - {"checkpoint", "output"}
     base = evaluate.EvaluateConfig(checkpoint="", **{k: ns[k] for k in fields})
@@ -119,4 +121,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "python -m slurm.evaluate"))

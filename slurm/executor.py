@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import submitit
 import yaml
-from jsonargparse import ArgumentParser
 from submitit.slurm.slurm import (SlurmExecutor, SlurmInfoWatcher, SlurmJob, _convert_mem,
                                   _make_sbatch_string)
+
+from fdf_core.console import ArgumentParser
+from fdf_core.errors import ConfigError, MissingInputError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -50,13 +52,13 @@ class ClusterProfile:
     def __post_init__(self) -> None:
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, name) < 1:
-                raise ValueError(f"cluster profile: {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"cluster profile: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("gpus_per_node", "signal_delay_s", "max_timeouts"):
             if getattr(self, name) < 0:
-                raise ValueError(f"cluster profile: {name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"cluster profile: {name} must be >= 0, got {getattr(self, name)}")
         if self.executor == "local" and self.nodes > 1:
-            raise ValueError(f"cluster profile: the local executor runs on one node, "
-                             f"got nodes={self.nodes}")
+            raise ConfigError(f"cluster profile: the local executor runs on one node, "
+                              f"got nodes={self.nodes}")
 
 
 def add_profile_arguments(parser: ArgumentParser, nested_key: str = "cluster") -> None:
@@ -72,7 +74,7 @@ def profile_path(name_or_path: str | Path) -> Path:
         p = PROFILES_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
         known = ", ".join(sorted(q.stem for q in PROFILES_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"cluster profile {name_or_path!r}: no file {p} (shipped: {known})")
+        raise MissingInputError(f"cluster profile {name_or_path!r}: no file {p} (shipped: {known})")
     return p
 
 
@@ -85,11 +87,11 @@ def load_profile(name_or_path: str | Path, **overrides: Any) -> ClusterProfile:
         ns = parser.parse_args(["--cluster", str(path)])
         values = ns.cluster.as_dict()
     except Exception as err:  # jsonargparse: ArgumentError / ValueError with the offending key
-        raise ValueError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {err}") from None
     values.pop("__path__", None)
     unknown = set(overrides) - set(values)
     if unknown:
-        raise ValueError(f"cluster profile: unknown option(s) {sorted(unknown)}")
+        raise ConfigError(f"cluster profile: unknown option(s) {sorted(unknown)}")
     return ClusterProfile(**{**values, **overrides})
 
 
@@ -121,7 +123,7 @@ def job_folder(p: ClusterProfile) -> Path:
     """`<log_dir>/%j` with `~` and `$VARS` expanded at submission time (sbatch quotes the paths)."""
     folder = os.path.expandvars(p.log_dir)
     if "$" in folder:
-        raise ValueError(f"cluster profile: log_dir {p.log_dir!r} names an unset environment variable")
+        raise ConfigError(f"cluster profile: log_dir {p.log_dir!r} names an unset environment variable")
     return Path(folder).expanduser().absolute() / "%j"
 
 
@@ -204,4 +206,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "python -m slurm.executor"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from data_prep.cli_util import parse_dataclass
 from data_prep.tario import atomic_write_json
+from fdf_core.errors import ConfigError, SkippedItemsError
 
 
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
@@ -107,7 +108,7 @@ def run(cfg: PipelineConfig) -> dict:
     atomic_write_json(work / "pipeline_options.json", asdict(cfg))
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
+        raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
     summary, start = {}, time.perf_counter()
     if "download" in cfg.stages:
         with corpus_metadata(cfg) as metadata:
@@ -125,9 +126,18 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
-                               description="Run the fdf stages end to end (see README)."))
+    """The console script: `run`, then exit status 5 if the anonymize stage skipped files."""
+    cfg = parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
+                          description="Run the fdf stages end to end (see README).")
+    summary = run(cfg)
+    skipped = summary.get("anonymize", {}).get("skipped") or []
+    if skipped:
+        raise SkippedItemsError(f"anonymize stage: {len(skipped)} files skipped, first: {skipped[0]['file']}: "
+                                f"{skipped[0]['reason']} (all in {Path(cfg.workdir) / 'pipeline_summary.json'})",
+                                summary)
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-pipeline"))

@@ -35,11 +35,12 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import submitit
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.loggers import MLFlowLogger
 
 from data_prep.tario import atomic_write_json
+from fdf_core.console import ArgumentParser
 from slurm.executor import ClusterProfile, add_profile_arguments, describe, profile_from_namespace
 from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, submit,
                           wait)
@@ -306,4 +307,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "python -m slurm.train"))

@@ -1,6 +1,7 @@
 """Shared fixtures: the real asset folder, a loopback corpus server, YFCC-style metadata for it."""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +16,29 @@ from data_prep.sample import CorpusServer, corpus_records, read_manifest, write_
 from data_prep.yfcc import YfccRecord
 
 
+def pytest_sessionstart(session) -> None:
+    """With FDF_REQUIRE_ASSETS set (CI, .ci/run) missing assets stop the session at once: skipping
+    every test that needs them would let a run pass with nothing tested."""
+    if os.environ.get("FDF_REQUIRE_ASSETS") and not _assets_found():
+        pytest.exit(f"FDF_REQUIRE_ASSETS is set but {_missing_assets()}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _assets_found() -> bool:
+    return (assets_dir() / "corpus" / "manifest.tsv").is_file()
+
+
+def _missing_assets() -> str:
+    return (f"the shared assets are not at {assets_dir()} (../shared/assets beside the checkout, or set "
+            "FDF_ASSETS to the folder holding weights/, corpus/ and wider/)")
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    """`/work/shared/assets` (or `$FDF_ASSETS`): real weights, corpus photos, WIDER ground truth."""
-    root = assets_dir()
-    if not (root / "corpus" / "manifest.tsv").is_file():
-        pytest.skip(f"shared assets not found at {root} (set FDF_ASSETS to the folder holding "
-                    "weights/, corpus/ and wider/)")
-    return root
+    """`$FDF_ASSETS`, else `../shared/assets` beside the checkout: real weights, corpus photos, WIDER
+    ground truth. Tests that need them skip without them, unless FDF_REQUIRE_ASSETS is set."""
+    if not _assets_found():
+        pytest.skip(_missing_assets())
+    return assets_dir()
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,7 @@ def test_folder_mirrored_and_photo_without_face_copied(tiny_run, tmp_path):
     out = tmp_path / "out"
     summary = anonymize_main([str(src), str(out), "--checkpoint", str(tiny_run / "checkpoints" / "final.ckpt"),
                               "--progress", "false", "--batch_size", "2"])
-    assert summary["images"] == 3 and summary["copied_unchanged"] == 1 and summary["skipped_files"] == 1
+    assert summary["images"] == 3 and summary["copied_unchanged"] == 1 and summary["ignored_files"] == 1
     assert summary["images_with_faces"] == 2 and summary["faces"] >= 3
     assert (out / "sub" / "empty.jpg").read_bytes() == (src / "sub" / "empty.jpg").read_bytes()
     for name in ("a.jpg", "sub/obama.png"):

@@ -118,6 +118,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow  # a kill-and-rerun loop
 def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
     """SIGKILL the pipeline (download + build) at points of every kind; the rerun must converge."""
     work = tmp_path / "killed"
@@ -178,6 +179,7 @@ def test_other_options_into_same_folder_are_refused(reference):
                           resolution=64, progress=False))
 
 
+@pytest.mark.slow  # FFCV
 def test_ffcv_export_matches_shards(tmp_path, reference):
     pytest.importorskip("ffcv", reason="the ffcv extra is not installed (install.sh installs it)")
     from ffcv.reader import Reader

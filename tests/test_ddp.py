@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
+
+pytestmark = pytest.mark.slow  # two DDP processes
 
 REPO = Path(__file__).resolve().parents[1]
 

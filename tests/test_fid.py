@@ -150,6 +150,7 @@ def _rank_worker(rank: int, world: int, port: int, files, batches, cache_dir, ou
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_ranks_give_the_single_process_value(corpus, tmp_path):
     files, batches = corpus
     single = fid.compute_fid(lambda b: b["img"].flip(-1), batches, feature=fid.RandomConvFeatures(dim=32),

@@ -26,6 +26,8 @@ from slurm import build
 from slurm.executor import PROFILES_DIR, describe, load_profile, main as show_main, render_sbatch
 from slurm.launch import RequeueableTask, distributed_env_from_slurm, submit, submit_array, wait
 
+pytestmark = pytest.mark.slow  # the loopback SLURM cluster (and its dry runs beside it)
+
 # Job functions live in this test module, which jobs cannot import: ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ENV_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NODEID",

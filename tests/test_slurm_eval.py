@@ -18,6 +18,8 @@ from eval import evaluate
 from slurm import evaluate as slurm_eval
 from slurm.executor import PROFILES_DIR
 
+pytestmark = pytest.mark.slow  # the loopback SLURM cluster
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ("img0000000024.ckpt", "final.ckpt")  # 8x8 → 16x16 fade-in at 24 images, 32x32 at the end
 

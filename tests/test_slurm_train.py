@@ -23,6 +23,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from slurm import train
 from slurm.executor import PROFILES_DIR, load_profile
 
+pytestmark = pytest.mark.slow  # the loopback SLURM cluster, multi-process training
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "training" / "configs" / "tiny_cpu.yaml")
 STEPS = 120  # of 8 images: 4 per phase 8 → fade16 → 16 → fade32, then 104 at 32x32

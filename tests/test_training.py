@@ -204,6 +204,7 @@ def mlflow_server(tmp_path):
         pass
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_logs_to_a_running_mlflow_server(fdf_shards, tmp_path, mlflow_server):
     main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(tmp_path / "run"), *FAST,
           "--model.schedule.total_kimg", "0.096", "--tracking-uri", mlflow_server, "--experiment_name", "served"])

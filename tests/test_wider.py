@@ -9,8 +9,8 @@ from eval import metrics, wider
 
 
 @pytest.fixture(scope="module")
-def gt():
-    return wider.load_wider_gt(assets_dir() / "wider")
+def gt(assets):
+    return wider.load_wider_gt(assets / "wider")
 
 
 def test_mat_and_text_layout_agree(gt):

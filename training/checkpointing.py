@@ -18,6 +18,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.loggers import MLFlowLogger
 
+from fdf_core.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+            raise MissingInputError(f"checkpoint {path} does not exist")
         return torch.load(path, map_location=map_location, weights_only=True)
 
 

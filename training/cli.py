@@ -13,6 +13,7 @@ launchers that hold the options as a dict.
 from __future__ import annotations
 
 import fcntl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
+from fdf_core.console import OneLineErrors
+from fdf_core.errors import MissingInputError
 from training.callbacks import FIDCallback, KimgProgressBar, PhaseLogger, SampleGrid
 from training.checkpointing import AtomicCheckpointIO, KimgCheckpoint
 from training.datamodule import FDFDataModule
@@ -85,6 +88,10 @@ class ConfigToRunDir(SaveConfigCallback):
             logger.experiment.log_artifact(logger.run_id, str(path))  # the full text
 
 
+class TrainArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser with the one-line option errors of every fdf command."""
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", "--run-dir", type=str, default="runs/train/default",
@@ -115,7 +122,8 @@ class TrainCLI(LightningCLI):
                      if p.is_file()]
             return max(found, key=lambda p: _progress(p)["step"], default=None)
         if not Path(spec).is_file():
-            raise FileNotFoundError(f"--ckpt_path {spec}: no such checkpoint")
+            raise MissingInputError(f"--ckpt_path {spec}: no such checkpoint (give an existing .ckpt, "
+                                    "'auto' or 'none')")
         return Path(spec)
 
     def instantiate_trainer(self, **kwargs: Any):
@@ -166,7 +174,7 @@ def _run(args: list[str] | dict[str, Any] | None) -> Path:
     cli = TrainCLI(ProgressiveGAN, FDFDataModule, args=args, run=False, seed_everything_default=0,
                    auto_configure_optimizers=False,
                    save_config_callback=ConfigToRunDir, save_config_kwargs={"save_to_log_dir": False},
-                   parser_kwargs={"description": __doc__})
+                   parser_kwargs={"prog": "fdf-train", "description": __doc__}, parser_class=TrainArgumentParser)
     ckpt = cli.resume_path()
     if ckpt and cli.trainer.is_global_zero:
         progress = _progress(ckpt)
@@ -182,8 +190,11 @@ def train(config: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _run(argv)
+    # LightningCLI warns when given args while sys.argv holds options too: the console script
+    # passes the process's own command line, which LightningCLI reads itself.
+    _run(None if argv is not None and argv == sys.argv[1:] else argv)
 
 
 if __name__ == "__main__":
-    main()
+    from fdf_core.console import run_main
+    raise SystemExit(run_main(main, "fdf-train"))

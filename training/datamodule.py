@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.tario import iter_samples
+from fdf_core.errors import MissingInputError, NothingToDoError
 from training.conditioning import KEYPOINT_NAMES
 from training.schedule import Schedule
 
@@ -91,7 +92,7 @@ class ShardStream(IterableDataset):
                  rank: int, world_size: int, seed: int, shuffle_buffer: int, keypoint_threshold: float):
         super().__init__()
         if not shards or sum(sizes) == 0:
-            raise ValueError(f"no training samples in {len(shards)} shard(s): {shards[:3]}")
+            raise NothingToDoError(f"no training samples in {len(shards)} shard(s): {shards[:3]}")
         self.shards, self.sizes, self.schedule = shards, sizes, schedule
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.seed, self.shuffle_buffer, self.keypoint_threshold = seed, shuffle_buffer, keypoint_threshold
@@ -188,7 +189,7 @@ class FDFDataModule(pl.LightningDataModule):
         self.train_shards, self.train_sizes = list_shards(self.root, "train")
         self.val_shards, self.val_sizes = list_shards(self.root, "val")
         if not self.train_shards:
-            raise FileNotFoundError(f"no training shards at {Path(self.root) / 'train'}/*.tar "
+            raise MissingInputError(f"no training shards at {Path(self.root) / 'train'}/*.tar "
                                     "(build them with fdf-build, or set --data.root)")
 
     def _position(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from fdf_core.errors import NothingToDoError
 from fdf_core.fid import compute_fid
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
@@ -48,8 +49,8 @@ def validation_count(data: FDFDataModule, num_images: int | None) -> int:
     """Faces the FID uses: `num_images` of the val split (all when None); an error if there are none."""
     total = sum(data.val_sizes)
     if not total:
-        raise ValueError(f"no validation faces under {Path(data.root) / 'val'}: the FID is defined on the "
-                         "val split (build with a val_fraction > 0)")
+        raise NothingToDoError(f"no validation faces under {Path(data.root) / 'val'}: the FID is defined on the "
+                               "val split (build with a val_fraction > 0)")
     return min(num_images or total, total)
 
 

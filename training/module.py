@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from fdf_core.errors import ConfigError
 from training.conditioning import KEYPOINT_NAMES, Prepared, flip_permutation, prepare
 from training.ema import ema_beta, update_ema
 from training.loss import LossConfig, discriminator_loss, generator_loss, gradient_penalty
@@ -127,7 +128,7 @@ class ProgressiveGAN(pl.LightningModule):
         world = self.trainer.world_size
         bad = {r: b for r, b in self.schedule.batch_sizes.items() if r in self.schedule.resolutions and b % world}
         if bad:
-            raise ValueError(f"schedule.batch_sizes {bad} are not divisible by the world size {world}")
+            raise ConfigError(f"schedule.batch_sizes {bad} are not divisible by the world size {world}")
         counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.parameter_counts().items())
         rank_zero_info(f"parameters at {self.schedule.max_resolution}x{self.schedule.max_resolution}: {counts}; "
                        f"{self.schedule.total_steps} steps to {self.schedule.total_kimg:g} kimg")

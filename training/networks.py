@@ -18,6 +18,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from fdf_core.errors import ConfigError
 from training.layers import (ConvAct, EqualizedConv2d, EqualizedLinear, MinibatchStd, downsample,
                              pose_maps, upsample)
 
@@ -40,7 +41,7 @@ def _resolutions(low: int, high: int) -> list[int]:
 
 def _check_power_of_two(name: str, value: int, low: int = 4) -> None:
     if value < low or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
+        raise ConfigError(f"{name} must be a power of two >= {low}, got {value}")
 
 
 class _Progressive(nn.Module):
@@ -53,7 +54,7 @@ class _Progressive(nn.Module):
         _check_power_of_two("min_resolution", min_resolution)
         _check_power_of_two("max_resolution", max_resolution)
         if min_resolution > max_resolution:
-            raise ValueError(f"min_resolution {min_resolution} > max_resolution {max_resolution}")
+            raise ConfigError(f"min_resolution {min_resolution} > max_resolution {max_resolution}")
         self.min_resolution, self.max_resolution = min_resolution, max_resolution
 
     def _check_input(self, resolution: int, alpha: float) -> None:
@@ -163,7 +164,7 @@ class Discriminator(_Progressive):
 
     `wide` (the paper's choice): widths S·√2, per level concat pose, two 3x3, average pool.
     `deep`: widths S, per level concat pose, 1x1, a residual block of four 3x3 (three at 4x4), 1x1,
-    average pool (REFERENCE.md: the paper code's ablation; its counts match this layout).
+    average pool (docs/reference.md, Model: the paper code's ablation; its counts match this layout).
     At 4x4: concat pose, minibatch-stddev (optional), conv, 4x4 valid conv, linear to one score.
     No normalization layers.
     """
@@ -173,7 +174,7 @@ class Discriminator(_Progressive):
         super().__init__()
         self._setup_resolutions(min_resolution, max_resolution)
         if variant not in ("wide", "deep"):
-            raise ValueError(f"discriminator variant must be 'wide' or 'deep', got {variant!r}")
+            raise ConfigError(f"discriminator variant must be 'wide' or 'deep', got {variant!r}")
         self.variant, self.num_keypoints = variant, num_keypoints
         top = int(base_width * math.sqrt(2)) // 8 * 8 if variant == "wide" else base_width
         w = lambda r: level_width(top, r)  # noqa: E731
@@ -243,7 +244,7 @@ def count_parameters(net: _Progressive, resolution: int | None = None) -> int:
     return sum(p.numel() for p in net.parameters_at(resolution or net.max_resolution))
 
 
-PUBLISHED_MILLIONS = {  # REFERENCE.md, at 128x128
+PUBLISHED_MILLIONS = {  # docs/reference.md, Model: parameter counts at 128x128
     256: {"generator": 11.74, "wide": 11.41, "deep": 11.17},
     512: {"generator": 46.93, "wide": 45.53, "deep": 44.65},
 }

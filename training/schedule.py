@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from fdf_core.errors import ConfigError
+
 
 def _paper_batch_sizes() -> dict[int, int]:
-    return {8: 256, 16: 256, 32: 128, 64: 96, 128: 64}  # REFERENCE.md (global batch, all ranks)
+    return {8: 256, 16: 256, 32: 128, 64: 96, 128: 64}  # docs/reference.md, Training (global batch, all ranks)
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,16 @@ class Schedule:
         for name in ("start_resolution", "max_resolution"):
             v = getattr(self, name)
             if v < 4 or v & (v - 1):
-                raise ValueError(f"schedule.{name} must be a power of two >= 4, got {v}")
+                raise ConfigError(f"schedule.{name} must be a power of two >= 4, got {v}")
         if self.start_resolution > self.max_resolution:
-            raise ValueError(f"schedule.start_resolution {self.start_resolution} > max_resolution "
-                             f"{self.max_resolution}")
+            raise ConfigError(f"schedule.start_resolution {self.start_resolution} > max_resolution "
+                              f"{self.max_resolution}")
         if self.fade_kimg <= 0 or self.stabilize_kimg <= 0 or self.total_kimg <= 0:
-            raise ValueError("schedule: fade_kimg, stabilize_kimg and total_kimg must be > 0")
+            raise ConfigError("schedule: fade_kimg, stabilize_kimg and total_kimg must be > 0")
         self.batch_sizes = {int(k): int(v) for k, v in self.batch_sizes.items()}
         missing = [r for r in self.resolutions if self.batch_sizes.get(r, 0) <= 0]
         if missing:
-            raise ValueError(f"schedule.batch_sizes has no positive batch size for resolution(s) {missing}")
+            raise ConfigError(f"schedule.batch_sizes has no positive batch size for resolution(s) {missing}")
 
     @property
     def resolutions(self) -> list[int]:
