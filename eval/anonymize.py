@@ -223,7 +223,8 @@ def run(cfg: AnonymizeConfig) -> dict:
         options_file = dst.with_name(dst.name + ".options.json")
     atomic_write_json(options_file, asdict(cfg))
     anonymizer = Anonymizer(cfg)
-    summary = {"method": cfg.method, **anonymize_images(anonymizer, photos, cfg.progress, skipped), "videos": []}
+    summary = {"method": cfg.method, **({"generator": anonymizer.generator_name} if anonymizer.generator_name else {}),
+               **anonymize_images(anonymizer, photos, cfg.progress, skipped), "videos": []}
     video_opts = VideoOptions(**_fields_of(VideoOptions, cfg))
     for v_src, v_dst in videos:
         summary["videos"].append({"file": str(v_src), **anonymize_video(anonymizer, v_src, v_dst, video_opts,

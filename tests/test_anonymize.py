@@ -94,6 +94,22 @@ def test_generator_defaults_to_the_shipped_model(monkeypatch, tmp_path):
         Anonymizer(AnonymizerConfig(method="swirl"))
 
 
+def test_pipeline_on_a_fresh_workdir_paints_the_demo_photo_with_the_shipped_model(monkeypatch, tmp_path):
+    """What a fresh clone's `fdf-pipeline` ends with: the demo photo, anonymized by the shipped generator."""
+    from data_prep.sample import sample_corpus_dir
+    from slurm.pipeline import PipelineConfig, run as pipeline
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    out = pipeline(PipelineConfig(workdir=str(tmp_path), stages=["anonymize"], progress=False))
+    summary = out["anonymize"]
+    assert "shipped with fdf" in summary["generator"] and "32x32 faces" in summary["generator"]
+    assert summary["written"] == 1 and summary["faces"] == 2
+    photo = sample_corpus_dir() / "photos" / "face_recognition__examples_two_people.jpg"
+    painted = cv2.imread(str(tmp_path / "anonymized" / photo.name))
+    original = cv2.imread(str(photo))
+    changed = np.abs(painted.astype(int) - original.astype(int)).max(axis=2) > 30
+    assert 0.005 < changed.mean() < 0.5  # the faces were repainted, the rest of the photo kept
+
+
 def test_folder_mirrored_and_photo_without_face_copied(tiny_run, tmp_path):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
