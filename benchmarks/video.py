@@ -9,10 +9,10 @@ per clip and in total, one row per method.
     python benchmarks/video.py                      # the full clips (about 37 s of 720p video)
     python benchmarks/video.py --checkpoint RUN/checkpoints/final.ckpt --methods generator
 
-Methods: `generator` (DeepPrivacy; `--checkpoint`, else a randomly initialised generator of
-`--generator_width`, default 32 at 128x128: leaks and frames/s do not depend on what the generator
-paints, and the paper's 12M generator, width 256, runs at about 1 face/s on 2 CPU cores, hours on
-the crowd clip), `heavy_blur` (the blur baseline: box filter of 30 % of the face width, the same
+Methods: `generator` (DeepPrivacy; `--checkpoint`, else the generator shipped in `eval/weights/`,
+32x32; `--generator_width N` instead runs a randomly initialised one of base width N at 128x128:
+leaks do not depend on what the generator paints, and the paper's 12M generator, width 256, runs
+at about 1 face/s on 2 CPU cores, hours on the crowd clip), `heavy_blur` (the blur baseline: box filter of 30 % of the face width, the same
 tracking), and `deface` (deface 1.5.0 through its command line with default settings, in its own
 environment made by `benchmarks/deface_env.sh`; skipped with the reason if that is missing).
 
@@ -71,8 +71,10 @@ def run_deface(exe: Path, src: Path, dst: Path) -> float:
 
 
 def build_generator(args) -> tuple[GeneratorAt, str]:
-    if args.checkpoint:
-        return load_generator_at(args.checkpoint), args.checkpoint
+    if not args.generator_width:
+        from eval.anonymizer import SHIPPED_MODEL
+        path = args.checkpoint or SHIPPED_MODEL
+        return load_generator_at(path), str(path)
     torch.manual_seed(0)
     g = GeneratorAt(Generator(args.generator_width, 128).eval().requires_grad_(False), 128)
     n = sum(p.numel() for p in g.parameters())
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     p.add_argument("--methods", default=f"generator,{BLUR},deface")
     p.add_argument("--checkpoint", default=None, help="training checkpoint of the generator")
-    p.add_argument("--generator_width", type=int, default=32, help="base width of the random generator")
+    p.add_argument("--generator_width", type=int, default=0,
+                   help="run a randomly initialised generator of this base width at 128x128 instead")
     p.add_argument("--deface", default=str(DEFACE), help="deface executable (benchmarks/deface_env.sh)")
     p.add_argument("--work_dir", default=None, help="keep clips and outputs here (default: a temporary folder)")
     p.add_argument("--resume", action="store_true",
