@@ -65,11 +65,18 @@ def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[fl
         kimg_at = {m.step: m.value for m in client.get_metric_history(run_id, f"{key}/kimg")}
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
         series[key] = sorted({kimg_at.get(m.step, float("nan")): m.value for m in history}.items())  # last wins
+    # a phase starts where its first `transition/kimg` was logged (metric history is append-only;
+    # the `phase/NN` tags of runs resumed before the fix were overwritten at the resume)
+    started = {}
+    kimg_at = {m.step: m.value for m in client.get_metric_history(run_id, "transition/kimg")}
+    for m in sorted(client.get_metric_history(run_id, "transition/phase"), key=lambda m: (m.step, m.timestamp)):
+        started.setdefault(int(m.value), kimg_at.get(m.step))
     phases = []
     for tag, text in run.data.tags.items():
         m = re.fullmatch(r"(\S+) from kimg ([0-9.]+).*", text) if tag.startswith("phase/") else None
         if m:
-            phases.append((float(m.group(2)), m.group(1)))
+            first = started.get(int(tag.split("/", 1)[1]))
+            phases.append((first if first is not None else float(m.group(2)), m.group(1)))
     return series, sorted(phases)
 
 

@@ -92,6 +92,9 @@ def test_two_node_training_is_preempted_requeued_and_resumes(slurm_cluster, fdf_
     assert tags["slurm.resumed.1"] == saved  # the requeued job started from exactly that state
     phases = sorted(v.split()[0] for k, v in tags.items() if k.startswith("phase/"))
     assert phases == ["fade16", "fade32", "stabilize16", "stabilize32", "stabilize8"]
+    # each transition logged once, where it happened, not again where the requeued job resumed
+    transitions = sorted(int(m.value) for m in client.get_metric_history(run_id, "transition/phase"))
+    assert transitions == [0, 1, 2, 3, 4]
 
     # Every step trained and logged exactly once: nothing lost or replayed around the requeue.
     logged = [m.step for m in client.get_metric_history(run_id, "loss/d")]

@@ -67,6 +67,10 @@ class PhaseLogger(pl.Callback):
     def __init__(self) -> None:
         self._phase: int | None = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run is already in its phase: its transition was logged before the interruption."""
+        self._phase = pl_module.current()[0].index if pl_module.step > 0 else None
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         phase, _ = pl_module.current()
