@@ -1,6 +1,6 @@
 """Does the generator learn? Build, train and evaluate on real faces, then print one JSON object.
 
-    python benchmarks/learning.py                      # everything, resumable (about 2 h on 2 cores)
+    python benchmarks/learning.py                      # everything, resumable (about 3 h on 2 cores)
     python benchmarks/learning.py --stages '[evaluate]' --workdir runs/utkface   # an existing run
 
 Stages (each resumable: a rerun skips what is done):
@@ -41,7 +41,7 @@ CARD = {
             "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out",
     "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
                "images keep their owners' copyright; use this model under the same terms.",
-    "notes": "Trained 140 kimg on 2 CPU cores with training/configs/utkface_cpu32.yaml (benchmarks/learning.py). "
+    "notes": "Trained 170 kimg on 2 CPU cores with training/configs/utkface_cpu32.yaml (benchmarks/learning.py). "
              "Paints 32x32 faces: a demonstration that the pipeline learns, not the paper's 128x128 model.",
 }
 
@@ -187,16 +187,18 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     work = Path(args.workdir)
     start = time.perf_counter()
-    summary: dict = {"workdir": str(work)}
+    results = work / "learning.json"  # every stage's latest result: running one stage keeps the others'
+    summary: dict = {**(json.loads(results.read_text()) if results.is_file() else {}), "workdir": str(work)}
     steps = {"ingest": lambda: ingest(work, Path(args.faces)), "build": lambda: build(work),
              "train": lambda: train(work), "export": lambda: export(work), "evaluate": lambda: evaluate(work, args)}
     for name in STAGES:
         if name in stages:
             t0 = time.perf_counter()
             result = steps[name]()
-            summary[name] = result if name == "evaluate" else {"seconds": round(time.perf_counter() - t0, 1)}
+            seconds = round(time.perf_counter() - t0, 1)
+            summary[name] = {**result, "seconds": seconds} if name == "evaluate" else {"seconds": seconds}
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(work / "learning.json", json.loads(json.dumps(summary, default=str)))
+    atomic_write_json(results, json.loads(json.dumps(summary, default=str)))
     print(json.dumps(summary, default=str))
     return summary
 
