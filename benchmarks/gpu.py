@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environm
 import torch  # noqa: E402
 
 from benchmarks.train_step import bare_step, build, real_batch, step_seconds  # noqa: E402
-from data_prep.assets import assets_dir  # noqa: E402
+from fdf_core.assets import assets_dir  # noqa: E402
 from training.networks import count_parameters  # noqa: E402
 
 PEAK_TFLOPS = 989.4  # H100/H200 SXM, dense BF16 tensor cores (NVIDIA datasheets; 1,979 is with 2:4 sparsity)
@@ -339,7 +339,7 @@ class _Timed:
 
 def _raw_shard(path: Path, photos: list[Path]) -> None:
     """A raw shard (FORMAT.md §1) holding `photos`, as data_prep writes it."""
-    from data_prep.tario import AtomicTarWriter, json_bytes
+    from fdf_core.tario import AtomicTarWriter, json_bytes
     with AtomicTarWriter(path) as tar:
         for i, p in enumerate(photos):
             key = f"{i:09d}"

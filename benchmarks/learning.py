@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.assets import assets_dir  # noqa: E402
-from data_prep.tario import atomic_write_json  # noqa: E402
+from fdf_core.assets import assets_dir  # noqa: E402
+from fdf_core.tario import atomic_write_json  # noqa: E402
 
 STAGES = ("ingest", "build", "train", "export", "evaluate")
 CONFIG = REPO / "training" / "configs" / "utkface_cpu32.yaml"

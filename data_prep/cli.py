@@ -1,7 +1,7 @@
 """`fdf-download`: YFCC100M metadata → raw image shards (options: `fdf-download --help`)."""
 from __future__ import annotations
 
-from data_prep.cli_util import parse_dataclass
+from fdf_core.cli_util import parse_dataclass
 from data_prep.download import DownloadConfig, run
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import licenses, plan
-from data_prep.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
+from fdf_core.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
 from fdf_core.errors import ConfigError, NothingToDoError
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from data_prep import plan
 from data_prep.download import FetchError, Result, verify_image, write_shards
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -159,7 +159,7 @@ def run(cfg: IngestConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(IngestConfig, argv, prog="fdf-ingest",
                                description="A local folder of photos → raw image shards (FORMAT.md §1)."))
 

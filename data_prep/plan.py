@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import licenses
-from data_prep.tario import atomic_write_bytes, atomic_write_json
+from fdf_core.tario import atomic_write_bytes, atomic_write_json
 from data_prep.yfcc import YfccRecord, iter_records
 from fdf_core.errors import ConfigError, MissingInputError
 

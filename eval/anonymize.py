@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_path, atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig
 from eval.video import VideoOptions, anonymize_video, is_video
 from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError, SkippedItemsError
@@ -94,13 +93,8 @@ def write_image(path: Path, rgb: np.ndarray, alpha: Image.Image | None) -> None:
     im = Image.fromarray(rgb)
     if alpha is not None and fmt != "JPEG":
         im.putalpha(alpha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _readable(pairs: list[tuple[Path, Path]], skipped: list[dict]) -> tuple[list, list]:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.assets import resolve_file
-from data_prep.tario import json_bytes
+from fdf_core.assets import resolve_file
+from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
 from fdf_core.errors import ConfigError
 from fdf_core.fid import to_uint8

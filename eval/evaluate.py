@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.baselines import anonymize_boxes
 from fdf_core.errors import ConfigError, InputError, MissingInputError
@@ -174,7 +174,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(EvaluateConfig, argv, prog="fdf-eval",
                                description="FID of a training checkpoint (EMA generator, z = 0, FDF val)."))
 

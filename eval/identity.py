@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
 
 DLIB_MODELS_ENV = "FDF_DLIB_MODELS"
@@ -223,7 +223,7 @@ def run(cfg: IdentityConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(IdentityConfig, argv, prog="fdf-identity",
                                description="Identity removal per method with dlib's face recognizer: "
                                            "TPR at FAR 1e-3 on photo pairs and de-identification rate."))

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval import evaluate
 from fdf_core.errors import ConfigError, NothingToDoError
 
@@ -131,7 +131,7 @@ def run(cfg: PlotConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(PlotConfig, argv, prog="fdf-plot-fid", description="FID vs kimg PNG of a run."))
 
 

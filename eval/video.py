@@ -28,7 +28,6 @@ Faces of all the frames of a batch go through the generator together.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.anonymizer import Anonymizer, Faces
+from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive frames that is a cut
@@ -330,7 +330,7 @@ class FFmpegWriter:
                  opts: VideoOptions):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.output.with_name(f".{self.output.stem}.tmp-{os.getpid()}{self.output.suffix}")
+        self.partial = temporary_path(self.output, keep_suffix=True)  # ffmpeg picks the container by it
         cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{info.width}x{info.height}", "-framerate", str(info.fps), "-i", "pipe:0"]
         if audio_source is not None:
@@ -364,7 +364,7 @@ class FFmpegWriter:
             self.partial.unlink(missing_ok=True)
             raise RuntimeError(f"ffmpeg failed writing {self.output} (exit {self.proc.returncode}): {self._error()}")
         self._stderr.close()
-        os.replace(self.partial, self.output)
+        replace_durably(self.partial, self.output)
 
     def abort(self) -> None:
         self.proc.kill()

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from data_prep.assets import MissingAssetError, assets_dir
-from data_prep.tario import atomic_write_bytes, atomic_write_json
+from fdf_core.assets import MissingAssetError, assets_dir
+from fdf_core.tario import atomic_write_bytes, atomic_write_json
 from fdf_core.errors import InputError, MissingInputError, NothingToDoError
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ def run(cfg: WiderEvalConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(WiderEvalConfig, argv, prog="fdf-wider-ap",
                                description="WIDER FACE val AP (official protocol) of detection files."))
 

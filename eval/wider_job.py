@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval.anonymize import read_image
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import BASELINES, PAPER_AP, anonymize_boxes
@@ -164,7 +164,7 @@ def run(cfg: WiderJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
+    from fdf_core.cli_util import parse_dataclass
     return run(parse_dataclass(WiderJobConfig, argv, prog="fdf-wider",
                                description="DeepPrivacy's WIDER FACE table: detector AP after anonymization."))
 

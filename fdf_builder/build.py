@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
+from fdf_core.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
 from fdf_builder import crop as fdfcrop
 from fdf_builder.shards import parse_range, raw_shard_ids, split_of
 from fdf_core.errors import ConfigError, NothingToDoError

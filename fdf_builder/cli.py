@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fdf_builder.build import BuildConfig, run
-from data_prep.cli_util import parse_dataclass
+from fdf_core.cli_util import parse_dataclass
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import nms as nms_op
 
-from data_prep.assets import MissingAssetError, resolve_file
+from fdf_core.assets import MissingAssetError, resolve_file
 from fdf_core.errors import ConfigError, InputError
 
 DETECTORS = ("retinaface_mnet025", "retinaface_r50")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.tario import check_member_name
+from fdf_core.tario import atomic_path, check_member_name
 
 
 class _TarIndex:
@@ -73,13 +73,12 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
             path = index.items[i][0]
             raise ValueError(f"{path}: sample {i} has shapes {image.shape}, {bbox.shape}, {kps.shape}")
     out = fdf_dir / f"{split}.beton"
-    tmp = out.with_name(out.name + ".tmp")
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=resolution,
                                      jpeg_quality=jpeg_quality),
               "bbox": NDArrayField(np.dtype("float32"), (4,)),
               "keypoints": NDArrayField(np.dtype("float32"), tuple(kps.shape)),
               "meta": JSONField()}
-    DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
     print(f"fdf-build: wrote {len(index)} {split} samples to {out}")
     return out

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from data_prep.assets import MissingAssetError, resolve_file
+from fdf_core.assets import MissingAssetError, resolve_file
 from fdf_core.errors import ConfigError, InputError
 from fdf_builder.detector import load_state_dict
 from fdf_builder.matching import FACE_KEYPOINTS, SCORE_THRESHOLD, face_in_box, match_faces

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import submitit
 from jsonargparse import ActionConfigFile
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from fdf_core.console import ArgumentParser
 from fdf_core.errors import ConfigError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, profile_from_namespace

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import submitit
 from jsonargparse import ActionConfigFile
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval import evaluate
 from eval.plots import checkpoints as run_checkpoints
 from fdf_core.console import ArgumentParser

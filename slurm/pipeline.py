@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.cli_util import parse_dataclass
-from data_prep.tario import atomic_write_json
+from fdf_core.cli_util import parse_dataclass
+from fdf_core.tario import atomic_write_json
 from fdf_core.errors import ConfigError, SkippedItemsError
 
 

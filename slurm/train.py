@@ -39,7 +39,7 @@ from jsonargparse import ActionConfigFile
 from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.loggers import MLFlowLogger
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from fdf_core.console import ArgumentParser
 from slurm.executor import ClusterProfile, add_profile_arguments, describe, profile_from_namespace
 from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, submit,

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from data_prep.sample import read_manifest
-from data_prep.tario import AtomicTarWriter, atomic_write_json, json_bytes
+from fdf_core.tario import AtomicTarWriter, atomic_write_json, json_bytes
 
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder"]
 # Keypoints in box coordinates (0..1 across the face box); the subject's left is the image's right.

@@ -17,7 +17,7 @@ from PIL import Image
 from data_prep.download import DownloadConfig
 from data_prep.download import run as download
 from data_prep.sample import corpus_records, write_yfcc_metadata
-from data_prep.tario import AtomicTarWriter, iter_samples, json_bytes
+from fdf_core.tario import AtomicTarWriter, iter_samples, json_bytes
 from fdf_builder.build import BuildConfig, run as build
 from fdf_builder.shards import split_of
 from slurm.pipeline import PipelineConfig, run as pipeline

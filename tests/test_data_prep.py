@@ -19,12 +19,12 @@ import yaml
 from PIL import Image
 
 from data_prep import licenses, plan
-from data_prep.assets import REPO_ROOT
+from fdf_core.assets import REPO_ROOT
 from data_prep.cli import main
 from data_prep.download import DownloadConfig, FetchError, run, verify_image
 from data_prep.sample import (CorpusServer, bomb_png, corpus_records, read_manifest,
                               sample_corpus_dir, write_yfcc_metadata)
-from data_prep.tario import iter_samples
+from fdf_core.tario import iter_samples
 from data_prep.yfcc import COLUMNS_23, COLUMNS_25, MetadataError, YfccRecord, iter_records
 
 

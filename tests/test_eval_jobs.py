@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from tiny_run import SNAPSHOT_IMAGES
 
-from data_prep.assets import MissingAssetError, assets_dir
+from fdf_core.assets import MissingAssetError, assets_dir
 from eval import evaluate, identity, plots, wider_job
 from eval.baselines import BASELINES, PAPER_AP
 from eval.wider import DIFFICULTIES, evaluate as wider_ap, load_wider_gt, read_detections

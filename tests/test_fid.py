@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data_prep.assets import MissingAssetError, assets_dir
+from fdf_core.assets import MissingAssetError, assets_dir
 from eval import metrics
 from fdf_core import fid
 

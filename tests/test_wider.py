@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
 from eval import metrics, wider
 
 
