@@ -38,8 +38,8 @@ from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
 from fdf_core.errors import ConfigError
 from fdf_core.fid import to_uint8
+from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder import crop as fdfcrop
-from fdf_builder.keypoints import KEYPOINT_NAMES
 from training.conditioning import prepare
 from training.datamodule import decode_sample
 from training.module import load_generator

@@ -28,6 +28,7 @@ from fdf_core.tario import AtomicTarWriter, atomic_write_json, iter_samples, jso
 from fdf_builder import crop as fdfcrop
 from fdf_builder.shards import parse_range, raw_shard_ids, split_of
 from fdf_core.errors import ConfigError, NothingToDoError
+from fdf_core.keypoints import KEYPOINT_NAMES
 
 SPLITS = ("train", "val")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -138,7 +139,7 @@ class FaceAnnotator:
 
     def __init__(self, cfg: BuildConfig):
         from fdf_builder.detector import build_detector
-        from fdf_builder.keypoints import KEYPOINT_NAMES, build_keypoint_model
+        from fdf_builder.keypoints import build_keypoint_model
         self.detector = build_detector(cfg.detector, weights=cfg.detector_weights, device=cfg.device,
                                        confidence=cfg.confidence, nms=cfg.nms,
                                        max_size=cfg.detect_max_size, batch_size=cfg.batch_size,
@@ -344,7 +345,6 @@ def run(cfg: BuildConfig) -> dict:
         secs = time.perf_counter() - start
         print(f"fdf-build: {photos} photos, {faces} faces in {secs:.1f}s "
               f"({photos / secs:.2f} img/s, {faces / secs:.2f} faces/s)")
-    from fdf_builder.keypoints import KEYPOINT_NAMES
     index = write_index(cfg, list(KEYPOINT_NAMES))
     print("fdf-build: faces per split", index["splits"], "| dropped:",
           ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")

@@ -19,11 +19,10 @@ import torch
 
 from fdf_core.assets import MissingAssetError, resolve_file
 from fdf_core.errors import ConfigError, InputError
+from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder.detector import load_state_dict
 from fdf_builder.matching import FACE_KEYPOINTS, SCORE_THRESHOLD, face_in_box, match_faces
 
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear",
-                  "left_shoulder", "right_shoulder")
 BACKENDS = ("movenet", "keypoint-rcnn")
 WEIGHTS_FLAG = "--keypoint_weights"
 MOVENET_ASSET = "weights/movenet/movenet_singlepose_lightning_int8_4.tflite"

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from training.conditioning import KEYPOINT_NAMES, box_mask, flip_permutation, hflip, prepare
+from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
+from training.conditioning import box_mask, hflip, prepare
 from training.layers import EqualizedConv2d, PixelNorm, downsample, pose_maps, upsample
 from training.networks import (PUBLISHED_MILLIONS, Discriminator, Generator, count_parameters,
                                level_width)

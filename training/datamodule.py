@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fdf_core.tario import iter_samples
 from fdf_core.errors import MissingInputError, NothingToDoError
-from training.conditioning import KEYPOINT_NAMES
+from fdf_core.keypoints import KEYPOINT_NAMES
 from training.schedule import Schedule
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from fdf_core.errors import ConfigError
-from training.conditioning import KEYPOINT_NAMES, Prepared, flip_permutation, prepare
+from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
+from training.conditioning import Prepared, prepare
 from training.ema import ema_beta, update_ema
 from training.loss import LossConfig, discriminator_loss, generator_loss, gradient_penalty
 from training.networks import Discriminator, Generator, count_parameters
