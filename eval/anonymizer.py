@@ -36,6 +36,7 @@ from PIL import Image
 from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
+from fdf_core.checkpoints import read_checkpoint, read_progress
 from fdf_core.errors import ConfigError
 from fdf_core.fid import to_uint8
 from fdf_core.keypoints import KEYPOINT_NAMES
@@ -110,7 +111,7 @@ class Faces:
 def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu") -> GeneratorAt:
     """The EMA generator of a training checkpoint (or an exported model) at the resolution and
     fade-in it had reached."""
-    progress = torch.load(checkpoint, map_location="cpu", weights_only=True).get("progress")
+    progress = read_progress(checkpoint)
     generator = load_generator(str(checkpoint), ema=True, map_location=device)
     if progress is None:
         return GeneratorAt(generator, generator.max_resolution, 1.0)
@@ -129,7 +130,7 @@ def resolve_checkpoint(path: str | None) -> Path:
 
 def generator_info(path: Path, generator: GeneratorAt) -> tuple[str, str]:
     """(one line naming the model and the resolution it paints at, the crop rule of its training faces)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = read_checkpoint(path)
     name = (saved.get("card") or {}).get("name") or str(path)
     shipped = " (shipped with fdf; give --checkpoint for another)" if path == SHIPPED_MODEL else ""
     line = f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"

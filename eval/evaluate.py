@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fdf_core.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.baselines import anonymize_boxes
-from fdf_core.errors import ConfigError, InputError, MissingInputError
+from fdf_core.checkpoints import mlflow_target, read_progress, result_path, run_config, run_dir_of
+from fdf_core.errors import ConfigError, MissingInputError
 from fdf_core.fid import RandomConvFeatures, compute_fid
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
@@ -70,38 +70,14 @@ class EvaluateConfig:
     device: str = "cpu"
 
 
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """`<run_dir>` for `<run_dir>/checkpoints/<name>.ckpt` (training's layout), else None."""
-    parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
-
-
-def run_config(run_dir: Path | None) -> dict:
-    """The run's resolved training options (`config.yaml`), or {} when there is none."""
-    path = run_dir / "config.yaml" if run_dir else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not readable YAML ({e})") from None
-
-
-def mlflow_target(checkpoint: Path, tracking_uri: str | None = None,
-                  run_id: str | None = None) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) of the run a checkpoint came from; see the module docstring."""
-    if run_id is None:
-        run_id = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
-    if tracking_uri is None:
-        run_dir = run_dir_of(checkpoint)
-        if run_dir is not None:
-            tracking_uri = run_config(run_dir).get("tracking_uri") or f"sqlite:///{run_dir}/mlflow.db"
-    return tracking_uri, run_id
-
-
 def default_output(checkpoint: Path, feature: str) -> Path:
     """Where a checkpoint's result goes by default: `<run_dir>/eval/<metric name>_<checkpoint name>.json`."""
-    return (run_dir_of(checkpoint) or checkpoint.parent) / "eval" / f"{METRIC_NAMES[feature]}_{checkpoint.stem}.json"
+    return result_path(checkpoint, METRIC_NAMES[feature])
+
+
+def output_path(cfg: EvaluateConfig) -> Path:
+    """The result JSON of a run of `cfg`: `--output`, else :func:`default_output`."""
+    return Path(cfg.output) if cfg.output else default_output(Path(cfg.checkpoint), cfg.feature)
 
 
 def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: int | None = 1000,
@@ -139,7 +115,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if threshold is None:
         threshold = float(run_config(run_dir).get("data", {}).get("keypoint_threshold", 0.0))
     g = load_generator_at(ckpt, cfg.device)
-    progress = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("progress", {})
+    progress = read_progress(ckpt) or {}
     data = FDFDataModule(cfg.data_root, keypoint_threshold=threshold)
     data.setup("validate")
     num_images = validation_count(data, cfg.num_images)
@@ -152,7 +128,7 @@ def run(cfg: EvaluateConfig) -> dict:
               "images_shown": images_shown, "kimg": images_shown / 1000, "resolution": g.resolution,
               "alpha": g.alpha, "num_images": num_images, "data_root": cfg.data_root,
               "seconds": round(time.perf_counter() - start, 2)}
-    out = Path(cfg.output) if cfg.output else default_output(ckpt, cfg.feature)
+    out = output_path(cfg)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     if cfg.log_mlflow:
         uri, run_id = mlflow_target(ckpt, cfg.tracking_uri, cfg.run_id)

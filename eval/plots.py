@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fdf_core.tario import atomic_write_json
 from eval import evaluate
+from fdf_core.checkpoints import list_checkpoints, mlflow_target
 from fdf_core.errors import ConfigError, NothingToDoError
 
 SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
@@ -45,12 +46,6 @@ class PlotConfig:
     device: str = "cpu"
     tracking_uri: str | None = None
     run_id: str | None = None
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Snapshots and the final checkpoint (`last.ckpt` repeats one of them)."""
-    folder = run_dir / "checkpoints"
-    return sorted(folder.glob("img*.ckpt")) + sorted(folder.glob("final.ckpt"))
 
 
 def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[float, str]]]:
@@ -101,7 +96,7 @@ def plot_fid(series: dict[str, list[tuple[float, float]]], phases: list[tuple[fl
 
 def run(cfg: PlotConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    ckpts = checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir)
     if cfg.evaluate:
         if cfg.data_root is None:
             raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
@@ -115,7 +110,7 @@ def run(cfg: PlotConfig) -> dict:
                     device=cfg.device))
     uri, run_id = cfg.tracking_uri, cfg.run_id
     if (uri is None or run_id is None) and ckpts:
-        uri, run_id = evaluate.mlflow_target(ckpts[-1], uri, run_id)
+        uri, run_id = mlflow_target(ckpts[-1], uri, run_id)
     if uri is None or run_id is None:
         raise ConfigError(f"{run_dir}: no checkpoint naming its MLflow run: give --tracking_uri and --run_id")
     series, phases = fid_history(uri, run_id)

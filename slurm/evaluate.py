@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile
 
 from fdf_core.tario import atomic_write_json
 from eval import evaluate
-from eval.plots import checkpoints as run_checkpoints
+from fdf_core.checkpoints import list_checkpoints, mlflow_target
 from fdf_core.console import ArgumentParser
 from fdf_core.errors import MissingInputError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, job_folder, profile_from_namespace
@@ -57,7 +57,7 @@ def _tag_runs(configs: list[evaluate.EvaluateConfig], jobs: list[submitit.Job], 
     from mlflow.tracking import MlflowClient
     tags = {f"{TAG}job_ids": " ".join(j.job_id for j in jobs), f"{TAG}log_dir": str(job_folder(p).parent),
             f"{TAG}executor": p.executor}
-    targets = {evaluate.mlflow_target(Path(c.checkpoint), c.tracking_uri, c.run_id) for c in configs if c.log_mlflow}
+    targets = {mlflow_target(Path(c.checkpoint), c.tracking_uri, c.run_id) for c in configs if c.log_mlflow}
     for uri, run_id in sorted(t for t in targets if None not in t):
         client = MlflowClient(tracking_uri=uri)
         for key, value in tags.items():
@@ -103,7 +103,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
     ns = build_parser().parse_args(argv)
-    checkpoints = [*ns.checkpoints, *(run_checkpoints(Path(ns.run_dir)) if ns.run_dir else [])]
+    checkpoints = [*ns.checkpoints, *(list_checkpoints(ns.run_dir) if ns.run_dir else [])]
     if not checkpoints:
         raise NothingToDoError("nothing to evaluate: give --checkpoints and/or --run_dir (with checkpoints/img*.ckpt "
                          "or final.ckpt)")

@@ -40,6 +40,7 @@ from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.loggers import MLFlowLogger
 
 from fdf_core.tario import atomic_write_json
+from fdf_core.checkpoints import FINAL, LAST, checkpoints_dir, read_progress
 from fdf_core.console import ArgumentParser
 from slurm.executor import ClusterProfile, add_profile_arguments, describe, profile_from_namespace
 from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, submit,
@@ -149,7 +150,7 @@ class PreemptionCheckpoint(pl.Callback):
         # any rank signalled → every rank stops after this same step (one collective per step)
         if not trainer.strategy.reduce_boolean_decision(_ATTEMPT.signalled, all=False):
             return
-        path = KimgCheckpoint.directory(trainer) / "last.ckpt"
+        path = KimgCheckpoint.directory(trainer) / LAST
         trainer.save_checkpoint(path, weights_only=False)
         trainer.should_stop = True
         _ATTEMPT.saved = {"checkpoint": str(path), "step": pl_module.step, "images_shown": pl_module.images_shown}
@@ -202,8 +203,7 @@ class TrainTask(RequeueableTask):
         summary = {"run_dir": self.run_dir, "rank": int(env["RANK"]), "requeues": self.requeues,
                    **_job_facts()}
         if _ATTEMPT.saved is None:
-            final = Path(self.run_dir) / "checkpoints" / "final.ckpt"
-            summary["progress"] = torch.load(final, map_location="cpu", weights_only=True, mmap=True)["progress"]
+            summary["progress"] = read_progress(checkpoints_dir(self.run_dir) / FINAL)
             return summary
         if summary["rank"] == 0 and callable(requeue):
             requeue(usr_sig, None)  # self.checkpoint() → scontrol requeue → exits; raises past max_requeues

@@ -18,6 +18,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.loggers import MLFlowLogger
 
+from fdf_core.checkpoints import FINAL, LAST, checkpoints_dir, snapshot_name
 from fdf_core.errors import MissingInputError
 from fdf_core.tario import atomic_path
 
@@ -53,7 +54,7 @@ class KimgCheckpoint(pl.Callback):
 
     @staticmethod
     def directory(trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "checkpoints"
+        return checkpoints_dir(trainer.default_root_dir)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # leftovers of a run killed while writing
@@ -63,17 +64,17 @@ class KimgCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if pl_module.passed_kimg(self.every_kimg):
-            trainer.save_checkpoint(self.directory(trainer) / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)
         if pl_module.passed_kimg(self.snapshot_every_kimg):
-            snapshot = self.directory(trainer) / f"img{pl_module.images_shown:010d}.ckpt"
+            snapshot = self.directory(trainer) / snapshot_name(pl_module.images_shown)
             trainer.save_checkpoint(snapshot, weights_only=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.step < pl_module.schedule.total_steps:
             return  # stopped early (e.g. by a signal): last.ckpt is the resume point
-        final = self.directory(trainer) / "final.ckpt"
+        final = self.directory(trainer) / FINAL
         trainer.save_checkpoint(final, weights_only=False)
-        trainer.save_checkpoint(self.directory(trainer) / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)
         logger = trainer.logger
         if self.log_final_artifact and trainer.is_global_zero and isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(final), "checkpoints")

@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
+from fdf_core.checkpoints import LAST, checkpoints_dir, default_tracking_uri, read_mlflow_run_id, read_progress
 from fdf_core.console import OneLineErrors
 from fdf_core.errors import MissingInputError
 from training.callbacks import FIDCallback, KimgProgressBar, PhaseLogger, SampleGrid
@@ -33,17 +34,13 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 def tracking_uri(cfg) -> str:
     """`--tracking_uri`, else the run folder's own sqlite store."""
-    return cfg.tracking_uri or f"sqlite:///{Path(cfg.run_dir).resolve()}/mlflow.db"
+    return cfg.tracking_uri or default_tracking_uri(cfg.run_dir)
 
 
 def run_page(experiment_id: str, run_id: str) -> str:
     """The run's metric charts in the MLflow UI, in its model-training view (MLflow 3.x UIs open
     the GenAI view unless the URL or the experiment's `mlflow.experimentKind` tag says otherwise)."""
     return f"#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning"
-
-
-def _progress(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["progress"]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,9 +115,8 @@ class TrainCLI(LightningCLI):
             return None
         if spec == "auto":  # our last.ckpt, or a newer one Lightning saved on a SLURM requeue signal
             run_dir = Path(self.config.run_dir)
-            found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-                     if p.is_file()]
-            return max(found, key=lambda p: _progress(p)["step"], default=None)
+            found = [p for p in [checkpoints_dir(run_dir) / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+            return max(found, key=lambda p: read_progress(p)["step"], default=None)
         if not Path(spec).is_file():
             raise MissingInputError(f"--ckpt_path {spec}: no such checkpoint (give an existing .ckpt, "
                                     "'auto' or 'none')")
@@ -134,7 +130,7 @@ class TrainCLI(LightningCLI):
             ckpt = self.resume_path()
             run_id = None
             if ckpt:
-                run_id = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
+                run_id = read_mlflow_run_id(ckpt)
             uri = tracking_uri(cfg)
             local = uri.startswith(("sqlite:", "file:"))
             if uri.startswith("sqlite:"):
@@ -177,7 +173,7 @@ def _run(args: list[str] | dict[str, Any] | None) -> Path:
                    parser_kwargs={"prog": "fdf-train", "description": __doc__}, parser_class=TrainArgumentParser)
     ckpt = cli.resume_path()
     if ckpt and cli.trainer.is_global_zero:
-        progress = _progress(ckpt)
+        progress = read_progress(ckpt)
         print(f"resuming from {ckpt} at step {progress['step']}, kimg {progress['images_shown'] / 1000:.3f}, "
               f"{progress['phase']} alpha {progress['alpha']:.3f}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
