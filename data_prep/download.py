@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data_prep import licenses, plan
 from fdf_core.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
 from fdf_core.errors import ConfigError, NothingToDoError
+from fdf_core.shards import parse_shards
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class DownloadConfig:
     metadata: list[str]  # YFCC100M metadata files (.tsv or .gz, 23 or 25 columns)
     output_dir: str
     shard_size: int = 10000  # records per shard (at most 10000: 4-digit index in keys)
-    shards: str | None = None  # "start:stop" range of shard indices, e.g. one SLURM array task
+    shards: str | None = None  # shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
     threads: int = 16  # concurrent requests per shard
     timeout: float = 10.0  # seconds per request attempt (connect + headers + body)
     retries: int = 2  # extra attempts after timeouts, connection errors and 5xx/429
@@ -278,6 +279,7 @@ def _check(cfg: DownloadConfig) -> None:
         raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {cfg.timeout}, "
                           f"{cfg.retries}, {cfg.backoff}")
     licenses.allowed_codes(cfg.allowed_licenses)
+    parse_shards(cfg.shards)
 
 
 def plan_counts(stats: dict) -> str:

@@ -29,6 +29,7 @@ from data_prep import plan
 from data_prep.download import FetchError, Result, verify_image, write_shards
 from fdf_core.tario import atomic_write_json
 from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
+from fdf_core.shards import parse_shards
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ATTRIBUTION_COLUMNS = ("license_name", "license_url", "author", "page_url")
@@ -45,7 +46,7 @@ class IngestConfig:
     attribution: TSV with a `file` column (path relative to image_dir) and any of license_name,
         license_url, author, page_url: per-photo values, which win over the folder-wide ones
     shard_size: photos per shard (at most 10000: 4-digit index in keys)
-    shards: "start:stop" range of shard indices, e.g. one SLURM array task
+    shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
     threads: files read and verified in parallel per shard
     max_bytes / max_pixels: larger files are refused (too_large / decompression_bomb)
     """
@@ -145,6 +146,7 @@ def run(cfg: IngestConfig) -> dict:
     attribution = read_attribution(Path(cfg.attribution)) if cfg.attribution else {}
     if cfg.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {cfg.threads}")
+    parse_shards(cfg.shards)
     options = _options(cfg, files, attribution)
     the_plan = plan.load_plan(out, options)
     if the_plan is None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from fdf_core.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
 from fdf_builder import crop as fdfcrop
-from fdf_builder.shards import parse_range, raw_shard_ids, split_of
+from fdf_builder.shards import selected_raw_shards, split_of
 from fdf_core.errors import ConfigError, NothingToDoError
 from fdf_core.keypoints import KEYPOINT_NAMES
 
@@ -39,7 +39,7 @@ class BuildConfig:
     """Options of one build; saved as options.json beside the shards."""
     input_dir: str  # data_prep output (raw shards)
     output_dir: str  # FDF shards, stats/, sizes.json, index.json
-    shards: str | None = None  # "start:stop" range of input shard ids, for job arrays
+    shards: str | None = None  # raw shards to build: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
     resolution: int = 128  # side of the stored crops
     min_crop_size: int = 128  # FDF drops crops narrower than this (face side >~ 75 px)
     crop_rule: str = "fdf"  # fdf: FDF's crop (capped at the photo border); pad: always 1.7x, zero-padded (tight face crops)
@@ -322,8 +322,7 @@ def run(cfg: BuildConfig) -> dict:
     out = Path(cfg.output_dir)
     if cfg.crop_rule not in fdfcrop.CROP_RULES:
         raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {cfg.crop_rule!r}")
-    available = raw_shard_ids(cfg.input_dir)
-    todo_all = parse_range(cfg.shards, available)
+    available, todo_all = selected_raw_shards(cfg.shards, cfg.input_dir)
     if not todo_all and not cfg.allow_empty:
         where = f"--shards {cfg.shards} selects none of the {len(available)}" if available else "no"
         raise NothingToDoError(f"--input_dir {cfg.input_dir}: {where} finished raw shards (NNNNN.tar with "

@@ -195,6 +195,6 @@ def test_ffcv_export_matches_shards(tmp_path, reference):
 
 
 def test_unknown_shard_range_is_a_clear_error(reference):
-    with pytest.raises(ValueError, match="start:stop"):
+    with pytest.raises(ValueError, match="--shards 'zero-to-four'"):
         build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
                           shards="zero-to-four", val_fraction=0.2, progress=False))

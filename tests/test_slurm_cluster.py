@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import submitit
 
+from fdf_core.shards import split_shards
 from slurm import build
 from slurm.executor import PROFILES_DIR, describe, load_profile, main as show_main, render_sbatch
 from slurm.launch import RequeueableTask, distributed_env_from_slurm, submit, submit_array, wait
@@ -119,8 +120,8 @@ def test_profiles_dry_run_and_errors(tmp_path, capsys, monkeypatch):
         load_profile("no_such_profile")
     with pytest.raises(ValueError, match="local executor runs on one node"):
         load_profile("local", executor="local", nodes=2)
-    assert build.shard_ranges(3, 10, 3) == ["3:6", "6:9", "9:10"]
-    assert build.shard_ranges(0, 0, 4) == []
+    assert split_shards(range(3, 10), 3) == ["3:6", "6:9", "9"]
+    assert split_shards([], 4) == []
 
 
 def test_distributed_env_mapping():
@@ -250,7 +251,7 @@ def _tars(out: Path) -> dict[str, bytes]:
 
 
 def test_data_stage_arrays_match_local_runs(slurm_cluster, yfcc_metadata, tmp_path, capsys):
-    from data_prep.cli import DownloadConfig
+    from data_prep.download import DownloadConfig
     from fdf_builder.build import BuildConfig, run as build_run
     cfg = DownloadConfig(metadata=yfcc_metadata.paths[:1], output_dir=str(tmp_path / "cluster"),
                          shard_size=4, threads=4, timeout=5.0, retries=1, progress=False)
