@@ -62,8 +62,8 @@ def build(work: Path) -> dict:
 
 
 def train(work: Path) -> dict:
-    from training.cli import main
-    main(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
+    from training.train import run
+    run(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
           "--trainer.enable_progress_bar", "false"])
     return {"run_dir": str(work / "train")}
 

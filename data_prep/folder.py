@@ -159,13 +159,3 @@ def run(cfg: IngestConfig) -> dict:
                         lambda rec: read_photo(resolved, rec["url"], cfg.max_bytes, cfg.max_pixels),
                         cfg.threads, cfg.progress, "fdf-ingest")
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(IngestConfig, argv, prog="fdf-ingest",
-                               description="A local folder of photos → raw image shards (FORMAT.md §1)."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-ingest"))

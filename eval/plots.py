@@ -9,7 +9,6 @@ JSON yet are evaluated first, so one command turns a finished run into its curve
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,16 +119,5 @@ def run(cfg: PlotConfig) -> dict:
     output = Path(cfg.output) if cfg.output else run_dir / "fid_vs_kimg.png"
     atomic_write_json(output.with_name(output.stem + "_options.json"), asdict(cfg))
     plot_fid(series, phases, output, f"{run_dir.name} ({run_id[:8]})")
-    summary = {"output": str(output), "series": {k: len(v) for k, v in series.items()}}
-    print(json.dumps(summary))
     return {"output": output, "series": series, "phases": phases}
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(PlotConfig, argv, prog="fdf-plot-fid", description="FID vs kimg PNG of a run."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-plot-fid"))

@@ -25,7 +25,6 @@ stores `x y w h score`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -380,6 +379,8 @@ def check_coverage(detections: dict[str, np.ndarray], gt: WiderGT, pred_dir: str
 
 
 def run(cfg: WiderEvalConfig) -> dict[str, float]:
+    """AP per difficulty of `cfg.pred_dir` (written to `cfg.output`), with the count of images
+    without a detection file and the seconds it took."""
     start = time.perf_counter()
     gt = load_wider_gt(cfg.gt_dir)
     detections = read_detections(cfg.pred_dir)
@@ -388,17 +389,5 @@ def run(cfg: WiderEvalConfig) -> dict[str, float]:
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, aps)
-    print(json.dumps({**aps, "images_without_detections": missing,
-                      "seconds": round(time.perf_counter() - start, 2)}))
-    return aps
+    return {**aps, "images_without_detections": missing, "seconds": round(time.perf_counter() - start, 2)}
 
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(WiderEvalConfig, argv, prog="fdf-wider-ap",
-                               description="WIDER FACE val AP (official protocol) of detection files."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-wider-ap"))

@@ -17,7 +17,6 @@ to them; the job states how many that were. Outputs in `--output_dir`: `wider_ta
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fdf_core.tario import atomic_write_json
-from eval.anonymize import read_image
+from eval.images import read_image
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import BASELINES, PAPER_AP, anonymize_boxes
 from eval.wider import DIFFICULTIES, WiderGT, evaluate, load_wider_gt, write_detections
@@ -36,6 +35,7 @@ ROWS = ("original", *BASELINES, "generator")
 DESCRIPTIONS = {"original": "no anonymization", "generator": "DeepPrivacy generator (EMA, z = 0)",
                 **{name: b.description for name, b in BASELINES.items()}}
 PAPER_ROW = {"generator": "deepprivacy"}  # our row name → PAPER_AP key
+TABLE = "wider_table.json"  # in --output_dir
 
 
 @dataclass
@@ -157,18 +157,6 @@ def run(cfg: WiderJobConfig) -> dict:
     result = {"images": len(indices), "images_in_gt": len(gt.names), "faces": faces,
               "faces_without_pose": without_pose if generator else None, "detector": cfg.detector,
               "paper_detector": "DSFD", "rows": _table(aps), "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(out / "wider_table.json", result)
-    print(format_table(result))
-    print(json.dumps({"table": str(out / "wider_table.json"), "seconds": result["seconds"]}))
+    atomic_write_json(out / TABLE, result)
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from fdf_core.cli_util import parse_dataclass
-    return run(parse_dataclass(WiderJobConfig, argv, prog="fdf-wider",
-                               description="DeepPrivacy's WIDER FACE table: detector AP after anonymization."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-wider"))

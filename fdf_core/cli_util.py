@@ -36,11 +36,15 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def parse_dataclass(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
-    """`--field value` for every field of `cls`, plus `--config file.yaml` (later flags win)."""
+def parse_dataclass(cls: type[T], argv: list[str] | None, prog: str, description: str,
+                    positional: tuple[str, ...] = ()) -> T:
+    """`--field value` for every field of `cls`, plus `--config file.yaml` (later flags win); the
+    fields named in `positional` are given by position instead (`anonymize INPUT OUTPUT`)."""
     parser = ArgumentParser(prog=prog, description=description)
+    for name in positional:
+        parser.add_argument(name, type=str, help=field_help(cls).get(name))
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options")
-    parser.add_class_arguments(cls, as_group=False)
+    parser.add_class_arguments(cls, as_group=False, skip=set(positional))
     helps = field_help(cls)
     for action in parser._actions:
         if action.dest in helps and not action.help:

@@ -22,7 +22,7 @@ import submitit
 from jsonargparse import ActionConfigFile
 
 from fdf_core.tario import atomic_write_json
-from fdf_core.console import ArgumentParser
+from fdf_core.console import ArgumentParser, console_main
 from fdf_core.errors import NothingToDoError
 from fdf_core.shards import EMPTY, format_shards, select_shards, split_shards
 from slurm.executor import ClusterProfile, add_profile_arguments, profile_from_namespace
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     return summary
 
 
+fdf_slurm_build = console_main("slurm.build", "fdf-slurm-build")  # the console script (setup.cfg)
+
 if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-slurm-build"))
+    raise SystemExit(fdf_slurm_build())

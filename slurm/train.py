@@ -167,7 +167,7 @@ def _progress_text(pl_module: pl.LightningModule) -> str:
 
 
 class TrainTask(RequeueableTask):
-    """fdf-train on every task of the job (`training.cli.main`, the laptop's code path).
+    """fdf-train on every task of the job (`training.train.run`, the laptop's code path).
 
     `config`: the frozen resolved config; `ckpt_path`: None = the config's (default `auto`), set to
     `last.ckpt` when the job requeues itself; `cpus_per_task`: torch's threads (Lightning would
@@ -185,7 +185,7 @@ class TrainTask(RequeueableTask):
             self.ckpt_path = _ATTEMPT.saved["checkpoint"]
 
     def __call__(self) -> dict[str, Any]:
-        from training.cli import main as train_main
+        from training.train import run as train
         env = export_distributed_env()
         if "OMP_NUM_THREADS" not in os.environ:  # a site's setup lines may choose otherwise
             os.environ["OMP_NUM_THREADS"] = str(self.cpus_per_task)
@@ -197,7 +197,7 @@ class TrainTask(RequeueableTask):
         signal.signal(usr_sig, _ATTEMPT.on_signal)
         try:
             argv = ["--config", self.config] + (["--ckpt_path", self.ckpt_path] if self.ckpt_path else [])
-            train_main(argv)
+            train(argv)
         finally:
             signal.signal(usr_sig, requeue)
         summary = {"run_dir": self.run_dir, "rank": int(env["RANK"]), "requeues": self.requeues,
@@ -211,23 +211,6 @@ class TrainTask(RequeueableTask):
             # No result file for this attempt: the requeued job writes the job's result.
             sys.exit(0)
         return {**summary, "preempted": _ATTEMPT.saved}
-
-
-def resolve_training_config(train_args: Sequence[str]) -> tuple[str, Any]:
-    """fdf-train's options resolved as it would resolve them (YAML text, namespace), without
-    building the model, the data or an MLflow run."""
-    from training.cli import ConfigToRunDir, TrainCLI
-    from training.datamodule import FDFDataModule
-    from training.module import ProgressiveGAN
-
-    class ParseOnly(TrainCLI):
-        def instantiate_classes(self) -> None:
-            pass
-
-    cli = ParseOnly(ProgressiveGAN, FDFDataModule, args=list(train_args), run=False, seed_everything_default=0,
-                    auto_configure_optimizers=False, save_config_callback=ConfigToRunDir,
-                    save_config_kwargs={"save_to_log_dir": False})
-    return cli.parser.dump(cli.config), cli.config
 
 
 def layout_args(p: ClusterProfile) -> list[str]:
@@ -257,7 +240,8 @@ def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bo
                     max_requeues: int = 10, after: Sequence[submitit.Job] = ()) -> submitit.Job | None:
     """Submit fdf-train (`train_args`: its command line) as one job of p.nodes x p.tasks_per_node
     tasks; `dry_run` prints the profile, the sbatch script and the resolved config instead."""
-    text, cfg = resolve_training_config([*train_args, *layout_args(p)])
+    from training.train import resolve_config
+    text, cfg = resolve_config([*train_args, *layout_args(p)])
     _check_layout(cfg, p)
     if dry_run:
         print(describe(p) + "\n# resolved fdf-train config\n" + text)

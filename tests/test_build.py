@@ -20,7 +20,7 @@ from data_prep.sample import corpus_records, write_yfcc_metadata
 from fdf_core.tario import AtomicTarWriter, iter_samples, json_bytes
 from fdf_builder.build import BuildConfig, run as build
 from fdf_builder.shards import split_of
-from slurm.pipeline import PipelineConfig, run as pipeline
+from fdf_pipeline.pipeline import PipelineConfig, run as pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 N_PHOTOS = 12
@@ -122,7 +122,7 @@ KILL_POINTS = {
 def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
     """SIGKILL the pipeline (download + build) at points of every kind; the rerun must converge."""
     work = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "slurm.pipeline", "--workdir", str(work), "--metadata", f"[{metadata}]",
+    cmd = [sys.executable, "-m", "fdf_pipeline.cli", "--workdir", str(work), "--metadata", f"[{metadata}]",
            "--shard_size", "3", "--progress", "false", "--stages", "[download, build]"]
     total = len(list(reference.glob("fdf/stats/*.json")))
     killed = []  # (kill point, state after the kill)
@@ -164,7 +164,7 @@ def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
 
 def test_console_script_exits_zero_after_printing_its_summary(reference):
     """setuptools' wrapper does sys.exit(entry()): a returned summary would mean exit status 1."""
-    code = ("import sys; from slurm.entry_points import fdf_build; sys.argv = ['fdf-build', *sys.argv[1:]]; "
+    code = ("import sys; from fdf_builder.cli import fdf_build; sys.argv = ['fdf-build', *sys.argv[1:]]; "
             "sys.exit(fdf_build())")
     done = subprocess.run([sys.executable, "-c", code, "--input_dir", str(reference / "raw"),
                            "--output_dir", str(reference / "fdf"), "--val_fraction", "0.2"],

@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_prep import licenses, plan
 from fdf_core.assets import REPO_ROOT
-from data_prep.cli import main
+from data_prep.cli import download_main as main
 from data_prep.download import DownloadConfig, FetchError, run, verify_image
 from data_prep.sample import (CorpusServer, bomb_png, corpus_records, read_manifest,
                               sample_corpus_dir, write_yfcc_metadata)
@@ -210,7 +210,7 @@ def test_killed_run_resumes_identically(tmp_path, corpus_server, assets):
             "--progress", "false"]
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cli", *args, "--output_dir", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cli", "fdf-download", *args, "--output_dir", str(killed)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

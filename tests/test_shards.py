@@ -47,8 +47,7 @@ def _stats(folder: Path, pattern: str) -> list[int]:
 
 
 def test_every_command_reads_the_same_string_as_the_same_shards(assets, corpus_server, tmp_path, monkeypatch):
-    from data_prep.cli import main as download
-    from data_prep.folder import main as ingest
+    from data_prep.cli import download_main as download, ingest_main as ingest
     from fdf_builder.cli import main as build
     from slurm import build as slurm_build
     from slurm.executor import PROFILES_DIR

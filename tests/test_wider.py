@@ -6,6 +6,7 @@ import pytest
 
 from fdf_core.assets import assets_dir
 from eval import metrics, wider
+from eval.cli import wider_ap_main
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,6 @@ def test_wider_ap_metric_and_cli_on_written_detections(gt, tmp_path):
     result = metrics.calc_metric("wider_ap", metrics.MetricOptions(detections_dir=str(tmp_path / "pred")))
     assert result["results"] == pytest.approx({f"wider_ap_{d}": v for d, v in expected.items()}, abs=1e-9)
     out = tmp_path / "ap.json"
-    wider.main(["--pred_dir", str(tmp_path / "pred"), "--output", str(out)])
+    wider_ap_main(["--pred_dir", str(tmp_path / "pred"), "--output", str(out)])
     assert json.loads(out.read_text()) == pytest.approx(expected, abs=1e-9)
     assert json.loads((tmp_path / "ap_options.json").read_text())["pred_dir"] == str(tmp_path / "pred")

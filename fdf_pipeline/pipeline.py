@@ -17,9 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fdf_core.cli_util import parse_dataclass
+from fdf_core.errors import ConfigError
 from fdf_core.tario import atomic_write_json
-from fdf_core.errors import ConfigError, SkippedItemsError
 
 
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
@@ -59,7 +58,7 @@ def build_stage(cfg: PipelineConfig) -> dict:
 
 
 def train_stage(cfg: PipelineConfig) -> dict:
-    from training.cli import main as train
+    from training.train import run as train
     work = Path(cfg.workdir)
     run_dir = work / "train"
     train(["--config", cfg.train_config, "--data.root", str(work / "fdf"), "--run_dir", str(run_dir),
@@ -124,20 +123,3 @@ def run(cfg: PipelineConfig) -> dict:
     print(f"fdf-pipeline: done in {summary['seconds']}s → {work}")
     return summary
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """The console script: `run`, then exit status 5 if the anonymize stage skipped files."""
-    cfg = parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
-                          description="Run the fdf stages end to end (see README).")
-    summary = run(cfg)
-    skipped = summary.get("anonymize", {}).get("skipped") or []
-    if skipped:
-        raise SkippedItemsError(f"anonymize stage: {len(skipped)} files skipped, first: {skipped[0]['file']}: "
-                                f"{skipped[0]['reason']} (all in {Path(cfg.workdir) / 'pipeline_summary.json'})",
-                                summary)
-    return summary
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-pipeline"))
