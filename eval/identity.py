@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +127,15 @@ def impostor_distances(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 class IdentityConfig(AnonymizerConfig):
     """Identity removal per anonymization method on same-person photo pairs (see module doc).
 
-    pairs_dir: folder of Person_Name_0001.jpg / Person_Name_0002.jpg photos (e.g. LFW)
-    methods: anonymization methods to score (generator needs a checkpoint or the shipped model)
-    num_pairs: use the first that many people (None: all)
-    far: false accept rate that sets the verification threshold (the protocol: 1e-3)
-    threshold: the recognizer's own same-person threshold for the de-identification rate
-    dlib_models: folder with dlib's models (default: the face_recognition_models package)
-    output: result JSON (options saved beside it)
+    Args:
+        pairs_dir: folder of Person_Name_0001.jpg / Person_Name_0002.jpg photos (e.g. LFW)
+        methods: anonymization methods to score (generator needs a checkpoint or the shipped model)
+        num_pairs: use the first that many people (None: all)
+        far: false accept rate that sets the verification threshold (the protocol: 1e-3)
+        threshold: the recognizer's own same-person threshold for the de-identification rate
+        dlib_models: folder with dlib's models (default: the face_recognition_models package)
+        output: result JSON (options saved beside it)
+        progress: show progress bars
     """
 
     pairs_dir: str
@@ -144,6 +146,12 @@ class IdentityConfig(AnonymizerConfig):
     dlib_models: str | None = None
     output: str = "identity.json"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
 
 
 def _read(path: Path) -> np.ndarray:
@@ -188,13 +196,10 @@ def score_method(faces: DlibFaces, anonymizer: Anonymizer, kept: list, first: np
 
 def run(cfg: IdentityConfig) -> dict:
     start = time.perf_counter()
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     pairs = photo_pairs(Path(cfg.pairs_dir), cfg.num_pairs)
     faces = DlibFaces(cfg.dlib_models)
-    anonymizers = {m: Anonymizer(AnonymizerConfig(**{**{k: getattr(cfg, k) for k in AnonymizerConfig.__dataclass_fields__},
-                                                     "method": m})) for m in cfg.methods}  # load all before work
+    options = {f.name: getattr(cfg, f.name) for f in fields(AnonymizerConfig)}
+    anonymizers = {m: Anonymizer(AnonymizerConfig(**{**options, "method": m})) for m in cfg.methods}  # load all first
     kept, first, second, skipped = subjects(faces, pairs, cfg.progress)
     if len(kept) < 2:
         raise InputError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
