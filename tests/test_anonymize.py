@@ -83,11 +83,14 @@ def test_band_weights_fall_from_one_to_zero():
     assert (w[:5] == 0).all() and (w[:, 25:] == 0).all()
 
 
-def test_generator_needs_a_checkpoint(monkeypatch):
+def test_generator_defaults_to_the_shipped_model(monkeypatch, tmp_path):
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    shipped = Anonymizer(AnonymizerConfig(method="generator"))
+    assert "shipped with fdf" in shipped.generator_name and shipped.generator.resolution == 32
+    assert shipped.crop_rule == "pad"  # the rule of its training faces, recorded in the export
     with pytest.raises(MissingAssetError, match=f"--checkpoint.*{CHECKPOINT_ENV}"):
-        Anonymizer(AnonymizerConfig(method="generator"))
-    with pytest.raises(ValueError, match="unknown method 'swirl'"):
+        Anonymizer(AnonymizerConfig(method="generator", checkpoint=str(tmp_path / "missing.ckpt")))
+    with pytest.raises(ValueError, match="--method 'swirl': unknown"):
         Anonymizer(AnonymizerConfig(method="swirl"))
 
 

@@ -134,8 +134,8 @@ def test_missing_checkpoint_names_the_flag_and_the_variable(assets, tmp_path):
                    "--checkpoint", tmp_path / "nope.ckpt")
     assert done.returncode == errors.EXIT_INPUT
     assert _error_line(done) == (
-        "anonymize: error: generator checkpoint (a training checkpoint, e.g. <run_dir>/checkpoints/final.ckpt) "
-        "not found. Give it with --checkpoint PATH or the environment variable FDF_GENERATOR_CHECKPOINT. "
+        "anonymize: error: generator checkpoint (a training checkpoint, e.g. <run_dir>/checkpoints/final.ckpt, "
+        "or an exported model) not found. Give it with --checkpoint PATH or the environment variable FDF_GENERATOR_CHECKPOINT. "
         f"Tried: flag --checkpoint: {tmp_path / 'nope.ckpt'}")
 
 
@@ -181,13 +181,13 @@ def test_anonymize_folder_writes_every_readable_photo_and_lists_the_rest(assets,
 def test_pipeline_ends_with_status_5_when_its_anonymize_stage_skipped_files(capsys, tiny_run, assets, tmp_path):
     work, src = tmp_path / "work", tmp_path / "in"
     work.mkdir()
-    (work / "train").symlink_to(tiny_run)  # the stage anonymizes with <workdir>/train/checkpoints/final.ckpt
     src.mkdir()
     good = (assets / "corpus" / "photos" / PHOTO).read_bytes()
     (src / "a.jpg").write_bytes(good)
     (src / "broken.jpg").write_bytes(good[:200])
     done = _in_process(capsys, pipeline_main, "fdf-pipeline", "--workdir", work, "--stages", "[anonymize]",
-                       "--anonymize_input", src, "--progress", "false")
+                       "--anonymize_input", src, "--anonymize_checkpoint", tiny_run / "checkpoints" / "final.ckpt",
+                       "--progress", "false")
     assert done.returncode == errors.EXIT_SKIPPED, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1].startswith(
         f"fdf-pipeline: error: anonymize stage: 1 files skipped, first: {src / 'broken.jpg'}: not a readable image")

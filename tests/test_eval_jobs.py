@@ -151,7 +151,7 @@ def test_identity_job_on_lfw_pairs(tmp_path):
     assert json.loads(out.read_text()) == result and result["pairs"] + result["pairs_skipped_no_face"] == 6
     original = result["original"]
     assert original["same_person_distance_median"] < 0.6 < original["different_person_distance_median"]
-    assert original["tpr_at_far"] > 0.8
+    assert original["tpr_at_far"] > 0.8 and original["still_detected"] == 1.0  # the CNN detector's ceiling
     blackout, blur = result["methods"]["blackout"], result["methods"]["gaussian_9x9"]
     assert blackout["deidentification_rate"] == 1.0 and blackout["tpr_at_far"] == 0.0
     assert blackout["still_detected"] == 0.0  # nothing face-like is left for an independent detector

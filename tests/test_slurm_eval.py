@@ -51,7 +51,7 @@ def test_dry_run_submits_nothing_and_runs_single_process_tasks(run_dir, fdf_shar
     out = capsys.readouterr().out
     for line in ("2 of 2 checkpoints to evaluate", "#SBATCH --array=0-1%2", "#SBATCH --job-name=fdf-train-eval",
                  "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "# evaluation tasks",
-                 f'"output": "{run_dir / "eval" / "fid_random_final.json"}"'):
+                 f'"output": "{run_dir / "eval" / "fd_random_conv_final.json"}"'):
         assert line in out, line
     assert not (tmp_path / "logs").exists() and not (run_dir / "eval").exists()
 
