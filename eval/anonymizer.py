@@ -86,7 +86,7 @@ class AnonymizerConfig(FaceModelsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in METHODS:
-            raise ConfigError(f"--method: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"--method {self.method!r}: unknown; choose from {', '.join(METHODS)}")
         if self.feather < 0:
             raise ConfigError(f"--feather ({self.feather}) must be >= 0")
         if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
