@@ -46,20 +46,38 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("photo_id", pa.string()), ("ur
 
 @dataclass
 class DownloadConfig:
-    """Options of one download run; saved as options.json beside the shards."""
-    metadata: list[str]  # YFCC100M metadata files (.tsv or .gz, 23 or 25 columns)
+    """Options of one download run; saved as options.json beside the shards.
+
+    Args:
+        metadata: YFCC100M metadata files (.tsv or .gz, 23 or 25 columns)
+        output_dir: raw shards, plan.json, stats/ and options.json
+        shard_size: records per shard (at most 10000: 4-digit index in keys)
+        shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
+        threads: concurrent requests per shard
+        timeout: seconds per request attempt (connect + headers + body)
+        retries: extra attempts after timeouts, connection errors and 5xx/429
+        backoff: seconds before the first retry, doubled for each further one
+        max_bytes: larger bodies are aborted while streaming
+        max_pixels: more: decompression_bomb (PIL refuses > 2x its own)
+        on_bad_line: malformed metadata line
+        allowed_licenses: licenses whose photos are kept (data_prep.licenses)
+        allow_empty: metadata that keeps no record is not an error (exit 4 otherwise)
+        user_agent: the User-Agent header of every request
+        progress: show progress bars
+    """
+    metadata: list[str]
     output_dir: str
-    shard_size: int = 10000  # records per shard (at most 10000: 4-digit index in keys)
-    shards: str | None = None  # shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
-    threads: int = 16  # concurrent requests per shard
-    timeout: float = 10.0  # seconds per request attempt (connect + headers + body)
-    retries: int = 2  # extra attempts after timeouts, connection errors and 5xx/429
-    backoff: float = 0.5  # seconds before the first retry, doubled for each further one
-    max_bytes: int = 30 * 1024 * 1024  # larger bodies are aborted while streaming
-    max_pixels: int = Image.MAX_IMAGE_PIXELS  # more: decompression_bomb (PIL refuses > 2x its own)
+    shard_size: int = 10000
+    shards: str | None = None
+    threads: int = 16
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5
+    max_bytes: int = 30 * 1024 * 1024
+    max_pixels: int = Image.MAX_IMAGE_PIXELS
     allowed_licenses: list[str] = field(default_factory=lambda: list(licenses.DEFAULT_ALLOWED))
-    on_bad_line: Literal["error", "skip"] = "error"  # malformed metadata line
-    allow_empty: bool = False  # metadata that keeps no record is not an error (exit 4 otherwise)
+    on_bad_line: Literal["error", "skip"] = "error"
+    allow_empty: bool = False
     user_agent: str = "fdf-download/0.1"
     progress: bool = True
 

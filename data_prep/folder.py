@@ -40,15 +40,21 @@ FOLDER_PLAN_VERSION = 1
 class IngestConfig:
     """Options of one ingest run; saved as options.json beside the shards.
 
-    image_dir: folder of photos (searched recursively; jpg, jpeg, png, webp, bmp, gif, tif)
-    output_dir: raw shards, as fdf-download writes them
-    license_name / license_url / author / page_url: attribution of every photo of the folder
-    attribution: TSV with a `file` column (path relative to image_dir) and any of license_name,
-        license_url, author, page_url: per-photo values, which win over the folder-wide ones
-    shard_size: photos per shard (at most 10000: 4-digit index in keys)
-    shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
-    threads: files read and verified in parallel per shard
-    max_bytes / max_pixels: larger files are refused (too_large / decompression_bomb)
+    Args:
+        image_dir: folder of photos (searched recursively; jpg, jpeg, png, webp, bmp, gif, tif)
+        output_dir: raw shards, as fdf-download writes them
+        license_name: license of every photo of the folder (e.g. "CC BY 2.0")
+        license_url: URL of that license
+        author: author of every photo of the folder
+        page_url: page of the photos
+        attribution: TSV with a `file` column (path relative to image_dir) and any of license_name,
+            license_url, author, page_url: per-photo values, which win over the folder-wide ones
+        shard_size: photos per shard (at most 10000: 4-digit index in keys)
+        shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
+        threads: files read and verified in parallel per shard
+        max_bytes: larger files are refused (too_large)
+        max_pixels: photos with more pixels are refused (decompression_bomb)
+        progress: show progress bars
     """
 
     image_dir: str

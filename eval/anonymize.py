@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 class AnonymizeConfig(AnonymizerConfig, VideoOptions):
     """A photo, a video or a folder to anonymize (see :class:`AnonymizerConfig`, :class:`VideoOptions`).
 
-    input: photo, video or folder
-    output: file of the same kind, or a folder for a folder
-    progress: show progress bars
-    allow_empty: a folder without photos or videos is not an error
+    Args:
+        input: photo, video or folder
+        output: file of the same kind, or a folder for a folder
+        progress: show progress bars
+        allow_empty: a folder without photos or videos is not an error
     """
 
     input: str

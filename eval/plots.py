@@ -25,12 +25,19 @@ SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
 class PlotConfig:
     """Plot FID against kimg for one run.
 
-    run_dir: the training run folder (config.yaml, checkpoints/, mlflow.db)
-    output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
-    evaluate: compute the FID of checkpoints that have none yet (needs data_root)
-    data_root / feature / inception_weights / num_images / batch_size / cache_dir / device: as fdf-eval
-        (num_images: the first that many validation faces; None = all)
-    tracking_uri / run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
+    Args:
+        run_dir: the training run folder (config.yaml, checkpoints/, mlflow.db)
+        output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
+        evaluate: compute the FID of checkpoints that have none yet (needs data_root)
+        data_root: FDF shards, as fdf-eval
+        feature: as fdf-eval (inception or random_conv)
+        inception_weights: as fdf-eval
+        num_images: the first that many validation faces; None = all (as fdf-eval)
+        batch_size: as fdf-eval
+        cache_dir: as fdf-eval
+        device: as fdf-eval
+        tracking_uri: the MLflow tracking URI (default: from the run's checkpoints, as fdf-eval)
+        run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
     """
 
     run_dir: str

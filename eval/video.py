@@ -52,20 +52,22 @@ CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive fra
 class VideoOptions:
     """Tracking and encoding of videos.
 
-    lookahead: frames detected ahead of the frame being written; a face found within this many
-        frames after a miss is filled in backwards (memory grows by this many frames)
-    max_missing: frames a track is extrapolated after its last detection
-    track_iou: IoU with a track's predicted box for a detection to continue that track
-    smooth_radius: a detected box is the mean of its track's detections over ±this many frames
-    margin: growth of a box that was not detected in that frame, as a fraction of its side
-        (doubled over `lookahead` frames from the nearest detection)
-    keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
-    grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
-        a box a few pixels off leaves part of a small face)
-    video_detect_max_size: frames up to this long side are detected at full size (small faces
-        are lost to downscaling); larger ones are downscaled to it
-    crf / preset: libx264 quality (lower crf = better) and speed
-    audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
+    Args:
+        lookahead: frames detected ahead of the frame being written; a face found within this many
+            frames after a miss is filled in backwards (memory grows by this many frames)
+        max_missing: frames a track is extrapolated after its last detection
+        track_iou: IoU with a track's predicted box for a detection to continue that track
+        smooth_radius: a detected box is the mean of its track's detections over ±this many frames
+        margin: growth of a box that was not detected in that frame, as a fraction of its side
+            (doubled over `lookahead` frames from the nearest detection)
+        keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
+        grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
+            a box a few pixels off leaves part of a small face)
+        video_detect_max_size: frames up to this long side are detected at full size (small faces
+            are lost to downscaling); larger ones are downscaled to it
+        crf: libx264 quality (lower = better)
+        preset: libx264 speed preset
+        audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
     """
 
     lookahead: int = 12

@@ -341,10 +341,12 @@ def read_detections(pred_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 class WiderEvalConfig:
     """Score a folder of detections in the kit's text layout.
 
-    pred_dir: `<event>/<image>.txt` files (official layout)
-    gt_dir: folder of the kit's .mat files (default `$FDF_ASSETS/wider`)
-    output: JSON file for the APs (options are saved beside it)
-    strict: an image without a detection file is an error instead of a warning
+    Args:
+        pred_dir: `<event>/<image>.txt` files (official layout)
+        gt_dir: folder of the kit's .mat files (default `$FDF_ASSETS/wider`)
+        output: JSON file for the APs (options are saved beside it)
+        iou_threshold: IoU for a detection to match a face (the kit: 0.5)
+        strict: an image without a detection file is an error instead of a warning
     """
 
     pred_dir: str

@@ -57,6 +57,7 @@ class WiderJobConfig(FaceModelsConfig):
         feather: blend band of the generator row (see anonymize --feather)
         batch_size: faces per generator call
         limit: evaluate only the first N images found (quick runs)
+        progress: show progress bars
     """
 
     allow_no_keypoints: ClassVar[bool] = True

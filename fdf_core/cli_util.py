@@ -1,9 +1,11 @@
-"""One way to turn a config dataclass into a command line with YAML config files."""
+"""One way to turn a config dataclass into a command line with YAML config files.
+
+The help of each option is its entry in the `Args:` section of the dataclass's docstring (or of a
+base dataclass's), which jsonargparse reads itself (docstring-parser); a new field gets its help
+there, nowhere else.
+"""
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
 from typing import TypeVar
 
 from jsonargparse import ActionConfigFile
@@ -12,43 +14,24 @@ from fdf_core.console import ArgumentParser
 
 T = TypeVar("T")
 
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")  # `name: type = default  # help`
-_DOC_LINE = re.compile(r"^\s*([\w /]+?):\s+(\S.*)$")  # `name: help` (or `a / b: help`) in the docstring
 
-
-def field_help(cls: type) -> dict[str, str]:
-    """Help text of each field: its trailing comment, else its line in the class docstring."""
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        for line in (klass.__doc__ or "").splitlines():
-            if m := _DOC_LINE.match(line):
-                for name in m.group(1).split("/"):
-                    out[name.strip()] = m.group(2).strip()
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for line in source.splitlines():
-            if m := _COMMENT.match(line):
-                out[m.group(1)] = m.group(2).strip()
-    return out
+def dataclass_parser(cls: type, prog: str | None = None, description: str | None = None,
+                     positional: tuple[str, ...] = ()) -> ArgumentParser:
+    """The parser of :func:`parse_dataclass`: `--config`, the positional fields, then the others."""
+    parser = ArgumentParser(prog=prog, description=description)
+    if positional:  # jsonargparse documents only the fields it adds: take these from the same docstrings
+        helps = {a.dest: a.help for a in dataclass_parser(cls)._actions}
+        for name in positional:
+            parser.add_argument(name, type=str, help=helps.get(name))
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options")
+    parser.add_class_arguments(cls, as_group=False, skip=set(positional))
+    return parser
 
 
 def parse_dataclass(cls: type[T], argv: list[str] | None, prog: str, description: str,
                     positional: tuple[str, ...] = ()) -> T:
     """`--field value` for every field of `cls`, plus `--config file.yaml` (later flags win); the
     fields named in `positional` are given by position instead (`anonymize INPUT OUTPUT`)."""
-    parser = ArgumentParser(prog=prog, description=description)
-    for name in positional:
-        parser.add_argument(name, type=str, help=field_help(cls).get(name))
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options")
-    parser.add_class_arguments(cls, as_group=False, skip=set(positional))
-    helps = field_help(cls)
-    for action in parser._actions:
-        if action.dest in helps and not action.help:
-            action.help = helps[action.dest]
-    ns = parser.parse_args(argv)
+    ns = dataclass_parser(cls, prog, description, positional).parse_args(argv)
     ns.pop("config", None)
     return cls(**ns.as_dict())

@@ -26,20 +26,40 @@ STAGES = ("download", "build", "train", "evaluate", "anonymize")
 
 @dataclass
 class PipelineConfig:
+    """The whole pipeline on one machine, each stage in its folder of `workdir`.
+
+    Args:
+        workdir: folder of the stages' outputs (raw/, fdf/, train/, fid_cache/, anonymized/)
+        metadata: YFCC100M files; empty: serve the sample corpus
+        corpus: corpus folder (manifest.tsv + photos/) served when no metadata is given
+        corpus_port: fixed, so a resumed run finds the URLs its download plan recorded
+        shard_size: photos per raw shard (tiny, so the demo shows several shards)
+        val_fraction: share of photos in the validation split
+        resolution: side of the stored face crops
+        keypoints: keypoint backend of the build stage
+        device: cpu or cuda
+        stages: stages to run, in order
+        train_config: fdf-train YAML of the train stage
+        fid_feature: the paper's FID network (inception); random_conv: fast, not FID (see fdf-eval)
+        anonymize_input: photo/folder/video to anonymize (default: a sample photo)
+        anonymize_checkpoint: generator for the anonymize stage (default: the shipped model)
+        progress: show progress bars
+    """
+
     workdir: str = "runs/demo"
-    metadata: list[str] = field(default_factory=list)  # YFCC100M files; empty: serve the sample corpus
-    corpus: str | None = None  # corpus folder (manifest.tsv + photos/) served when no metadata is given
-    corpus_port: int = 18765  # fixed, so a resumed run finds the URLs its download plan recorded
-    shard_size: int = 4  # photos per raw shard (tiny, so the demo shows several shards)
+    metadata: list[str] = field(default_factory=list)
+    corpus: str | None = None
+    corpus_port: int = 18765
+    shard_size: int = 4
     val_fraction: float = 0.2
     resolution: int = 128
     keypoints: str = "movenet"
     device: str = "cpu"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     train_config: str = str(Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny_cpu.yaml")
-    fid_feature: str = "inception"  # the paper's FID network; random_conv: fast, not FID (see fdf-eval)
-    anonymize_input: str | None = None  # photo/folder/video to anonymize (default: a sample photo)
-    anonymize_checkpoint: str | None = None  # generator for the anonymize stage (default: the shipped model)
+    fid_feature: str = "inception"
+    anonymize_input: str | None = None
+    anonymize_checkpoint: str | None = None
     progress: bool = True
 
 

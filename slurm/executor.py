@@ -29,24 +29,45 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 @dataclass
 class ClusterProfile:
-    """Where and how jobs run; the fields map onto sbatch options (see executor_parameters)."""
+    """Where and how jobs run; the fields map onto sbatch options (see executor_parameters).
+
+    Args:
+        executor: slurm (sbatch) or local (subprocesses of this host, for tests and laptops)
+        partition: sbatch --partition
+        account: sbatch --account
+        qos: sbatch --qos
+        constraint: sbatch --constraint (node features)
+        nodes: nodes per job (per array task)
+        tasks_per_node: one per GPU for DDP training; 1 for data stages
+        gpus_per_node: GPUs per node (sbatch --gpus-per-node)
+        cpus_per_task: CPUs per task (also the task's torch threads)
+        mem_gb: per node; None: the partition's default
+        time_min: time limit of a job in minutes
+        array_parallelism: cap on simultaneously running array tasks (`--array=0-N%cap`)
+        signal_delay_s: USR2 this long before the time limit: time to checkpoint and requeue
+        max_timeouts: requeues after hitting the time limit (submitit's max_num_timeout)
+        extra_sbatch: `#SBATCH --key=value`
+        setup: shell lines before srun (module load, venv)
+        log_dir: submitit folder (~, $VARS expanded); logs in <log_dir>/<job id>/
+        job_name: sbatch --job-name
+    """
     executor: Literal["slurm", "local"] = "slurm"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     nodes: int = 1
-    tasks_per_node: int = 1  # one per GPU for DDP training; 1 for data stages
+    tasks_per_node: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int = 1
-    mem_gb: float | None = None  # per node; None: the partition's default
+    mem_gb: float | None = None
     time_min: int = 60
-    array_parallelism: int = 64  # cap on simultaneously running array tasks (`--array=0-N%cap`)
-    signal_delay_s: int = 90  # USR2 this long before the time limit: time to checkpoint and requeue
-    max_timeouts: int = 3  # requeues after hitting the time limit (submitit's max_num_timeout)
-    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # `#SBATCH --key=value`
-    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv)
-    log_dir: str = "slurm_logs"  # submitit folder (~, $VARS expanded); logs in <log_dir>/<job id>/
+    array_parallelism: int = 64
+    signal_delay_s: int = 90
+    max_timeouts: int = 3
+    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    log_dir: str = "slurm_logs"
     job_name: str = "fdf"
 
     def __post_init__(self) -> None:
