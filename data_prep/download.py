@@ -336,11 +336,11 @@ def run(cfg: DownloadConfig) -> dict:
                                "--allowed_licenses, or pass --allow_empty true")
     opener = build_opener()
     return write_shards(out, the_plan, cfg.shards, lambda r: fetch(r["url"], cfg, opener), cfg.threads,
-                        cfg.progress, "fdf-download")
+                        cfg.progress)
 
 
 def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[dict], Result], threads: int,
-                 progress: bool, prog: str) -> dict:
+                 progress: bool) -> dict:
     """Write every planned shard of the `shards` range that is not done yet; return a summary.
 
     The summary totals the stats of all shards in the range (also those done before) and gives
@@ -348,9 +348,8 @@ def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[d
     """
     selected = plan.shard_range(shards, the_plan["num_shards"])
     todo = [s for s in selected if not (out / f"{s}_stats.json").exists()]
-    print(f"{prog}: {the_plan['records']} records in {the_plan['num_shards']} shards; "
-          f"{len(selected) - len(todo)} of {len(selected)} selected shards already done, "
-          f"{len(todo)} to write → {out}")
+    log.info("%d records in %d shards; %d of %d selected shards already done, %d to write → %s",
+             the_plan["records"], the_plan["num_shards"], len(selected) - len(todo), len(selected), len(todo), out)
     start = time.perf_counter()
     now = Counter()
     with tqdm(total=sum(plan.shard_length(out, s) for s in todo), unit="img",
@@ -377,8 +376,8 @@ def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[d
                "run_seconds": round(seconds, 3),
                "run_images_per_s": round(now["ok"] / seconds, 2) if todo and seconds else 0.0}
     if todo:
-        print(f"{prog}: {summary['run_records']} records in {seconds:.1f}s: {now['ok']} ok "
-              f"({summary['run_images_per_s']:.1f} img/s), {now['error']} failed")
-    print(f"{prog}: selected shards hold {total['ok']} of {total['count']} photos; failures: "
-          + (", ".join(f"{k}={v}" for k, v in errors.most_common()) or "none"))
+        log.info("%d records in %.1fs: %d ok (%.1f img/s), %d failed", summary["run_records"], seconds, now["ok"],
+                 summary["run_images_per_s"], now["error"])
+    log.info("selected shards hold %d of %d photos; failures: %s", total["ok"], total["count"],
+             ", ".join(f"{k}={v}" for k, v in errors.most_common()) or "none")
     return summary

@@ -163,5 +163,5 @@ def run(cfg: IngestConfig) -> dict:
     resolved = image_dir.resolve()
     return write_shards(out, the_plan, cfg.shards,
                         lambda rec: read_photo(resolved, rec["url"], cfg.max_bytes, cfg.max_pixels),
-                        cfg.threads, cfg.progress, "fdf-ingest")
+                        cfg.threads, cfg.progress)
 

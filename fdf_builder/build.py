@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import multiprocessing
 import json
+import logging
+import multiprocessing
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_core.shards import parse_shards
 
 SPLITS = ("train", "val")
+log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
@@ -328,8 +330,7 @@ def run(cfg: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _check_options(cfg)
     todo = [s for s in todo_all if not (out / "stats" / f"{s}.json").exists()]
-    print(f"fdf-build: {len(todo_all) - len(todo)} of {len(todo_all)} shards already done, "
-          f"{len(todo)} to build → {out}")
+    log.info("%d of %d shards already done, %d to build → %s", len(todo_all) - len(todo), len(todo_all), len(todo), out)
     if todo:
         total_photos = sum(_count_photos(Path(cfg.input_dir), s) for s in todo)
         start = time.perf_counter()
@@ -339,11 +340,11 @@ def run(cfg: BuildConfig) -> dict:
                 photos += st["photos"]
                 faces += st["faces_kept"]
         secs = time.perf_counter() - start
-        print(f"fdf-build: {photos} photos, {faces} faces in {secs:.1f}s "
-              f"({photos / secs:.2f} img/s, {faces / secs:.2f} faces/s)")
+        log.info("%d photos, %d faces in %.1fs (%.2f img/s, %.2f faces/s)", photos, faces, secs, photos / secs,
+                 faces / secs)
     index = write_index(cfg, list(KEYPOINT_NAMES))
-    print("fdf-build: faces per split", index["splits"], "| dropped:",
-          ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
+    log.info("faces per split %s | dropped: %s", index["splits"],
+             ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
     if cfg.ffcv:
         from fdf_builder.ffcv_export import export_ffcv
         for split in SPLITS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from fdf_core.tario import atomic_path, check_member_name
+
+log = logging.getLogger(__name__)
 
 
 class _TarIndex:
@@ -63,7 +66,7 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
     tars = sorted((fdf_dir / split).glob("*.tar"))
     index = _TarIndex(tars)
     if len(index) == 0:
-        print(f"fdf-build: no {split} faces, no FFCV file written")
+        log.info("no %s faces, no FFCV file written", split)
         return None
     resolution = None
     for i in range(len(index)):  # validate before the writer's workers see anything
@@ -80,5 +83,5 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
               "meta": JSONField()}
     with atomic_path(out) as tmp:
         DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
-    print(f"fdf-build: wrote {len(index)} {split} samples to {out}")
+    log.info("wrote %d %s samples to %s", len(index), split, out)
     return out

@@ -12,9 +12,12 @@ target's `main(argv)` and
 - `--debug` anywhere on the command line (before a `--`), or `FDF_DEBUG=1`, prints the traceback
   of user mistakes too.
 
-Library code reports with `logging`; the scripts send the records of our packages to stderr as
-`<prog>: <message>` (`<prog>: warning: <message>` for warnings) and print their final JSON
-summary on stdout.
+Library code reports with `logging` (a module logger each); the scripts send the records of our
+packages to stderr as `<prog>: <message>` (`<prog>: warning: <message>` for warnings) and print
+their final JSON summary on stdout. Jobs on a cluster send them to the job's stdout log instead
+(`setup_logging(prog, stream="stdout")`, slurm.launch). In a multi-process run only rank zero's
+INFO and DEBUG records are shown (warnings and errors of every rank are); a record logged with
+`extra={"all_ranks": True}` is shown on every rank.
 """
 from __future__ import annotations
 
@@ -61,24 +64,51 @@ class _ScriptFormatter(logging.Formatter):
         return f"{self.prog}: {level}{record.getMessage()}"
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record arrives (tests and tools replace it)."""
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's once it is up, else the launcher's variables
+    (as Lightning reads them: RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK), else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class _RankZero(logging.Filter):
+    """INFO and DEBUG records of rank zero only, unless logged with `extra={"all_ranks": True}`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or getattr(record, "all_ranks", False) or process_rank() == 0
+
+
+class _StreamHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` (or `sys.stdout`) is when a record arrives (tests and tools
+    replace them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to = "stderr"
+        self.addFilter(_RankZero())
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self.to)
 
     @stream.setter
     def stream(self, value) -> None:
         pass
 
 
-_HANDLER = _StderrHandler()  # one for the process, so a second script call adds no duplicate
+_HANDLER = _StreamHandler()  # one for the process, so a second script call adds no duplicate
 
 
-def setup_logging(prog: str, debug: bool = False) -> None:
-    """Records of our packages go to stderr as `<prog>: ...`; INFO and up (DEBUG with --debug)."""
+def setup_logging(prog: str, debug: bool = False, stream: str = "stderr") -> None:
+    """Records of our packages go to `stream` (stderr, or stdout for a cluster job's log) as
+    `<prog>: ...`; INFO and up (DEBUG with --debug)."""
     _HANDLER.setFormatter(_ScriptFormatter(prog))
+    _HANDLER.to = stream
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from fdf_core.errors import ConfigError
 from fdf_core.tario import atomic_write_json
 
-
+log = logging.getLogger(__name__)
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
 
 
@@ -136,10 +137,10 @@ def run(cfg: PipelineConfig) -> dict:
               "anonymize": anonymize_stage}
     for name, stage in stages.items():
         if name in cfg.stages:
-            print(f"fdf-pipeline: stage {name}")
+            log.info("stage %s", name)
             summary[name] = stage(cfg)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(work / "pipeline_summary.json", json.loads(json.dumps(summary, default=str)))
-    print(f"fdf-pipeline: done in {summary['seconds']}s → {work}")
+    log.info("done in %ss → %s", summary["seconds"], work)
     return summary
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,11 +23,13 @@ import submitit
 from jsonargparse import ActionConfigFile
 
 from fdf_core.tario import atomic_write_json
-from fdf_core.console import ArgumentParser, console_main
+from fdf_core.console import ArgumentParser, console_main, print_summary
 from fdf_core.errors import NothingToDoError
 from fdf_core.shards import EMPTY, format_shards, select_shards, split_shards
 from slurm.executor import ClusterProfile, add_profile_arguments, profile_from_namespace
 from slurm.launch import submit, submit_array, wait
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,7 @@ def _data_prep_shards(cfg: Any, p: ClusterProfile, dry_run: bool) -> int:
         wait([submit(planner, _data_prep_stage().run,
                      dataclasses.replace(cfg, shards=EMPTY, progress=False))])
     if not plan_file.exists():
-        print(f"slurm.build: no {plan_file} yet: a planning job runs first, then the array")
+        log.info("no %s yet: a planning job runs first, then the array", plan_file)
         return 1
     return int(json.loads(plan_file.read_text())["num_shards"])
 
@@ -81,7 +84,7 @@ def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int =
     if not ranges and not cfg.allow_empty:
         raise NothingToDoError(f"{stage}: no shard to submit in {cfg.shards or 'the input'} (check the input "
                                "folder and --shards, or pass --allow_empty true)")
-    print(f"slurm.build: {stage} shards {format_shards(selected)} in {len(ranges)} tasks of {shards_per_task}")
+    log.info("%s shards %s in %d tasks of %d", stage, format_shards(selected), len(ranges), shards_per_task)
     if dry_run:
         submit_array(p, st.run, [dataclasses.replace(cfg, shards=r) for r in ranges], dry_run=True)
         return []
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not jobs or not ns.wait:
         return None
     summary = wait(jobs)[-1]
-    print(f"slurm.build: {ns.stage} done: {json.dumps(summary, default=str)}")
+    print_summary(summary)
     return summary
 
 

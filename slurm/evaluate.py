@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,11 +26,12 @@ from jsonargparse import ActionConfigFile
 from fdf_core.tario import atomic_write_json
 from eval import evaluate
 from fdf_core.checkpoints import list_checkpoints, mlflow_target
-from fdf_core.console import ArgumentParser
+from fdf_core.console import ArgumentParser, print_summary
 from fdf_core.errors import MissingInputError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, job_folder, profile_from_namespace
 from slurm.launch import submit_array, wait
 
+log = logging.getLogger(__name__)
 TAG = "slurm.eval."
 
 
@@ -110,13 +112,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
     fields = {f.name for f in dataclasses.fields(evaluate.EvaluateConfig)} - {"checkpoint", "output"}
     base = evaluate.EvaluateConfig(checkpoint="", **{k: ns[k] for k in fields})
     configs = evaluation_configs(base, checkpoints, ns.skip_done)
-    print(f"slurm.evaluate: {len(configs)} of {len(checkpoints)} checkpoints to evaluate")
+    log.info("%d of %d checkpoints to evaluate", len(configs), len(checkpoints))
     jobs = submit_evaluation(configs, profile_from_namespace(ns.cluster), dry_run=ns.dry_run) if configs else []
     if not jobs or not ns.wait:
         return None
     results = wait(jobs)
     for c, r in zip(configs, results):
-        print(f"slurm.evaluate: {r['metric']} {r['fid']:.4f} at kimg {r['kimg']:g} of {c.checkpoint} → {c.output}")
+        log.info("%s %.4f at kimg %g of %s → %s", r["metric"], r["fid"], r["kimg"], c.checkpoint, c.output)
+    print_summary(results)
     return results
 
 

@@ -170,7 +170,8 @@ def test_console_script_exits_zero_after_printing_its_summary(reference):
                            "--output_dir", str(reference / "fdf"), "--val_fraction", "0.2"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "shards already done" in done.stdout
+    assert "fdf-build: " in done.stderr and "shards already done" in done.stderr  # progress: a log record
+    assert json.loads(done.stdout.splitlines()[-1])["photos"] > 0  # the summary: one JSON line on stdout
 
 
 def test_other_options_into_same_folder_are_refused(reference):

@@ -14,6 +14,7 @@ or the options as a dict.
 from __future__ import annotations
 
 import fcntl
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from training.checkpointing import AtomicCheckpointIO, KimgCheckpoint
 from training.datamodule import FDFDataModule
 from training.module import ProgressiveGAN
 
+log = logging.getLogger(__name__)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -74,8 +76,8 @@ class ConfigToRunDir(SaveConfigCallback):
         if isinstance(logger, MLFlowLogger):
             # MLflow 3 files experiments without this tag under its GenAI views; this one is model training
             logger.experiment.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            print(f"MLflow run {logger.run_id} in {tracking_uri(self.config)}; in `mlflow ui` open "
-                  f"{run_page(logger.experiment_id, logger.run_id)}")
+            log.info("MLflow run %s in %s; in `mlflow ui` open %s", logger.run_id, tracking_uri(self.config),
+                     run_page(logger.experiment_id, logger.run_id))
             params = {k: v for k, v in _flatten(self.config.as_dict()).items() if k not in ("ckpt_path", "config")}
             existing = logger.experiment.get_run(logger.run_id).data.params
             changed = {k for k, v in params.items() if k in existing and existing[k] != str(v)[:250]}
@@ -193,7 +195,7 @@ def run(args: list[str] | dict[str, Any] | None = None) -> Path:
     ckpt = cli.resume_path()
     if ckpt and cli.trainer.is_global_zero:
         progress = read_progress(ckpt)
-        print(f"resuming from {ckpt} at step {progress['step']}, kimg {progress['images_shown'] / 1000:.3f}, "
-              f"{progress['phase']} alpha {progress['alpha']:.3f}")
+        log.info("resuming from %s at step %d, kimg %.3f, %s alpha %.3f", ckpt, progress["step"],
+                 progress["images_shown"] / 1000, progress["phase"], progress["alpha"])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     return Path(cli.config.run_dir)
