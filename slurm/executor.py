@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 import submitit
 import yaml
-from submitit.slurm.slurm import (SlurmExecutor, SlurmInfoWatcher, SlurmJob, _convert_mem,
-                                  _make_sbatch_string)
+from submitit.slurm.slurm import SlurmJob
 
 from fdf_core.console import ArgumentParser
 from fdf_core.errors import ConfigError, MissingInputError
+from slurm.compat import (SUBMIT_MODULE, SlurmInfoWatcher, convert_mem, make_sbatch_string, sacct_command,
+                          slurm_equivalents, watcher_delay_s)
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -157,7 +158,7 @@ class SqueueInfoWatcher(SlurmInfoWatcher):
     """
 
     def _make_command(self) -> list[str] | None:
-        sacct = super()._make_command()
+        sacct = sacct_command(self)
         if sacct is None:
             return None
         ids = [sacct[i + 1] for i, arg in enumerate(sacct) if arg == "-j"]
@@ -172,7 +173,7 @@ class SqueueInfoWatcher(SlurmInfoWatcher):
 def _use_squeue_without_accounting() -> None:
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
     if "accounting_storage/none" in out.stdout:
-        SlurmJob.watcher = SqueueInfoWatcher(delay_s=SlurmJob.watcher._delay_s)
+        SlurmJob.watcher = SqueueInfoWatcher(delay_s=watcher_delay_s(SlurmJob.watcher))
 
 
 def make_executor(p: ClusterProfile) -> submitit.AutoExecutor:
@@ -188,10 +189,10 @@ def make_executor(p: ClusterProfile) -> submitit.AutoExecutor:
 def render_sbatch(p: ClusterProfile, map_count: int | None = None) -> str:
     """The sbatch script submitit writes for this profile (an array of `map_count` tasks if given).
 
-    Rendered with submitit's own `_make_sbatch_string` and the same parameters `make_executor`
+    Rendered with submitit's own sbatch template (slurm.compat.make_sbatch_string) and the same parameters `make_executor`
     passes, without constructing a SlurmExecutor (which needs `srun`), so it works anywhere.
     """
-    equivalents = SlurmExecutor._equivalence_dict()
+    equivalents = slurm_equivalents()
     native: dict[str, Any] = {}
     for key, value in executor_parameters(p).items():
         if key.startswith("slurm_"):
@@ -199,11 +200,10 @@ def render_sbatch(p: ClusterProfile, map_count: int | None = None) -> str:
         elif key in equivalents:
             native[equivalents[key]] = value
     if "mem" in native:
-        native["mem"] = _convert_mem(native["mem"])
+        native["mem"] = convert_mem(native["mem"])
     folder = job_folder(p)
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
-                        shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **native)
+    command = " ".join([shlex.quote(sys.executable), "-u -m", SUBMIT_MODULE, shlex.quote(str(folder))])
+    return make_sbatch_string(command=command, folder=folder, map_count=map_count, **native)
 
 
 def describe(p: ClusterProfile, map_count: int | None = None) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -41,12 +42,14 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from fdf_core.tario import atomic_write_json
 from fdf_core.checkpoints import FINAL, LAST, checkpoints_dir, read_progress
-from fdf_core.console import ArgumentParser
+from fdf_core.console import ArgumentParser, print_summary
+from slurm.compat import preemption_signal
 from slurm.executor import ClusterProfile, add_profile_arguments, describe, profile_from_namespace
-from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, submit,
+from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, job_logging, submit,
                           wait)
 from training.checkpointing import KimgCheckpoint
 
+log = logging.getLogger(__name__)
 TAG = "slurm."
 
 
@@ -112,7 +115,8 @@ class _Attempt:
 
     def on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() == self.pid and not self.signalled:
-            print(f"slurm.train: got {signal.Signals(signum).name}: saving last.ckpt after this step", flush=True)
+            log.info("got %s: saving last.ckpt after this step", signal.Signals(signum).name,
+                     extra={"all_ranks": True})
         self.signalled = True
 
 
@@ -156,7 +160,7 @@ class PreemptionCheckpoint(pl.Callback):
         _ATTEMPT.saved = {"checkpoint": str(path), "step": pl_module.step, "images_shown": pl_module.images_shown}
         if trainer.is_global_zero:
             text = _progress_text(pl_module)
-            print(f"slurm.train: preempted: saved {path} at {text}", flush=True)
+            log.info("preempted: saved %s at %s", path, text)
             if isinstance(trainer.logger, MLFlowLogger):
                 trainer.logger.experiment.set_tag(trainer.logger.run_id, f"{TAG}preempted.{_ATTEMPT.requeues + 1}",
                                                   text)
@@ -186,11 +190,12 @@ class TrainTask(RequeueableTask):
 
     def __call__(self) -> dict[str, Any]:
         from training.train import run as train
+        job_logging("slurm.train")
         env = export_distributed_env()
         if "OMP_NUM_THREADS" not in os.environ:  # a site's setup lines may choose otherwise
             os.environ["OMP_NUM_THREADS"] = str(self.cpus_per_task)
             torch.set_num_threads(self.cpus_per_task)
-        usr_sig = submitit.JobEnvironment._usr_sig()
+        usr_sig = preemption_signal()
         requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler
         global _ATTEMPT
         _ATTEMPT = _Attempt(requeues=self.requeues)
@@ -255,8 +260,8 @@ def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bo
         "job_id": job.job_id, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
         "config": str(config), "train_args": list(train_args), "max_requeues": max_requeues,
         "cluster": dataclasses.asdict(p), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print(f"slurm.train: run {cfg.run_dir}: config {config}; the MLflow run gets tags {TAG}job_id, "
-          f"{TAG}log_dir, {TAG}requeues", flush=True)
+    log.info("run %s: config %s; the MLflow run gets tags %sjob_id, %slog_dir, %srequeues", cfg.run_dir, config,
+             TAG, TAG, TAG)
     return job
 
 
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if job is None or not ns.wait:
         return None
     summary = wait_tasks(job)[0]
-    print(f"slurm.train: done: {summary}")
+    print_summary(summary)
     return summary
 
 
