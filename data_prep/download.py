@@ -81,6 +81,16 @@ class DownloadConfig:
     user_agent: str = "fdf-download/0.1"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("threads", "max_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout <= 0 or self.retries < 0 or self.backoff < 0:
+            raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {self.timeout}, "
+                              f"{self.retries}, {self.backoff}")
+        licenses.allowed_codes(self.allowed_licenses)
+        parse_shards(self.shards)
+
 
 class FetchError(Exception):
     def __init__(self, reason: str, http_status: int | None = None, retryable: bool = False):
@@ -289,17 +299,6 @@ def write_shard(shard: str, out: Path, get: Callable[[dict], Result], threads: i
     return stats
 
 
-def _check(cfg: DownloadConfig) -> None:
-    for name in ("threads", "max_bytes", "max_pixels"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.timeout <= 0 or cfg.retries < 0 or cfg.backoff < 0:
-        raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {cfg.timeout}, "
-                          f"{cfg.retries}, {cfg.backoff}")
-    licenses.allowed_codes(cfg.allowed_licenses)
-    parse_shards(cfg.shards)
-
-
 def plan_counts(stats: dict) -> str:
     """What the plan kept and dropped, in words: `12 kept of 15 lines; dropped: ...`."""
     rejected = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("license_rejected:")}
@@ -324,7 +323,6 @@ def report_plan(the_plan: dict) -> None:
 
 def run(cfg: DownloadConfig) -> dict:
     """Plan (once), then download every shard of `cfg.shards` that is not done; return a summary."""
-    _check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "options.json", asdict(cfg))

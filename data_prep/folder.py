@@ -71,6 +71,11 @@ class IngestConfig:
     max_pixels: int = Image.MAX_IMAGE_PIXELS
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        parse_shards(self.shards)
+
 
 def list_photos(image_dir: Path) -> list[str]:
     """Relative POSIX paths of the photos under `image_dir`, sorted (the plan's order)."""
@@ -150,9 +155,6 @@ def run(cfg: IngestConfig) -> dict:
     if not files:
         raise NothingToDoError(f"--image_dir {image_dir}: no photos ({', '.join(PHOTO_SUFFIXES)}) in it")
     attribution = read_attribution(Path(cfg.attribution)) if cfg.attribution else {}
-    if cfg.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {cfg.threads}")
-    parse_shards(cfg.shards)
     options = _options(cfg, files, attribution)
     the_plan = plan.load_plan(out, options)
     if the_plan is None:

@@ -73,6 +73,10 @@ class EvaluateConfig:
     keypoint_threshold: float | None = None
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.feature not in METRIC_NAMES:
+            raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {self.feature!r}")
+
 
 def default_output(checkpoint: Path, feature: str) -> Path:
     """Where a checkpoint's result goes by default: `<run_dir>/eval/<metric name>_<checkpoint name>.json`."""
@@ -109,8 +113,6 @@ def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: 
 
 def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
-    if cfg.feature not in METRIC_NAMES:
-        raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {cfg.feature!r}")
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
         raise MissingInputError(f"--checkpoint {ckpt}: no such file")

@@ -53,6 +53,10 @@ class PlotConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.evaluate and self.data_root is None:
+            raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
+
 
 def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[float, str]]]:
     """({series: [(kimg, fid), ...] sorted}, [(kimg, phase name), ...]) of one MLflow run."""
@@ -104,8 +108,6 @@ def run(cfg: PlotConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpts = list_checkpoints(run_dir)
     if cfg.evaluate:
-        if cfg.data_root is None:
-            raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
         for ckpt in ckpts:
             out = evaluate.default_output(ckpt, cfg.feature)
             if not out.is_file():

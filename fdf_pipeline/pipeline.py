@@ -63,6 +63,11 @@ class PipelineConfig:
     anonymize_checkpoint: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
+
 
 def download_stage(cfg: PipelineConfig, metadata: list[str]) -> dict:
     from data_prep.download import DownloadConfig, run
@@ -126,9 +131,6 @@ def run(cfg: PipelineConfig) -> dict:
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "pipeline_options.json", asdict(cfg))
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
     summary, start = {}, time.perf_counter()
     if "download" in cfg.stages:
         with corpus_metadata(cfg) as metadata:
