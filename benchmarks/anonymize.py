@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import torch
 
-from data_prep.assets import assets_dir
-from eval.anonymize import IMAGE_EXTS, anonymize_images
+from fdf_core.assets import assets_dir
+from eval.anonymize import anonymize_images
+from eval.images import IMAGE_EXTS
 from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at
 from eval.video import VideoOptions, anonymize_video
 from training.networks import Generator, GeneratorAt

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from data_prep import sample
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
 from data_prep.download import DownloadConfig
 from data_prep.download import run as download
 from fdf_builder.build import BuildConfig

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environm
 import torch  # noqa: E402
 
 from benchmarks.train_step import bare_step, build, real_batch, step_seconds  # noqa: E402
-from data_prep.assets import assets_dir  # noqa: E402
+from fdf_core.assets import assets_dir  # noqa: E402
 from training.networks import count_parameters  # noqa: E402
 
 PEAK_TFLOPS = 989.4  # H100/H200 SXM, dense BF16 tensor cores (NVIDIA datasheets; 1,979 is with 2:4 sparsity)
@@ -339,7 +339,7 @@ class _Timed:
 
 def _raw_shard(path: Path, photos: list[Path]) -> None:
     """A raw shard (FORMAT.md §1) holding `photos`, as data_prep writes it."""
-    from data_prep.tario import AtomicTarWriter, json_bytes
+    from fdf_core.tario import AtomicTarWriter, json_bytes
     with AtomicTarWriter(path) as tar:
         for i, p in enumerate(photos):
             key = f"{i:09d}"
@@ -350,7 +350,8 @@ def _raw_shard(path: Path, photos: list[Path]) -> None:
 def builder_section(s: Settings) -> dict:
     """photos/s of one fdf-build process over one raw shard of the corpus photos (after a warm-up
     shard of one detector batch); detection and keypoint shares from timing the two models."""
-    from fdf_builder.build import BuildConfig, FaceAnnotator, build_shard
+    from fdf_builder.build import BuildConfig, build_shard
+    from fdf_builder.face_models import load_face_models
     torch.backends.cudnn.benchmark = False  # fdf-build leaves it off: every photo size differs
     photos = corpus_photos(s)
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,13 +360,13 @@ def builder_section(s: Settings) -> dict:
                           batch_size=8, progress=False)
         _raw_shard(tmp / "raw" / "warmup.tar", photos[:cfg.batch_size])
         _raw_shard(tmp / "raw" / "00000.tar", photos)
-        annot = FaceAnnotator(cfg)
-        build_shard("warmup", cfg, annot)
+        models = load_face_models(cfg)
+        build_shard("warmup", cfg, models)
         timings: dict[str, float] = {}
-        annot.detector = _Timed(annot.detector, "detect", timings, "detection")
-        annot.keypoints = _Timed(annot.keypoints, "keypoints_for_faces", timings, "keypoints")
+        models.detector = _Timed(models.detector, "detect", timings, "detection")
+        models.keypoints = _Timed(models.keypoints, "keypoints_for_faces", timings, "keypoints")
         t0 = time.perf_counter()
-        stats = build_shard("00000", cfg, annot)
+        stats = build_shard("00000", cfg, models)
         wall = time.perf_counter() - t0
     return {"photos": stats["photos"], "faces_detected": stats["faces_detected"], "faces_kept": stats["faces_kept"],
             "wall_seconds": sig(wall), "images_per_s": sig(stats["photos"] / wall),

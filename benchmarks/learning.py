@@ -30,8 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.assets import assets_dir  # noqa: E402
-from data_prep.tario import atomic_write_json  # noqa: E402
+from fdf_core.assets import assets_dir  # noqa: E402
+from fdf_core.checkpoints import FINAL, checkpoints_dir, default_tracking_uri, read_mlflow_run_id  # noqa: E402
+from fdf_core.tario import atomic_write_json  # noqa: E402
 
 STAGES = ("ingest", "build", "train", "export", "evaluate")
 CONFIG = REPO / "training" / "configs" / "utkface_cpu32.yaml"
@@ -61,8 +62,8 @@ def build(work: Path) -> dict:
 
 
 def train(work: Path) -> dict:
-    from training.cli import main
-    main(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
+    from training.train import run
+    run(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
           "--trainer.enable_progress_bar", "false"])
     return {"run_dir": str(work / "train")}
 
@@ -75,9 +76,8 @@ def export(work: Path) -> dict:
 
 def mlflow_run(run_dir: Path):
     from mlflow.tracking import MlflowClient
-    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True, mmap=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
-    return client, client.get_run(ckpt["mlflow_run_id"])
+    client = MlflowClient(tracking_uri=default_tracking_uri(run_dir))
+    return client, client.get_run(read_mlflow_run_id(checkpoints_dir(run_dir) / FINAL))
 
 
 def fid_curve(client, run) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_prep.tario import AtomicTarWriter, iter_samples
+from fdf_core.tario import AtomicTarWriter, iter_samples
 
 
 def decode_jpg(data: bytes) -> torch.Tensor:

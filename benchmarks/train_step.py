@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
 from training.conditioning import prepare
 from training.ema import ema_beta, update_ema
 from training.loss import discriminator_loss, generator_loss, gradient_penalty

@@ -1,17 +1,37 @@
-"""`fdf-download`: YFCC100M metadata → raw image shards (options: `fdf-download --help`)."""
+"""The console scripts of data_prep (setup.cfg): `fdf-download` and `fdf-ingest`.
+
+    fdf-download --metadata '[yfcc100m_dataset-0.gz]' --output_dir raw/     # YFCC100M → raw shards
+    fdf-ingest --image_dir photos/ --output_dir raw/ --license_name ...     # a folder → raw shards
+    python -m data_prep.cli fdf-download ...                                # the same, without the script
+
+Each parses its options into the stage's config, runs the stage's `run` and prints the summary as
+one JSON line; the work and its progress messages are the library's (data_prep.download,
+data_prep.folder).
+"""
 from __future__ import annotations
 
-from data_prep.cli_util import parse_dataclass
-from data_prep.download import DownloadConfig, run
+from fdf_core.cli_util import parse_dataclass
+from fdf_core.console import console_main, print_summary, run_command
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_dataclass(DownloadConfig, argv, prog="fdf-download",
-                          description="Plan, fetch and verify YFCC100M photos into raw shards "
-                                      "(FORMAT.md §1).")
-    return run(cfg)
+def download_main(argv: list[str] | None = None) -> dict:
+    from data_prep.download import DownloadConfig, run
+    summary = run(parse_dataclass(DownloadConfig, argv, prog="fdf-download",
+                                  description="Plan, fetch and verify YFCC100M photos into raw shards (FORMAT.md §1)."))
+    print_summary(summary)
+    return summary
 
+
+def ingest_main(argv: list[str] | None = None) -> dict:
+    from data_prep.folder import IngestConfig, run
+    summary = run(parse_dataclass(IngestConfig, argv, prog="fdf-ingest",
+                                  description="A local folder of photos → raw image shards (FORMAT.md §1)."))
+    print_summary(summary)
+    return summary
+
+
+fdf_download = console_main("data_prep.cli:download_main", "fdf-download")
+fdf_ingest = console_main("data_prep.cli:ingest_main", "fdf-ingest")
 
 if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-download"))
+    raise SystemExit(run_command([fdf_download, fdf_ingest]))

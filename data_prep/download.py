@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import licenses, plan
-from data_prep.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
+from fdf_core.tario import AtomicTarWriter, atomic_write_bytes, atomic_write_json, json_bytes, remove_partial
 from fdf_core.errors import ConfigError, NothingToDoError
+from fdf_core.shards import parse_shards
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +46,50 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("photo_id", pa.string()), ("ur
 
 @dataclass
 class DownloadConfig:
-    """Options of one download run; saved as options.json beside the shards."""
-    metadata: list[str]  # YFCC100M metadata files (.tsv or .gz, 23 or 25 columns)
+    """Options of one download run; saved as options.json beside the shards.
+
+    Args:
+        metadata: YFCC100M metadata files (.tsv or .gz, 23 or 25 columns)
+        output_dir: raw shards, plan.json, stats/ and options.json
+        shard_size: records per shard (at most 10000: 4-digit index in keys)
+        shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
+        threads: concurrent requests per shard
+        timeout: seconds per request attempt (connect + headers + body)
+        retries: extra attempts after timeouts, connection errors and 5xx/429
+        backoff: seconds before the first retry, doubled for each further one
+        max_bytes: larger bodies are aborted while streaming
+        max_pixels: more: decompression_bomb (PIL refuses > 2x its own)
+        on_bad_line: malformed metadata line
+        allowed_licenses: licenses whose photos are kept (data_prep.licenses)
+        allow_empty: metadata that keeps no record is not an error (exit 4 otherwise)
+        user_agent: the User-Agent header of every request
+        progress: show progress bars
+    """
+    metadata: list[str]
     output_dir: str
-    shard_size: int = 10000  # records per shard (at most 10000: 4-digit index in keys)
-    shards: str | None = None  # "start:stop" range of shard indices, e.g. one SLURM array task
-    threads: int = 16  # concurrent requests per shard
-    timeout: float = 10.0  # seconds per request attempt (connect + headers + body)
-    retries: int = 2  # extra attempts after timeouts, connection errors and 5xx/429
-    backoff: float = 0.5  # seconds before the first retry, doubled for each further one
-    max_bytes: int = 30 * 1024 * 1024  # larger bodies are aborted while streaming
-    max_pixels: int = Image.MAX_IMAGE_PIXELS  # more: decompression_bomb (PIL refuses > 2x its own)
+    shard_size: int = 10000
+    shards: str | None = None
+    threads: int = 16
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5
+    max_bytes: int = 30 * 1024 * 1024
+    max_pixels: int = Image.MAX_IMAGE_PIXELS
     allowed_licenses: list[str] = field(default_factory=lambda: list(licenses.DEFAULT_ALLOWED))
-    on_bad_line: Literal["error", "skip"] = "error"  # malformed metadata line
-    allow_empty: bool = False  # metadata that keeps no record is not an error (exit 4 otherwise)
+    on_bad_line: Literal["error", "skip"] = "error"
+    allow_empty: bool = False
     user_agent: str = "fdf-download/0.1"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "max_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout <= 0 or self.retries < 0 or self.backoff < 0:
+            raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {self.timeout}, "
+                              f"{self.retries}, {self.backoff}")
+        licenses.allowed_codes(self.allowed_licenses)
+        parse_shards(self.shards)
 
 
 class FetchError(Exception):
@@ -270,16 +299,6 @@ def write_shard(shard: str, out: Path, get: Callable[[dict], Result], threads: i
     return stats
 
 
-def _check(cfg: DownloadConfig) -> None:
-    for name in ("threads", "max_bytes", "max_pixels"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.timeout <= 0 or cfg.retries < 0 or cfg.backoff < 0:
-        raise ConfigError(f"need --timeout > 0, --retries >= 0, --backoff >= 0; got {cfg.timeout}, "
-                          f"{cfg.retries}, {cfg.backoff}")
-    licenses.allowed_codes(cfg.allowed_licenses)
-
-
 def plan_counts(stats: dict) -> str:
     """What the plan kept and dropped, in words: `12 kept of 15 lines; dropped: ...`."""
     rejected = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("license_rejected:")}
@@ -304,7 +323,6 @@ def report_plan(the_plan: dict) -> None:
 
 def run(cfg: DownloadConfig) -> dict:
     """Plan (once), then download every shard of `cfg.shards` that is not done; return a summary."""
-    _check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "options.json", asdict(cfg))
@@ -316,11 +334,11 @@ def run(cfg: DownloadConfig) -> dict:
                                "--allowed_licenses, or pass --allow_empty true")
     opener = build_opener()
     return write_shards(out, the_plan, cfg.shards, lambda r: fetch(r["url"], cfg, opener), cfg.threads,
-                        cfg.progress, "fdf-download")
+                        cfg.progress)
 
 
 def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[dict], Result], threads: int,
-                 progress: bool, prog: str) -> dict:
+                 progress: bool) -> dict:
     """Write every planned shard of the `shards` range that is not done yet; return a summary.
 
     The summary totals the stats of all shards in the range (also those done before) and gives
@@ -328,9 +346,8 @@ def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[d
     """
     selected = plan.shard_range(shards, the_plan["num_shards"])
     todo = [s for s in selected if not (out / f"{s}_stats.json").exists()]
-    print(f"{prog}: {the_plan['records']} records in {the_plan['num_shards']} shards; "
-          f"{len(selected) - len(todo)} of {len(selected)} selected shards already done, "
-          f"{len(todo)} to write → {out}")
+    log.info("%d records in %d shards; %d of %d selected shards already done, %d to write → %s",
+             the_plan["records"], the_plan["num_shards"], len(selected) - len(todo), len(selected), len(todo), out)
     start = time.perf_counter()
     now = Counter()
     with tqdm(total=sum(plan.shard_length(out, s) for s in todo), unit="img",
@@ -357,8 +374,8 @@ def write_shards(out: Path, the_plan: dict, shards: str | None, get: Callable[[d
                "run_seconds": round(seconds, 3),
                "run_images_per_s": round(now["ok"] / seconds, 2) if todo and seconds else 0.0}
     if todo:
-        print(f"{prog}: {summary['run_records']} records in {seconds:.1f}s: {now['ok']} ok "
-              f"({summary['run_images_per_s']:.1f} img/s), {now['error']} failed")
-    print(f"{prog}: selected shards hold {total['ok']} of {total['count']} photos; failures: "
-          + (", ".join(f"{k}={v}" for k, v in errors.most_common()) or "none"))
+        log.info("%d records in %.1fs: %d ok (%.1f img/s), %d failed", summary["run_records"], seconds, now["ok"],
+                 summary["run_images_per_s"], now["error"])
+    log.info("selected shards hold %d of %d photos; failures: %s", total["ok"], total["count"],
+             ", ".join(f"{k}={v}" for k, v in errors.most_common()) or "none")
     return summary

@@ -27,8 +27,9 @@ from PIL import Image
 
 from data_prep import plan
 from data_prep.download import FetchError, Result, verify_image, write_shards
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
+from fdf_core.shards import parse_shards
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ATTRIBUTION_COLUMNS = ("license_name", "license_url", "author", "page_url")
@@ -39,15 +40,21 @@ FOLDER_PLAN_VERSION = 1
 class IngestConfig:
     """Options of one ingest run; saved as options.json beside the shards.
 
-    image_dir: folder of photos (searched recursively; jpg, jpeg, png, webp, bmp, gif, tif)
-    output_dir: raw shards, as fdf-download writes them
-    license_name / license_url / author / page_url: attribution of every photo of the folder
-    attribution: TSV with a `file` column (path relative to image_dir) and any of license_name,
-        license_url, author, page_url: per-photo values, which win over the folder-wide ones
-    shard_size: photos per shard (at most 10000: 4-digit index in keys)
-    shards: "start:stop" range of shard indices, e.g. one SLURM array task
-    threads: files read and verified in parallel per shard
-    max_bytes / max_pixels: larger files are refused (too_large / decompression_bomb)
+    Args:
+        image_dir: folder of photos (searched recursively; jpg, jpeg, png, webp, bmp, gif, tif)
+        output_dir: raw shards, as fdf-download writes them
+        license_name: license of every photo of the folder (e.g. "CC BY 2.0")
+        license_url: URL of that license
+        author: author of every photo of the folder
+        page_url: page of the photos
+        attribution: TSV with a `file` column (path relative to image_dir) and any of license_name,
+            license_url, author, page_url: per-photo values, which win over the folder-wide ones
+        shard_size: photos per shard (at most 10000: 4-digit index in keys)
+        shards: shards to write: N, A:B, A:, :B or a comma list (fdf_core.shards); default all
+        threads: files read and verified in parallel per shard
+        max_bytes: larger files are refused (too_large)
+        max_pixels: photos with more pixels are refused (decompression_bomb)
+        progress: show progress bars
     """
 
     image_dir: str
@@ -63,6 +70,11 @@ class IngestConfig:
     max_bytes: int = 30 * 1024 * 1024
     max_pixels: int = Image.MAX_IMAGE_PIXELS
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        parse_shards(self.shards)
 
 
 def list_photos(image_dir: Path) -> list[str]:
@@ -143,8 +155,6 @@ def run(cfg: IngestConfig) -> dict:
     if not files:
         raise NothingToDoError(f"--image_dir {image_dir}: no photos ({', '.join(PHOTO_SUFFIXES)}) in it")
     attribution = read_attribution(Path(cfg.attribution)) if cfg.attribution else {}
-    if cfg.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {cfg.threads}")
     options = _options(cfg, files, attribution)
     the_plan = plan.load_plan(out, options)
     if the_plan is None:
@@ -155,15 +165,5 @@ def run(cfg: IngestConfig) -> dict:
     resolved = image_dir.resolve()
     return write_shards(out, the_plan, cfg.shards,
                         lambda rec: read_photo(resolved, rec["url"], cfg.max_bytes, cfg.max_pixels),
-                        cfg.threads, cfg.progress, "fdf-ingest")
+                        cfg.threads, cfg.progress)
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(IngestConfig, argv, prog="fdf-ingest",
-                               description="A local folder of photos → raw image shards (FORMAT.md §1)."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-ingest"))

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import licenses
-from data_prep.tario import atomic_write_bytes, atomic_write_json
+from fdf_core.tario import atomic_write_bytes, atomic_write_json
 from data_prep.yfcc import YfccRecord, iter_records
 from fdf_core.errors import ConfigError, MissingInputError
+from fdf_core.shards import shard_name, select_shards
 
 PLAN_VERSION = 1
 MAX_SHARD_SIZE = 10_000  # keys hold the index in 4 digits
@@ -31,23 +32,9 @@ PLAN_COLUMNS = ("key", "photo_id", "line_index", "source", "user_nsid", "author"
 _SCHEMA = pa.schema([(c, pa.int64() if c == "line_index" else pa.string()) for c in PLAN_COLUMNS])
 
 
-def shard_name(index: int) -> str:
-    return f"{index:05d}"
-
-
 def shard_range(spec: str | None, num_shards: int) -> list[str]:
-    """Shard names selected by a "start:stop" range of shard indices (stop exclusive), or all."""
-    if not spec:
-        return [shard_name(i) for i in range(num_shards)]
-    try:
-        start_s, sep, stop_s = spec.partition(":")
-        if not sep:
-            raise ValueError
-        start = int(start_s) if start_s else 0
-        stop = int(stop_s) if stop_s else num_shards
-    except ValueError:
-        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
-    return [shard_name(i) for i in range(max(start, 0), min(stop, num_shards))]
+    """Names of the planned shards that a `--shards` value selects (fdf_core.shards)."""
+    return [shard_name(i) for i in select_shards(spec, range(num_shards))]
 
 
 def plan_options(metadata: Iterable[str], shard_size: int, allowed: Iterable[str],

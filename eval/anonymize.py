@@ -17,38 +17,33 @@ unless `--allow_empty true`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.tario import atomic_write_json
-from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig
+from fdf_core.tario import atomic_write_json
+from eval.anonymizer import Anonymizer, AnonymizerConfig
+from eval.images import IMAGE_EXTS, read_image, write_image
 from eval.video import VideoOptions, anonymize_video, is_video
-from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError, SkippedItemsError
+from fdf_core.errors import ConfigError, InputError, MissingInputError, NothingToDoError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-JPEG_QUALITY = 95
 
 
 @dataclass(kw_only=True)
 class AnonymizeConfig(AnonymizerConfig, VideoOptions):
     """A photo, a video or a folder to anonymize (see :class:`AnonymizerConfig`, :class:`VideoOptions`).
 
-    input: photo, video or folder
-    output: file of the same kind, or a folder for a folder
-    progress: show progress bars
-    allow_empty: a folder without photos or videos is not an error
+    Args:
+        input: photo, video or folder
+        output: file of the same kind, or a folder for a folder
+        progress: show progress bars
+        allow_empty: a folder without photos or videos is not an error
     """
 
     input: str
@@ -59,18 +54,6 @@ class AnonymizeConfig(AnonymizerConfig, VideoOptions):
 
 def _fields_of(cls, cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cls)}
-
-
-def read_image(path: Path) -> tuple[np.ndarray, Image.Image | None]:
-    """RGB uint8 pixels upright (EXIF orientation applied) and the alpha channel, if any."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            alpha = im.convert("RGBA").getchannel("A") if has_alpha else None
-            return np.array(im.convert("RGB")), alpha
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: not a readable image ({e})") from None
 
 
 def video_problem(path: Path) -> str | None:
@@ -84,23 +67,6 @@ def video_problem(path: Path) -> str | None:
         return None if ok else "no frame could be decoded"
     finally:
         cap.release()
-
-
-def write_image(path: Path, rgb: np.ndarray, alpha: Image.Image | None) -> None:
-    """Write atomically in the format of the extension; alpha kept where the format has it."""
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
-    im = Image.fromarray(rgb)
-    if alpha is not None and fmt != "JPEG":
-        im.putalpha(alpha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        im.save(tmp, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _readable(pairs: list[tuple[Path, Path]], skipped: list[dict]) -> tuple[list, list]:
@@ -152,14 +118,6 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
     return stats
 
 
-def _check_options(cfg: AnonymizeConfig) -> None:
-    """Refuse bad options before any file is touched (the anonymizer would raise a bare ValueError)."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method {cfg.method!r}: choose from {', '.join(METHODS)}")
-    if cfg.batch_size < 1 or cfg.feather < 0:
-        raise ConfigError(f"--batch_size ({cfg.batch_size}) must be >= 1 and --feather ({cfg.feather}) >= 0")
-
-
 def _folder_jobs(src: Path, dst: Path, allow_empty: bool) -> tuple[list, list, int]:
     """(photo pairs, video pairs, count of other files) of a folder mirrored into `dst`."""
     if dst.exists() and not dst.is_dir():
@@ -201,13 +159,12 @@ def _readable_videos(videos: list[tuple[Path, Path]], skipped: list[dict]) -> li
 
 
 def run(cfg: AnonymizeConfig) -> dict:
-    """Anonymize `cfg.input` into `cfg.output`; returns (and prints) a summary.
+    """Anonymize `cfg.input` into `cfg.output`; returns a summary.
 
     The summary counts what was `written` and lists what was `skipped` (file and reason); a folder
     goes on past unreadable files, a single unreadable input is an :class:`InputError`.
     """
     start = time.perf_counter()
-    _check_options(cfg)
     src, dst = Path(cfg.input), Path(cfg.output)
     if not src.exists():
         raise MissingInputError(f"input {src} does not exist")
@@ -231,31 +188,5 @@ def run(cfg: AnonymizeConfig) -> dict:
                                                                         cfg.progress)})
     summary.update(written=summary["images"] + len(summary["videos"]), skipped=skipped, ignored_files=ignored,
                    seconds=round(time.perf_counter() - start, 3))
-    print(json.dumps(summary))
     return summary
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """The console script: `run`, then exit status 5 (SkippedItemsError) if anything was skipped."""
-    from jsonargparse import ActionConfigFile
-    from fdf_core.console import ArgumentParser
-    parser = ArgumentParser(prog="anonymize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", type=str, help="photo, video or folder")
-    parser.add_argument("output", type=str, help="file of the same kind, or a folder")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options")
-    parser.add_class_arguments(AnonymizeConfig, as_group=False, skip={"input", "output"})
-    ns = parser.parse_args(argv).as_dict()
-    ns.pop("config", None)
-    cfg = AnonymizeConfig(**ns)
-    summary = run(cfg)
-    if summary["skipped"]:
-        first, n = summary["skipped"][0], len(summary["skipped"])
-        raise SkippedItemsError(f"{n} of {n + summary['written']} files skipped, the other {summary['written']} "
-                                f"written to {cfg.output}; first: {first['file']}: {first['reason']} (all in "
-                                "the summary)", summary)
-    return summary
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "anonymize"))

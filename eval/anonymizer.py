@@ -25,6 +25,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 from functools import cached_property
 from pathlib import Path
 
@@ -33,13 +34,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.assets import resolve_file
-from data_prep.tario import json_bytes
+from fdf_core.assets import resolve_file
+from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
+from fdf_core.checkpoints import read_checkpoint, read_progress
 from fdf_core.errors import ConfigError
 from fdf_core.fid import to_uint8
+from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder import crop as fdfcrop
-from fdf_builder.keypoints import KEYPOINT_NAMES
+from fdf_builder.face_models import FaceModelsConfig, load_detector, load_keypoint_model
 from training.conditioning import prepare
 from training.datamodule import decode_sample
 from training.module import load_generator
@@ -50,44 +53,44 @@ METHODS = ("generator", *BASELINES)
 CHECKPOINT_ENV = "FDF_GENERATOR_CHECKPOINT"
 CHECKPOINT_FLAG = "--checkpoint"
 SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "fdf_utkface32_ema.pt"  # see eval/weights/README.md
-NO_KEYPOINTS = "none"  # keypoint backend name: anonymize every face without pose
 JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator sees its training inputs
 
 
-@dataclass
-class AnonymizerConfig:
-    """How faces are found and replaced.
+@dataclass(kw_only=True)
+class AnonymizerConfig(FaceModelsConfig):
+    """How faces are found (fdf_builder.face_models) and replaced.
 
-    method: "generator" (DeepPrivacy) or a baseline: blackout, pixelation_16x16, pixelation_8x8,
-        gaussian_9x9, heavy_blur
-    checkpoint: training checkpoint or exported model whose EMA generator is used (else
-        $FDF_GENERATOR_CHECKPOINT, else the model shipped in eval/weights/)
-    detector: retinaface_mnet025 | retinaface_r50 (weights via detector_weights or its env var)
-    confidence: detector score threshold; low values favour privacy (missed faces are not hidden)
-    keypoints: movenet | keypoint-rcnn | none (every face without pose)
-    keypoint_threshold: keypoints scoring below it count as missing, as training's
-        `data.keypoint_threshold`
-    batch_size: faces per generator call and images per detector call
-    feather: width of the blend band outside each face box, as a fraction of the face side
-    crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule of
-        the generator's training faces (recorded in exported models; fdf for training checkpoints)
+    Args:
+        method: "generator" (DeepPrivacy) or a baseline: blackout, pixelation_16x16, pixelation_8x8,
+            gaussian_9x9, heavy_blur
+        checkpoint: training checkpoint or exported model whose EMA generator is used (else
+            $FDF_GENERATOR_CHECKPOINT, else the model shipped in eval/weights/)
+        keypoints: movenet | keypoint-rcnn | none (every face without pose)
+        keypoint_threshold: keypoints scoring below it count as missing, as training's
+            `data.keypoint_threshold`
+        batch_size: faces per generator call and images per detector call
+        feather: width of the blend band outside each face box, as a fraction of the face side
+        crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule
+            of the generator's training faces (recorded in exported models; fdf for training checkpoints)
     """
+
+    allow_no_keypoints: ClassVar[bool] = True
 
     method: str = "generator"
     checkpoint: str | None = None
-    detector: str = "retinaface_mnet025"
-    detector_weights: str | None = None
-    confidence: float = 0.3
-    nms: float = 0.3
-    detect_max_size: int = 1024
-    keypoints: str = "movenet"
-    keypoint_weights: str | None = None
     keypoint_threshold: float = 0.0
     batch_size: int = 16
-    device: str = "cpu"
     feather: float = 0.1
-    allow_download: bool = False
     crop_rule: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: unknown; choose from {', '.join(METHODS)}")
+        if self.feather < 0:
+            raise ConfigError(f"--feather ({self.feather}) must be >= 0")
+        if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
+            raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Faces:
 def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu") -> GeneratorAt:
     """The EMA generator of a training checkpoint (or an exported model) at the resolution and
     fade-in it had reached."""
-    progress = torch.load(checkpoint, map_location="cpu", weights_only=True).get("progress")
+    progress = read_progress(checkpoint)
     generator = load_generator(str(checkpoint), ema=True, map_location=device)
     if progress is None:
         return GeneratorAt(generator, generator.max_resolution, 1.0)
@@ -129,7 +132,7 @@ def resolve_checkpoint(path: str | None) -> Path:
 
 def generator_info(path: Path, generator: GeneratorAt) -> tuple[str, str]:
     """(one line naming the model and the resolution it paints at, the crop rule of its training faces)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = read_checkpoint(path)
     name = (saved.get("card") or {}).get("name") or str(path)
     shipped = " (shipped with fdf; give --checkpoint for another)" if path == SHIPPED_MODEL else ""
     line = f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"
@@ -170,10 +173,6 @@ class Anonymizer:
 
     def __init__(self, cfg: AnonymizerConfig, generator: GeneratorAt | None = None,
                  detector=None, keypoint_model=None):
-        if cfg.method not in METHODS:
-            raise ConfigError(f"--method {cfg.method!r}: unknown; choose from {', '.join(METHODS)}")
-        if cfg.batch_size < 1 or cfg.feather < 0:
-            raise ConfigError(f"--batch_size ({cfg.batch_size}) must be >= 1 and --feather ({cfg.feather}) >= 0")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.timings: dict[str, float] = defaultdict(float)
@@ -191,24 +190,14 @@ class Anonymizer:
             self.generator = generator.to(self.device).eval().requires_grad_(False)
             self.generator_name = self.generator_name or f"given generator: {generator.resolution}x{generator.resolution}"
         self.crop_rule = cfg.crop_rule or trained_rule
-        if self.crop_rule not in fdfcrop.CROP_RULES:
-            raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
 
     @cached_property
     def detector(self):
-        from fdf_builder.detector import build_detector
-        c = self.cfg
-        return build_detector(c.detector, weights=c.detector_weights, device=c.device, confidence=c.confidence,
-                              nms=c.nms, max_size=c.detect_max_size, batch_size=c.batch_size,
-                              allow_download=c.allow_download)
+        return load_detector(self.cfg)
 
     @cached_property
     def keypoint_model(self):
-        if self.cfg.keypoints == NO_KEYPOINTS:
-            return None
-        from fdf_builder.keypoints import build_keypoint_model
-        return build_keypoint_model(self.cfg.keypoints, weights=self.cfg.keypoint_weights, device=self.cfg.device,
-                                    allow_download=self.cfg.allow_download)
+        return load_keypoint_model(self.cfg)
 
     # ------------------------------------------------------------------ faces
     def detect(self, images: list[np.ndarray], max_size: int | None = None) -> list[Faces]:

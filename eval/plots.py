@@ -9,13 +9,13 @@ JSON yet are evaluated first, so one command turns a finished run into its curve
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval import evaluate
+from fdf_core.checkpoints import list_checkpoints, mlflow_target
 from fdf_core.errors import ConfigError, NothingToDoError
 
 SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
@@ -25,12 +25,19 @@ SERIES = ("fid", *(f"eval/{name}" for name in evaluate.METRIC_NAMES.values()))
 class PlotConfig:
     """Plot FID against kimg for one run.
 
-    run_dir: the training run folder (config.yaml, checkpoints/, mlflow.db)
-    output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
-    evaluate: compute the FID of checkpoints that have none yet (needs data_root)
-    data_root / feature / inception_weights / num_images / batch_size / cache_dir / device: as fdf-eval
-        (num_images: the first that many validation faces; None = all)
-    tracking_uri / run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
+    Args:
+        run_dir: the training run folder (config.yaml, checkpoints/, mlflow.db)
+        output: PNG path (default `<run_dir>/fid_vs_kimg.png`)
+        evaluate: compute the FID of checkpoints that have none yet (needs data_root)
+        data_root: FDF shards, as fdf-eval
+        feature: as fdf-eval (inception or random_conv)
+        inception_weights: as fdf-eval
+        num_images: the first that many validation faces; None = all (as fdf-eval)
+        batch_size: as fdf-eval
+        cache_dir: as fdf-eval
+        device: as fdf-eval
+        tracking_uri: the MLflow tracking URI (default: from the run's checkpoints, as fdf-eval)
+        run_id: the MLflow run (default: from the run's checkpoints, as fdf-eval)
     """
 
     run_dir: str
@@ -46,11 +53,9 @@ class PlotConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
 
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Snapshots and the final checkpoint (`last.ckpt` repeats one of them)."""
-    folder = run_dir / "checkpoints"
-    return sorted(folder.glob("img*.ckpt")) + sorted(folder.glob("final.ckpt"))
+    def __post_init__(self) -> None:
+        if self.evaluate and self.data_root is None:
+            raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
 
 
 def fid_history(tracking_uri: str, run_id: str) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[float, str]]]:
@@ -108,10 +113,8 @@ def plot_fid(series: dict[str, list[tuple[float, float]]], phases: list[tuple[fl
 
 def run(cfg: PlotConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    ckpts = checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir)
     if cfg.evaluate:
-        if cfg.data_root is None:
-            raise ConfigError("--evaluate needs --data_root (the FDF shards the run was trained on)")
         for ckpt in ckpts:
             out = evaluate.default_output(ckpt, cfg.feature)
             if not out.is_file():
@@ -122,7 +125,7 @@ def run(cfg: PlotConfig) -> dict:
                     device=cfg.device))
     uri, run_id = cfg.tracking_uri, cfg.run_id
     if (uri is None or run_id is None) and ckpts:
-        uri, run_id = evaluate.mlflow_target(ckpts[-1], uri, run_id)
+        uri, run_id = mlflow_target(ckpts[-1], uri, run_id)
     if uri is None or run_id is None:
         raise ConfigError(f"{run_dir}: no checkpoint naming its MLflow run: give --tracking_uri and --run_id")
     series, phases = fid_history(uri, run_id)
@@ -132,16 +135,5 @@ def run(cfg: PlotConfig) -> dict:
     output = Path(cfg.output) if cfg.output else run_dir / "fid_vs_kimg.png"
     atomic_write_json(output.with_name(output.stem + "_options.json"), asdict(cfg))
     plot_fid(series, phases, output, f"{run_dir.name} ({run_id[:8]})")
-    summary = {"output": str(output), "series": {k: len(v) for k, v in series.items()}}
-    print(json.dumps(summary))
     return {"output": output, "series": series, "phases": phases}
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(PlotConfig, argv, prog="fdf-plot-fid", description="FID vs kimg PNG of a run."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-plot-fid"))

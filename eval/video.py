@@ -28,7 +28,6 @@ Faces of all the frames of a batch go through the generator together.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.anonymizer import Anonymizer, Faces
+from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive frames that is a cut
@@ -52,20 +52,22 @@ CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive fra
 class VideoOptions:
     """Tracking and encoding of videos.
 
-    lookahead: frames detected ahead of the frame being written; a face found within this many
-        frames after a miss is filled in backwards (memory grows by this many frames)
-    max_missing: frames a track is extrapolated after its last detection
-    track_iou: IoU with a track's predicted box for a detection to continue that track
-    smooth_radius: a detected box is the mean of its track's detections over ±this many frames
-    margin: growth of a box that was not detected in that frame, as a fraction of its side
-        (doubled over `lookahead` frames from the nearest detection)
-    keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
-    grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
-        a box a few pixels off leaves part of a small face)
-    video_detect_max_size: frames up to this long side are detected at full size (small faces
-        are lost to downscaling); larger ones are downscaled to it
-    crf / preset: libx264 quality (lower crf = better) and speed
-    audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
+    Args:
+        lookahead: frames detected ahead of the frame being written; a face found within this many
+            frames after a miss is filled in backwards (memory grows by this many frames)
+        max_missing: frames a track is extrapolated after its last detection
+        track_iou: IoU with a track's predicted box for a detection to continue that track
+        smooth_radius: a detected box is the mean of its track's detections over ±this many frames
+        margin: growth of a box that was not detected in that frame, as a fraction of its side
+            (doubled over `lookahead` frames from the nearest detection)
+        keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
+        grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
+            a box a few pixels off leaves part of a small face)
+        video_detect_max_size: frames up to this long side are detected at full size (small faces
+            are lost to downscaling); larger ones are downscaled to it
+        crf: libx264 quality (lower = better)
+        preset: libx264 speed preset
+        audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
     """
 
     lookahead: int = 12
@@ -330,7 +332,7 @@ class FFmpegWriter:
                  opts: VideoOptions):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.output.with_name(f".{self.output.stem}.tmp-{os.getpid()}{self.output.suffix}")
+        self.partial = temporary_path(self.output, keep_suffix=True)  # ffmpeg picks the container by it
         cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{info.width}x{info.height}", "-framerate", str(info.fps), "-i", "pipe:0"]
         if audio_source is not None:
@@ -364,7 +366,7 @@ class FFmpegWriter:
             self.partial.unlink(missing_ok=True)
             raise RuntimeError(f"ffmpeg failed writing {self.output} (exit {self.proc.returncode}): {self._error()}")
         self._stderr.close()
-        os.replace(self.partial, self.output)
+        replace_durably(self.partial, self.output)
 
     def abort(self) -> None:
         self.proc.kill()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
@@ -37,7 +36,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
+from fdf_core.tario import atomic_path, atomic_write_bytes
 
 WIDTH, HEIGHT, FPS = 1280, 720, 25
 TRUTH_SCORE = 0.9  # full-resolution RetinaFace score at which a detection counts as a face
@@ -225,14 +225,13 @@ def write_clip(spec: ClipSpec, out_dir: str | Path, quick: bool = False, frames:
     video, truth = out_dir / f"{spec.name}.mp4", out_dir / f"{spec.name}.json"
     frames = frame_range(spec, quick) if frames is None else frames
     seconds = len(frames) / FPS
-    tmp = out_dir / f".{spec.name}.tmp-{os.getpid()}.mp4"
     cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{WIDTH}x{HEIGHT}",
            "-framerate", str(FPS), "-i", "pipe:0", "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
            "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "fast", "-crf", "18", "-pix_fmt", "yuv420p",
-           "-c:a", "aac", "-b:a", "64k", "-shortest", "-map_metadata", "-1", str(tmp)]
+           "-c:a", "aac", "-b:a", "64k", "-shortest", "-map_metadata", "-1"]
     per_frame = []
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+    with tempfile.TemporaryFile() as err, atomic_path(video, keep_suffix=True) as tmp:
+        proc = subprocess.Popen([*cmd, str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
             for i in frames:
                 image, faces = frame_at(spec, i)
@@ -242,20 +241,16 @@ def write_clip(spec: ClipSpec, out_dir: str | Path, quick: bool = False, frames:
             if proc.wait() != 0:
                 err.seek(0)
                 raise RuntimeError(f"ffmpeg failed writing {video}: {err.read().decode(errors='replace')[-2000:]}")
-            os.replace(tmp, video)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            tmp.unlink(missing_ok=True)
     photos = {s.photo for s in spec.shots}
     meta = {"name": spec.name, "what": spec.what, "width": WIDTH, "height": HEIGHT, "fps": FPS,
             "frames": len(frames), "first_frame": frames.start, "audio": "sine 440 Hz, AAC",
             "truth": {p: photo_truth(p)[1] for p in sorted(photos)},
             "faces": per_frame}
-    tmp_json = truth.with_name(f".{truth.name}.tmp-{os.getpid()}")
-    tmp_json.write_text(json.dumps(meta, separators=(",", ":")))
-    os.replace(tmp_json, truth)
+    atomic_write_bytes(truth, json.dumps(meta, separators=(",", ":")).encode())
     return video, truth
 
 

@@ -25,7 +25,6 @@ stores `x y w h score`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -35,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from data_prep.assets import MissingAssetError, assets_dir
-from data_prep.tario import atomic_write_bytes, atomic_write_json
+from fdf_core.assets import MissingAssetError, assets_dir
+from fdf_core.tario import atomic_write_bytes, atomic_write_json
 from fdf_core.errors import InputError, MissingInputError, NothingToDoError
 
 log = logging.getLogger(__name__)
@@ -342,10 +341,12 @@ def read_detections(pred_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 class WiderEvalConfig:
     """Score a folder of detections in the kit's text layout.
 
-    pred_dir: `<event>/<image>.txt` files (official layout)
-    gt_dir: folder of the kit's .mat files (default `$FDF_ASSETS/wider`)
-    output: JSON file for the APs (options are saved beside it)
-    strict: an image without a detection file is an error instead of a warning
+    Args:
+        pred_dir: `<event>/<image>.txt` files (official layout)
+        gt_dir: folder of the kit's .mat files (default `$FDF_ASSETS/wider`)
+        output: JSON file for the APs (options are saved beside it)
+        iou_threshold: IoU for a detection to match a face (the kit: 0.5)
+        strict: an image without a detection file is an error instead of a warning
     """
 
     pred_dir: str
@@ -380,6 +381,8 @@ def check_coverage(detections: dict[str, np.ndarray], gt: WiderGT, pred_dir: str
 
 
 def run(cfg: WiderEvalConfig) -> dict[str, float]:
+    """AP per difficulty of `cfg.pred_dir` (written to `cfg.output`), with the count of images
+    without a detection file and the seconds it took."""
     start = time.perf_counter()
     gt = load_wider_gt(cfg.gt_dir)
     detections = read_detections(cfg.pred_dir)
@@ -388,17 +391,5 @@ def run(cfg: WiderEvalConfig) -> dict[str, float]:
     out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, aps)
-    print(json.dumps({**aps, "images_without_detections": missing,
-                      "seconds": round(time.perf_counter() - start, 2)}))
-    return aps
+    return {**aps, "images_without_detections": missing, "seconds": round(time.perf_counter() - start, 2)}
 
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(WiderEvalConfig, argv, prog="fdf-wider-ap",
-                               description="WIDER FACE val AP (official protocol) of detection files."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-wider-ap"))

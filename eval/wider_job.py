@@ -17,58 +17,69 @@ to them; the job states how many that were. Outputs in `--output_dir`: `wider_ta
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.tario import atomic_write_json
-from eval.anonymize import read_image
+from fdf_core.tario import atomic_write_json
+from eval.images import read_image
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import BASELINES, PAPER_AP, anonymize_boxes
 from eval.wider import DIFFICULTIES, WiderGT, evaluate, load_wider_gt, write_detections
+from fdf_builder.face_models import FaceModelsConfig, face_model_options, load_detector
 from fdf_core.errors import ConfigError, MissingInputError
 
 ROWS = ("original", *BASELINES, "generator")
 DESCRIPTIONS = {"original": "no anonymization", "generator": "DeepPrivacy generator (EMA, z = 0)",
                 **{name: b.description for name, b in BASELINES.items()}}
 PAPER_ROW = {"generator": "deepprivacy"}  # our row name → PAPER_AP key
+TABLE = "wider_table.json"  # in --output_dir
 
 
-@dataclass
-class WiderJobConfig:
+@dataclass(kw_only=True)
+class WiderJobConfig(FaceModelsConfig):
     """Anonymize WIDER FACE val faces from the ground truth and score a detector on the results.
 
-    images: the `WIDER_val/images` folder (`<event>/<file>.jpg`)
-    checkpoint: generator checkpoint for the "generator" row (or $FDF_GENERATOR_CHECKPOINT)
-    output_dir: where the table, detections and options go
-    gt_dir: the kit's .mat files (default `$FDF_ASSETS/wider`)
-    methods: rows of the table, from original, the baselines and generator
-    detector / detector_weights / confidence / detect_max_size: the detector that is scored
-    keypoints / keypoint_weights: pose for the generator (the data builder's backends, or none)
-    limit: evaluate only the first N images found (quick runs)
+    Args:
+        images: the `WIDER_val/images` folder (`<event>/<file>.jpg`)
+        checkpoint: generator checkpoint for the "generator" row (or $FDF_GENERATOR_CHECKPOINT)
+        output_dir: where the table, detections and options go
+        gt_dir: the kit's .mat files (default `$FDF_ASSETS/wider`)
+        methods: rows of the table, from original, the baselines and generator
+        detector: the detector that is scored (retinaface_mnet025 or retinaface_r50)
+        confidence: score threshold of the detector that is scored (low: the whole PR curve)
+        keypoints: pose for the generator (movenet, keypoint-rcnn or none)
+        keypoint_threshold: keypoints scoring below it count as missing (the generator row)
+        feather: blend band of the generator row (see anonymize --feather)
+        batch_size: faces per generator call
+        limit: evaluate only the first N images found (quick runs)
+        progress: show progress bars
     """
+
+    allow_no_keypoints: ClassVar[bool] = True
 
     images: str
     checkpoint: str | None = None
     output_dir: str = "runs/wider"
     gt_dir: str | None = None
     methods: list[str] = field(default_factory=lambda: list(ROWS))
-    detector: str = "retinaface_mnet025"
-    detector_weights: str | None = None
     confidence: float = 0.02
     detect_max_size: int = 2048
-    keypoints: str = "movenet"
-    keypoint_weights: str | None = None
     keypoint_threshold: float = 0.0
     feather: float = 0.1
     batch_size: int = 16
-    device: str = "cpu"
     limit: int | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [m for m in self.methods if m not in ROWS]
+        if unknown or not self.methods:
+            raise ConfigError(f"--methods {unknown or self.methods}: choose from {', '.join(ROWS)}")
 
 
 def subset(gt: WiderGT, indices: list[int]) -> WiderGT:
@@ -108,9 +119,6 @@ def format_table(result: dict) -> str:
 
 def run(cfg: WiderJobConfig) -> dict:
     start = time.perf_counter()
-    unknown = [m for m in cfg.methods if m not in ROWS]
-    if unknown or not cfg.methods:
-        raise ConfigError(f"--methods {unknown or cfg.methods}: choose from {', '.join(ROWS)}")
     gt = load_wider_gt(cfg.gt_dir)
     root = Path(cfg.images)
     indices = [i for i, name in enumerate(gt.names) if (root / name).is_file()][:cfg.limit]
@@ -122,13 +130,9 @@ def run(cfg: WiderJobConfig) -> dict:
     generator = None
     if "generator" in cfg.methods:
         generator = Anonymizer(AnonymizerConfig(
-            method="generator", checkpoint=cfg.checkpoint, keypoints=cfg.keypoints,
-            keypoint_weights=cfg.keypoint_weights, keypoint_threshold=cfg.keypoint_threshold,
-            batch_size=cfg.batch_size, device=cfg.device, feather=cfg.feather))
-    from fdf_builder.detector import build_detector
-    detector = build_detector(cfg.detector, weights=cfg.detector_weights, device=cfg.device,
-                              confidence=cfg.confidence, max_size=cfg.detect_max_size,
-                              batch_size=len(cfg.methods))
+            **face_model_options(cfg), method="generator", checkpoint=cfg.checkpoint,
+            keypoint_threshold=cfg.keypoint_threshold, feather=cfg.feather))
+    detector = load_detector(cfg, batch_size=len(cfg.methods))  # one call per image: its anonymized versions
     methods = [m for m in ROWS if m in cfg.methods]
     detections: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     faces = without_pose = 0
@@ -157,18 +161,6 @@ def run(cfg: WiderJobConfig) -> dict:
     result = {"images": len(indices), "images_in_gt": len(gt.names), "faces": faces,
               "faces_without_pose": without_pose if generator else None, "detector": cfg.detector,
               "paper_detector": "DSFD", "rows": _table(aps), "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(out / "wider_table.json", result)
-    print(format_table(result))
-    print(json.dumps({"table": str(out / "wider_table.json"), "seconds": result["seconds"]}))
+    atomic_write_json(out / TABLE, result)
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    from data_prep.cli_util import parse_dataclass
-    return run(parse_dataclass(WiderJobConfig, argv, prog="fdf-wider",
-                               description="DeepPrivacy's WIDER FACE table: detector AP after anonymization."))
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-wider"))

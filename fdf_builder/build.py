@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import multiprocessing
 import json
+import logging
+import multiprocessing
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,40 +25,56 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
+from fdf_core.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, remove_partial
 from fdf_builder import crop as fdfcrop
-from fdf_builder.shards import parse_range, raw_shard_ids, split_of
+from fdf_builder.face_models import FaceModels, FaceModelsConfig, load_face_models
+from fdf_builder.shards import selected_raw_shards, split_of
 from fdf_core.errors import ConfigError, NothingToDoError
+from fdf_core.keypoints import KEYPOINT_NAMES
+from fdf_core.shards import parse_shards
 
 SPLITS = ("train", "val")
+log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
-@dataclass
-class BuildConfig:
-    """Options of one build; saved as options.json beside the shards."""
-    input_dir: str  # data_prep output (raw shards)
-    output_dir: str  # FDF shards, stats/, sizes.json, index.json
-    shards: str | None = None  # "start:stop" range of input shard ids, for job arrays
-    resolution: int = 128  # side of the stored crops
-    min_crop_size: int = 128  # FDF drops crops narrower than this (face side >~ 75 px)
-    crop_rule: str = "fdf"  # fdf: FDF's crop (capped at the photo border); pad: always 1.7x, zero-padded (tight face crops)
-    detector: str = "retinaface_mnet025"  # or retinaface_r50
-    detector_weights: str | None = None  # else $FDF_RETINAFACE_WEIGHTS / $FDF_RETINAFACE_R50_WEIGHTS
-    confidence: float = 0.3  # RetinaFace score threshold used for FDF
-    nms: float = 0.3  # IoU of non-maximum suppression
-    detect_max_size: int = 1024  # photos are shrunk to this longer side for detection
-    keypoints: str = "movenet"  # or keypoint-rcnn (torchvision, as in the paper)
-    keypoint_weights: str | None = None  # else $FDF_MOVENET_WEIGHTS / $FDF_KEYPOINT_RCNN_WEIGHTS
-    allow_download: bool = False  # let RetinaFace R50 / Keypoint R-CNN fetch weights (needs internet)
-    val_fraction: float = 0.034  # FDF: 50k of 1.47M faces, split by photo here
-    batch_size: int = 8  # photos per detector call
-    processes: int = 1  # shards built in parallel, each in its own single-threaded process
-    device: str = "cpu"  # or cuda
-    jpeg_quality: int = 95  # of the stored crops
-    ffcv: bool = False  # also write <output_dir>/<split>.beton (needs the `ffcv` extra)
-    progress: bool = True  # tqdm bar with img/s and faces/s
-    allow_empty: bool = False  # no raw shard in --input_dir (or in --shards) is not an error (exit 4 otherwise)
+@dataclass(kw_only=True)
+class BuildConfig(FaceModelsConfig):
+    """Options of one build; saved as options.json beside the shards.
+
+    Args:
+        input_dir: data_prep output (raw shards)
+        output_dir: FDF shards, stats/, sizes.json, index.json
+        shards: raw shards to build: N, A:B, A:, :B or a comma list (README); default all
+        resolution: side of the stored crops
+        min_crop_size: FDF drops crops narrower than this (face side >~ 75 px)
+        crop_rule: fdf: FDF's crop (capped at the photo border); pad: always 1.7x, zero-padded (tight
+            face crops)
+        val_fraction: FDF: 50k of 1.47M faces, split by photo here
+        processes: shards built in parallel, each in its own single-threaded process
+        jpeg_quality: of the stored crops
+        ffcv: also write <output_dir>/<split>.beton (needs the `ffcv` extra)
+        progress: tqdm bar with img/s and faces/s
+        allow_empty: no raw shard in --input_dir (or in --shards) is not an error (exit 4 otherwise)
+    """
+    input_dir: str
+    output_dir: str
+    shards: str | None = None
+    resolution: int = 128
+    min_crop_size: int = 128
+    crop_rule: str = "fdf"
+    val_fraction: float = 0.034
+    processes: int = 1
+    jpeg_quality: int = 95
+    ffcv: bool = False
+    progress: bool = True
+    allow_empty: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop_rule not in fdfcrop.CROP_RULES:
+            raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
+        parse_shards(self.shards)
 
 
 @dataclass
@@ -133,22 +150,7 @@ def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-class FaceAnnotator:
-    """Detector + keypoint model, loaded once per process."""
-
-    def __init__(self, cfg: BuildConfig):
-        from fdf_builder.detector import build_detector
-        from fdf_builder.keypoints import KEYPOINT_NAMES, build_keypoint_model
-        self.detector = build_detector(cfg.detector, weights=cfg.detector_weights, device=cfg.device,
-                                       confidence=cfg.confidence, nms=cfg.nms,
-                                       max_size=cfg.detect_max_size, batch_size=cfg.batch_size,
-                                       allow_download=cfg.allow_download)
-        self.keypoints = build_keypoint_model(cfg.keypoints, weights=cfg.keypoint_weights,
-                                              device=cfg.device, allow_download=cfg.allow_download)
-        self.keypoint_names = list(KEYPOINT_NAMES)
-
-
-def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, annot: FaceAnnotator,
+def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, models: FaceModels,
                    stats: ShardStats) -> list[tuple[str, dict[str, bytes]]]:
     """Filter, annotate with keypoints, crop and describe every face of one photo (FORMAT.md §2).
 
@@ -162,7 +164,7 @@ def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, annot: 
     if not large:
         return []
     t0 = time.perf_counter()
-    kps = annot.keypoints.keypoints_for_faces(image, det.boxes[large], det.scores[large])
+    kps = models.keypoints.keypoints_for_faces(image, det.boxes[large], det.scores[large])
     stats.model_seconds += time.perf_counter() - t0
     out = []
     for face_index, kp in zip(large, kps):
@@ -178,8 +180,8 @@ def faces_of_photo(image: np.ndarray, meta: dict, det, cfg: BuildConfig, annot: 
             "resolution": cfg.resolution,
             "bbox": _rounded(fdfcrop.to_crop_coords(np.asarray(box).reshape(2, 2), crop).reshape(4)),
             "keypoints": _rounded(fdfcrop.to_crop_coords(kp, crop)),
-            "keypoint_names": annot.keypoint_names, "keypoint_backend": annot.keypoints.name,
-            "detector": annot.detector.name, "detector_score": round(float(det.scores[face_index]), 5),
+            "keypoint_names": list(KEYPOINT_NAMES), "keypoint_backend": models.keypoints.name,
+            "detector": models.detector.name, "detector_score": round(float(det.scores[face_index]), 5),
             "orig_bbox": _rounded(box, 2), "orig_keypoints": _rounded(kp, 2),
             "crop_box": list(crop.box), "crop_padded": crop.padded,
             "license_name": meta.get("license_name"), "license_url": meta.get("license_url"),
@@ -194,7 +196,7 @@ def _rounded(values, ndigits: int = 6) -> list:
     return np.round(np.asarray(values, dtype=np.float64), ndigits).tolist()
 
 
-def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
+def build_shard(shard: str, cfg: BuildConfig, models: FaceModels,
                 on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Annotate one raw shard and write its train/val FDF shards, then its stats file (last)."""
     out = Path(cfg.output_dir)
@@ -215,14 +217,14 @@ def build_shard(shard: str, cfg: BuildConfig, annot: FaceAnnotator,
             if not good:
                 continue
             t0 = time.perf_counter()
-            dets = annot.detector.detect([image for _, _, image in good])
+            dets = models.detector.detect([image for _, _, image in good])
             stats.model_seconds += time.perf_counter() - t0
             for (key, meta, image), det in zip(good, dets):
                 meta.setdefault("key", key)
                 stats.faces_detected += len(det.boxes)
                 if len(det.boxes) == 0:
                     stats.dropped["no_face_in_photo"] += 1
-                faces = faces_of_photo(image, meta, det, cfg, annot, stats)
+                faces = faces_of_photo(image, meta, det, cfg, models, stats)
                 stats.photos_with_faces += bool(faces)
                 split = split_of(meta.get("photo_id") or key, cfg.val_fraction)
                 for face_key, files in faces:
@@ -281,11 +283,11 @@ _WORKER: dict = {}
 
 def _worker_init(cfg: BuildConfig) -> None:
     torch.set_num_threads(1)
-    _WORKER["cfg"], _WORKER["annot"] = cfg, FaceAnnotator(cfg)
+    _WORKER["cfg"], _WORKER["models"] = cfg, load_face_models(cfg)
 
 
 def _worker_build(shard: str) -> dict:
-    return build_shard(shard, _WORKER["cfg"], _WORKER["annot"])
+    return build_shard(shard, _WORKER["cfg"], _WORKER["models"])
 
 
 def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
@@ -294,19 +296,19 @@ def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
     faces_before = 0
     if cfg.processes <= 1:
         with _one_torch_thread():
-            annot = FaceAnnotator(cfg)
+            models = load_face_models(cfg)
             for shard in todo:
                 def on_batch(n_photos: int, shard_faces: int) -> None:
                     bar.update(n_photos)
                     bar.set_postfix(faces=faces_before + shard_faces,
                                     faces_s=f"{(faces_before + shard_faces) / (time.perf_counter() - start):.2f}")
-                st = build_shard(shard, cfg, annot, on_batch)
+                st = build_shard(shard, cfg, models, on_batch)
                 faces_before += st["faces_kept"]
                 yield st
         return
     # Load the models here once first: a missing or wrong weight file is then one error, whereas a
     # Pool initializer that raises makes the pool start new workers for ever.
-    FaceAnnotator(cfg)
+    load_face_models(cfg)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(min(cfg.processes, len(todo)), initializer=_worker_init, initargs=(cfg,)) as pool:
         for st in pool.imap_unordered(_worker_build, todo):
@@ -319,10 +321,7 @@ def _build_all(cfg: BuildConfig, todo: list[str], bar: tqdm) -> Iterator[dict]:
 def run(cfg: BuildConfig) -> dict:
     """Build every raw shard of `cfg.shards` that is not done yet; return the index."""
     out = Path(cfg.output_dir)
-    if cfg.crop_rule not in fdfcrop.CROP_RULES:
-        raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {cfg.crop_rule!r}")
-    available = raw_shard_ids(cfg.input_dir)
-    todo_all = parse_range(cfg.shards, available)
+    available, todo_all = selected_raw_shards(cfg.shards, cfg.input_dir)
     if not todo_all and not cfg.allow_empty:
         where = f"--shards {cfg.shards} selects none of the {len(available)}" if available else "no"
         raise NothingToDoError(f"--input_dir {cfg.input_dir}: {where} finished raw shards (NNNNN.tar with "
@@ -331,8 +330,7 @@ def run(cfg: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _check_options(cfg)
     todo = [s for s in todo_all if not (out / "stats" / f"{s}.json").exists()]
-    print(f"fdf-build: {len(todo_all) - len(todo)} of {len(todo_all)} shards already done, "
-          f"{len(todo)} to build → {out}")
+    log.info("%d of %d shards already done, %d to build → %s", len(todo_all) - len(todo), len(todo_all), len(todo), out)
     if todo:
         total_photos = sum(_count_photos(Path(cfg.input_dir), s) for s in todo)
         start = time.perf_counter()
@@ -342,12 +340,11 @@ def run(cfg: BuildConfig) -> dict:
                 photos += st["photos"]
                 faces += st["faces_kept"]
         secs = time.perf_counter() - start
-        print(f"fdf-build: {photos} photos, {faces} faces in {secs:.1f}s "
-              f"({photos / secs:.2f} img/s, {faces / secs:.2f} faces/s)")
-    from fdf_builder.keypoints import KEYPOINT_NAMES
+        log.info("%d photos, %d faces in %.1fs (%.2f img/s, %.2f faces/s)", photos, faces, secs, photos / secs,
+                 faces / secs)
     index = write_index(cfg, list(KEYPOINT_NAMES))
-    print("fdf-build: faces per split", index["splits"], "| dropped:",
-          ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
+    log.info("faces per split %s | dropped: %s", index["splits"],
+             ", ".join(f"{k}={v}" for k, v in index["dropped"].items()) or "none")
     if cfg.ffcv:
         from fdf_builder.ffcv_export import export_ffcv
         for split in SPLITS:

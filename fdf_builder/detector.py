@@ -30,14 +30,13 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import nms as nms_op
 
-from data_prep.assets import MissingAssetError, resolve_file
-from fdf_core.errors import ConfigError, InputError
+from fdf_core.assets import MissingAssetError, resolve_file
+from fdf_builder.face_models import DETECTORS, PAD_MULTIPLE, check_detector_options, unknown_choice
+from fdf_core.errors import InputError
 
-DETECTORS = ("retinaface_mnet025", "retinaface_r50")
 MNET_ASSET = "weights/retinaface/mobilenet0.25_Final.pth"
 R50_PACKAGE_MODEL = "resnet50_2020-07-20"  # key of retinaface.pre_trained_models.models
 WEIGHTS_FLAG = "--detector_weights"
-PAD_MULTIPLE = 32  # the coarsest stride: padded sizes keep every anchor grid aligned
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
         _load_strict(net, state, origin, name)
         preprocess = _R50_PREPROCESS
     else:
-        raise ConfigError(f"--detector: unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+        raise unknown_choice("--detector", "detector", name, DETECTORS)
     return FaceDetector(name, net, preprocess, device=device, confidence=confidence, nms=nms,
                         max_size=max_size, batch_size=batch_size)
 
@@ -188,11 +187,7 @@ class FaceDetector:
     def __init__(self, name: str, net: nn.Module, preprocess: _Preprocess, device: str = "cpu",
                  confidence: float = 0.3, nms: float = 0.3, max_size: int = 1024,
                  batch_size: int = 8) -> None:
-        if not 0.0 <= confidence <= 1.0 or not 0.0 <= nms <= 1.0:
-            raise ConfigError(f"--confidence ({confidence}) and --nms ({nms}) must be in [0, 1]")
-        if max_size < PAD_MULTIPLE or batch_size < 1:
-            raise ConfigError(f"--detect_max_size ({max_size}) must be >= {PAD_MULTIPLE} and --batch_size "
-                              f"({batch_size}) >= 1")
+        check_detector_options(confidence, nms, max_size, batch_size)
         self.name = name
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_prep.tario import check_member_name
+from fdf_core.tario import atomic_path, check_member_name
+
+log = logging.getLogger(__name__)
 
 
 class _TarIndex:
@@ -63,7 +66,7 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
     tars = sorted((fdf_dir / split).glob("*.tar"))
     index = _TarIndex(tars)
     if len(index) == 0:
-        print(f"fdf-build: no {split} faces, no FFCV file written")
+        log.info("no %s faces, no FFCV file written", split)
         return None
     resolution = None
     for i in range(len(index)):  # validate before the writer's workers see anything
@@ -73,13 +76,12 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
             path = index.items[i][0]
             raise ValueError(f"{path}: sample {i} has shapes {image.shape}, {bbox.shape}, {kps.shape}")
     out = fdf_dir / f"{split}.beton"
-    tmp = out.with_name(out.name + ".tmp")
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=resolution,
                                      jpeg_quality=jpeg_quality),
               "bbox": NDArrayField(np.dtype("float32"), (4,)),
               "keypoints": NDArrayField(np.dtype("float32"), tuple(kps.shape)),
               "meta": JSONField()}
-    DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
-    tmp.replace(out)
-    print(f"fdf-build: wrote {len(index)} {split} samples to {out}")
+    with atomic_path(out) as tmp:
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
+    log.info("wrote %d %s samples to %s", len(index), split, out)
     return out

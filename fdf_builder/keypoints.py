@@ -17,14 +17,13 @@ import cv2
 import numpy as np
 import torch
 
-from data_prep.assets import MissingAssetError, resolve_file
-from fdf_core.errors import ConfigError, InputError
+from fdf_core.assets import MissingAssetError, resolve_file
+from fdf_builder.face_models import KEYPOINT_BACKENDS, unknown_choice
+from fdf_core.errors import InputError
+from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder.detector import load_state_dict
 from fdf_builder.matching import FACE_KEYPOINTS, SCORE_THRESHOLD, face_in_box, match_faces
 
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear",
-                  "left_shoulder", "right_shoulder")
-BACKENDS = ("movenet", "keypoint-rcnn")
 WEIGHTS_FLAG = "--keypoint_weights"
 MOVENET_ASSET = "weights/movenet/movenet_singlepose_lightning_int8_4.tflite"
 MOVENET_INPUT = 192
@@ -60,7 +59,7 @@ def build_keypoint_model(name: str = "movenet", weights: str | None = None, devi
         return MoveNetKeypoints(str(path))
     if name == "keypoint-rcnn":
         return KeypointRCNNKeypoints(_keypoint_rcnn_state(weights, allow_download), device)
-    raise ConfigError(f"--keypoints: unknown keypoint backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise unknown_choice("--keypoints", "keypoint backend", name, KEYPOINT_BACKENDS)
 
 
 def _check(image: np.ndarray, boxes: np.ndarray,

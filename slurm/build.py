@@ -1,7 +1,7 @@
 """Job arrays over shard ranges for the data stages: `data_prep` (download) and `fdf_builder`.
 
-Each array task calls the stage's own `run(cfg)` with `cfg.shards` set to its "start:stop" range
-of K shards: the code a laptop runs. A stage skips shards whose stats file exists, so submitting
+Each array task calls the stage's own `run(cfg)` with `cfg.shards` set to its K shards (the
+`--shards` syntax of fdf_core.shards): the code a laptop runs. A stage skips shards whose stats file exists, so submitting
 the same array again redoes only what is missing. After the array one more task runs the stage
 over the whole range: every shard is done by then, so it only writes the stage's totals
 (fdf_builder's index.json/sizes.json, which array tasks finishing in any order could leave stale).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,11 +22,14 @@ from typing import Any, Callable
 import submitit
 from jsonargparse import ActionConfigFile
 
-from data_prep.tario import atomic_write_json
-from fdf_core.console import ArgumentParser
-from fdf_core.errors import ConfigError, NothingToDoError
+from fdf_core.tario import atomic_write_json
+from fdf_core.console import ArgumentParser, console_main, print_summary
+from fdf_core.errors import NothingToDoError
+from fdf_core.shards import EMPTY, format_shards, select_shards, split_shards
 from slurm.executor import ClusterProfile, add_profile_arguments, profile_from_namespace
 from slurm.launch import submit, submit_array, wait
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,9 +45,9 @@ def _data_prep_shards(cfg: Any, p: ClusterProfile, dry_run: bool) -> int:
     if not plan_file.exists() and not dry_run:
         planner = dataclasses.replace(p, job_name=f"{p.job_name}-plan", nodes=1, tasks_per_node=1)
         wait([submit(planner, _data_prep_stage().run,
-                     dataclasses.replace(cfg, shards="0:0", progress=False))])
+                     dataclasses.replace(cfg, shards=EMPTY, progress=False))])
     if not plan_file.exists():
-        print(f"slurm.build: no {plan_file} yet: a planning job runs first, then the array")
+        log.info("no %s yet: a planning job runs first, then the array", plan_file)
         return 1
     return int(json.loads(plan_file.read_text())["num_shards"])
 
@@ -55,7 +59,7 @@ def _fdf_builder_shards(cfg: Any, p: ClusterProfile, dry_run: bool) -> int:
 
 
 def _data_prep_stage() -> Stage:
-    from data_prep.cli import DownloadConfig, run
+    from data_prep.download import DownloadConfig, run
     return Stage(DownloadConfig, run, _data_prep_shards)
 
 
@@ -68,26 +72,6 @@ STAGES: dict[str, Callable[[], Stage]] = {"data_prep": _data_prep_stage,
                                           "fdf_builder": _fdf_builder_stage}
 
 
-def shard_ranges(start: int, stop: int, shards_per_task: int) -> list[str]:
-    """["start:start+K", ...] covering [start, stop) in tasks of K shards (the last may be less)."""
-    if shards_per_task < 1:
-        raise ConfigError(f"--shards_per_task must be >= 1, got {shards_per_task}")
-    return [f"{a}:{min(a + shards_per_task, stop)}" for a in range(start, stop, shards_per_task)]
-
-
-def _requested_range(spec: str | None, count: int) -> tuple[int, int]:
-    if not spec:
-        return 0, count
-    start_s, sep, stop_s = spec.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        start, stop = int(start_s or 0), int(stop_s) if stop_s else count
-    except ValueError:
-        raise ConfigError(f"--shards: expected 'start:stop' (e.g. '0:8'), got {spec!r}") from None
-    return max(start, 0), min(stop, count)
-
-
 def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int = 1,
                  dry_run: bool = False) -> list[submitit.Job]:
     """Submit `stage` over `cfg.shards` (all shards if None) as an array of `shards_per_task`
@@ -95,12 +79,12 @@ def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int =
     st = STAGES[stage]()
     if not isinstance(cfg, st.config_cls):
         raise TypeError(f"{stage}: expected a {st.config_cls.__name__}, got {type(cfg).__name__}")
-    start, stop = _requested_range(cfg.shards, st.count_shards(cfg, p, dry_run))
-    ranges = shard_ranges(start, stop, shards_per_task)
+    selected = select_shards(cfg.shards, range(st.count_shards(cfg, p, dry_run)))
+    ranges = split_shards(selected, shards_per_task)
     if not ranges and not cfg.allow_empty:
         raise NothingToDoError(f"{stage}: no shard to submit in {cfg.shards or 'the input'} (check the input "
                                "folder and --shards, or pass --allow_empty true)")
-    print(f"slurm.build: {stage} shards {start}:{stop} in {len(ranges)} tasks of {shards_per_task}")
+    log.info("%s shards %s in %d tasks of %d", stage, format_shards(selected), len(ranges), shards_per_task)
     if dry_run:
         submit_array(p, st.run, [dataclasses.replace(cfg, shards=r) for r in ranges], dry_run=True)
         return []
@@ -112,7 +96,7 @@ def submit_stage(stage: str, cfg: Any, p: ClusterProfile, shards_per_task: int =
     tasks = [dataclasses.replace(cfg, shards=r, progress=False, allow_empty=True) for r in ranges]
     jobs = submit_array(p, st.run, tasks)
     final = submit(dataclasses.replace(p, job_name=f"{p.job_name}-total"), st.run,
-                   dataclasses.replace(cfg, shards=f"{start}:{stop}", progress=False), after=jobs)
+                   dataclasses.replace(cfg, shards=format_shards(selected), progress=False), after=jobs)
     return [*jobs, final]
 
 
@@ -147,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not jobs or not ns.wait:
         return None
     summary = wait(jobs)[-1]
-    print(f"slurm.build: {ns.stage} done: {json.dumps(summary, default=str)}")
+    print_summary(summary)
     return summary
 
 
+fdf_slurm_build = console_main("slurm.build", "fdf-slurm-build")  # the console script (setup.cfg)
+
 if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-slurm-build"))
+    raise SystemExit(fdf_slurm_build())

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
 from jsonargparse import ActionConfigFile
 
-from data_prep.tario import atomic_write_json
+from fdf_core.tario import atomic_write_json
 from eval import evaluate
-from eval.plots import checkpoints as run_checkpoints
-from fdf_core.console import ArgumentParser
+from fdf_core.checkpoints import list_checkpoints, mlflow_target
+from fdf_core.console import ArgumentParser, print_summary
 from fdf_core.errors import MissingInputError, NothingToDoError
 from slurm.executor import ClusterProfile, add_profile_arguments, job_folder, profile_from_namespace
 from slurm.launch import submit_array, wait
 
+log = logging.getLogger(__name__)
 TAG = "slurm.eval."
 
 
@@ -57,7 +59,7 @@ def _tag_runs(configs: list[evaluate.EvaluateConfig], jobs: list[submitit.Job], 
     from mlflow.tracking import MlflowClient
     tags = {f"{TAG}job_ids": " ".join(j.job_id for j in jobs), f"{TAG}log_dir": str(job_folder(p).parent),
             f"{TAG}executor": p.executor}
-    targets = {evaluate.mlflow_target(Path(c.checkpoint), c.tracking_uri, c.run_id) for c in configs if c.log_mlflow}
+    targets = {mlflow_target(Path(c.checkpoint), c.tracking_uri, c.run_id) for c in configs if c.log_mlflow}
     for uri, run_id in sorted(t for t in targets if None not in t):
         client = MlflowClient(tracking_uri=uri)
         for key, value in tags.items():
@@ -103,20 +105,21 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
     ns = build_parser().parse_args(argv)
-    checkpoints = [*ns.checkpoints, *(run_checkpoints(Path(ns.run_dir)) if ns.run_dir else [])]
+    checkpoints = [*ns.checkpoints, *(list_checkpoints(ns.run_dir) if ns.run_dir else [])]
     if not checkpoints:
         raise NothingToDoError("nothing to evaluate: give --checkpoints and/or --run_dir (with checkpoints/img*.ckpt "
                          "or final.ckpt)")
     fields = {f.name for f in dataclasses.fields(evaluate.EvaluateConfig)} - {"checkpoint", "output"}
     base = evaluate.EvaluateConfig(checkpoint="", **{k: ns[k] for k in fields})
     configs = evaluation_configs(base, checkpoints, ns.skip_done)
-    print(f"slurm.evaluate: {len(configs)} of {len(checkpoints)} checkpoints to evaluate")
+    log.info("%d of %d checkpoints to evaluate", len(configs), len(checkpoints))
     jobs = submit_evaluation(configs, profile_from_namespace(ns.cluster), dry_run=ns.dry_run) if configs else []
     if not jobs or not ns.wait:
         return None
     results = wait(jobs)
     for c, r in zip(configs, results):
-        print(f"slurm.evaluate: {r['metric']} {r['fid']:.4f} at kimg {r['kimg']:g} of {c.checkpoint} → {c.output}")
+        log.info("%s %.4f at kimg %g of %s → %s", r["metric"], r["fid"], r["kimg"], c.checkpoint, c.output)
+    print_summary(results)
     return results
 
 

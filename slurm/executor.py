@@ -18,35 +18,57 @@ from typing import Any, Literal
 
 import submitit
 import yaml
-from submitit.slurm.slurm import (SlurmExecutor, SlurmInfoWatcher, SlurmJob, _convert_mem,
-                                  _make_sbatch_string)
+from submitit.slurm.slurm import SlurmJob
 
 from fdf_core.console import ArgumentParser
 from fdf_core.errors import ConfigError, MissingInputError
+from slurm.compat import (SUBMIT_MODULE, SlurmInfoWatcher, convert_mem, make_sbatch_string, sacct_command,
+                          slurm_equivalents, watcher_delay_s)
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass
 class ClusterProfile:
-    """Where and how jobs run; the fields map onto sbatch options (see executor_parameters)."""
+    """Where and how jobs run; the fields map onto sbatch options (see executor_parameters).
+
+    Args:
+        executor: slurm (sbatch) or local (subprocesses of this host, for tests and laptops)
+        partition: sbatch --partition
+        account: sbatch --account
+        qos: sbatch --qos
+        constraint: sbatch --constraint (node features)
+        nodes: nodes per job (per array task)
+        tasks_per_node: one per GPU for DDP training; 1 for data stages
+        gpus_per_node: GPUs per node (sbatch --gpus-per-node)
+        cpus_per_task: CPUs per task (also the task's torch threads)
+        mem_gb: per node; None: the partition's default
+        time_min: time limit of a job in minutes
+        array_parallelism: cap on simultaneously running array tasks (`--array=0-N%cap`)
+        signal_delay_s: USR2 this long before the time limit: time to checkpoint and requeue
+        max_timeouts: requeues after hitting the time limit (submitit's max_num_timeout)
+        extra_sbatch: `#SBATCH --key=value`
+        setup: shell lines before srun (module load, venv)
+        log_dir: submitit folder (~, $VARS expanded); logs in <log_dir>/<job id>/
+        job_name: sbatch --job-name
+    """
     executor: Literal["slurm", "local"] = "slurm"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     nodes: int = 1
-    tasks_per_node: int = 1  # one per GPU for DDP training; 1 for data stages
+    tasks_per_node: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int = 1
-    mem_gb: float | None = None  # per node; None: the partition's default
+    mem_gb: float | None = None
     time_min: int = 60
-    array_parallelism: int = 64  # cap on simultaneously running array tasks (`--array=0-N%cap`)
-    signal_delay_s: int = 90  # USR2 this long before the time limit: time to checkpoint and requeue
-    max_timeouts: int = 3  # requeues after hitting the time limit (submitit's max_num_timeout)
-    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # `#SBATCH --key=value`
-    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv)
-    log_dir: str = "slurm_logs"  # submitit folder (~, $VARS expanded); logs in <log_dir>/<job id>/
+    array_parallelism: int = 64
+    signal_delay_s: int = 90
+    max_timeouts: int = 3
+    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    log_dir: str = "slurm_logs"
     job_name: str = "fdf"
 
     def __post_init__(self) -> None:
@@ -136,7 +158,7 @@ class SqueueInfoWatcher(SlurmInfoWatcher):
     """
 
     def _make_command(self) -> list[str] | None:
-        sacct = super()._make_command()
+        sacct = sacct_command(self)
         if sacct is None:
             return None
         ids = [sacct[i + 1] for i, arg in enumerate(sacct) if arg == "-j"]
@@ -151,7 +173,7 @@ class SqueueInfoWatcher(SlurmInfoWatcher):
 def _use_squeue_without_accounting() -> None:
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
     if "accounting_storage/none" in out.stdout:
-        SlurmJob.watcher = SqueueInfoWatcher(delay_s=SlurmJob.watcher._delay_s)
+        SlurmJob.watcher = SqueueInfoWatcher(delay_s=watcher_delay_s(SlurmJob.watcher))
 
 
 def make_executor(p: ClusterProfile) -> submitit.AutoExecutor:
@@ -167,10 +189,10 @@ def make_executor(p: ClusterProfile) -> submitit.AutoExecutor:
 def render_sbatch(p: ClusterProfile, map_count: int | None = None) -> str:
     """The sbatch script submitit writes for this profile (an array of `map_count` tasks if given).
 
-    Rendered with submitit's own `_make_sbatch_string` and the same parameters `make_executor`
+    Rendered with submitit's own sbatch template (slurm.compat.make_sbatch_string) and the same parameters `make_executor`
     passes, without constructing a SlurmExecutor (which needs `srun`), so it works anywhere.
     """
-    equivalents = SlurmExecutor._equivalence_dict()
+    equivalents = slurm_equivalents()
     native: dict[str, Any] = {}
     for key, value in executor_parameters(p).items():
         if key.startswith("slurm_"):
@@ -178,11 +200,10 @@ def render_sbatch(p: ClusterProfile, map_count: int | None = None) -> str:
         elif key in equivalents:
             native[equivalents[key]] = value
     if "mem" in native:
-        native["mem"] = _convert_mem(native["mem"])
+        native["mem"] = convert_mem(native["mem"])
     folder = job_folder(p)
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
-                        shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **native)
+    command = " ".join([shlex.quote(sys.executable), "-u -m", SUBMIT_MODULE, shlex.quote(str(folder))])
+    return make_sbatch_string(command=command, folder=folder, map_count=map_count, **native)
 
 
 def describe(p: ClusterProfile, map_count: int | None = None) -> str:

@@ -1,22 +1,26 @@
 """What every launcher shares: submit (or dry-run) through a profile, wait, requeue, DDP env.
 
 Stages stay plain functions of a config object; these helpers submit them as single jobs or job
-arrays with the executor of a `ClusterProfile` (SLURM or local), print job ids and log paths, and
-wait for results. Long jobs derive from `RequeueableTask`: on USR2 (preemption, or
+arrays with the executor of a `ClusterProfile` (SLURM or local), log job ids and log paths, and
+wait for results. In a job, the records of our packages go to the job's stdout log
+(:func:`job_logging`). Long jobs derive from `RequeueableTask`: on USR2 (preemption, or
 `signal_delay_s` before the time limit) submitit calls `checkpoint()` and requeues the job, which
 resumes from its own checkpoint under the same job id.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import submitit
-from submitit.slurm.slurm import _parse_node_list
 
+from fdf_core.console import setup_logging
+from slurm.compat import parse_node_list
 from slurm.executor import ClusterProfile, describe, make_executor
 
+log = logging.getLogger(__name__)
 MASTER_PORT_BASE, MASTER_PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+)
 
 
@@ -31,7 +35,7 @@ def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict
     env = os.environ if environ is None else environ
     if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env:
         job_id = env["SLURM_JOB_ID"]
-        hosts = _parse_node_list(env.get("SLURM_JOB_NODELIST", "")) or ["127.0.0.1"]
+        hosts = parse_node_list(env.get("SLURM_JOB_NODELIST", "")) or ["127.0.0.1"]
         world, rank = int(env.get("SLURM_NTASKS", "1")), int(env["SLURM_PROCID"])
         local_rank, node_rank = int(env.get("SLURM_LOCALID", "0")), int(env.get("SLURM_NODEID", "0"))
         num_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", str(len(hosts)))))
@@ -54,13 +58,34 @@ def export_distributed_env() -> dict[str, str]:
     return env
 
 
+def job_logging(prog: str) -> None:
+    """In a job: our packages' records on the job's stdout log, as `<prog>: ...` (rank zero's INFO)."""
+    setup_logging(prog, stream="stdout")
+
+
+class _InJob:
+    """`fn(*args)` in a job, with :func:`job_logging` set up first (picklable for submitit)."""
+
+    def __init__(self, fn: Callable[..., Any], prog: str) -> None:
+        self.fn, self.prog = fn, prog
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        job_logging(self.prog)
+        return self.fn(*args, **kwargs)
+
+
+def _in_job(fn: Callable[..., Any], p: ClusterProfile) -> Callable[..., Any]:
+    # A requeueable task must reach submitit itself (its checkpoint() is looked up on it).
+    return fn if isinstance(fn, RequeueableTask) else _InJob(fn, p.job_name)
+
+
 class RequeueableTask(submitit.helpers.Checkpointable):
     """A callable job that submitit requeues on USR2, at most `max_requeues` times.
 
     submitit itself bounds only time-limit requeues; a job preempted over and over would requeue
     forever. Subclasses implement `__call__` so that it resumes from their own on-disk state
     (`self.requeues` says how often the job came back) and may override `save_checkpoint()` to
-    write that state when the signal arrives.
+    write that state when the signal arrives. `__call__` should start with `job_logging(...)`.
     """
     max_requeues: int = 10
     requeues: int = 0
@@ -70,39 +95,39 @@ class RequeueableTask(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         job = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", "?"))
+        job_logging("requeue")
         if self.requeues >= self.max_requeues:
-            print(f"requeue: job {job} was requeued {self.requeues} times already "
-                  f"(max_requeues={self.max_requeues}); giving up", flush=True)
+            log.warning("job %s was requeued %d times already (max_requeues=%d); giving up", job, self.requeues,
+                        self.max_requeues)
             return None  # submitit then ends the job with UncompletedJobError
         self.save_checkpoint()
         self.requeues += 1
-        print(f"requeue: job {job} checkpointed, requeue {self.requeues}/{self.max_requeues}",
-              flush=True)
+        log.info("job %s checkpointed, requeue %d/%d", job, self.requeues, self.max_requeues)
         return super().checkpoint(*args, **kwargs)
 
 
-def _print_submitted(p: ClusterProfile, jobs: Sequence[submitit.Job]) -> None:
+def _log_submitted(p: ClusterProfile, jobs: Sequence[submitit.Job]) -> None:
     first = jobs[0]
     if len(jobs) == 1:
-        print(f"submitted {p.job_name} ({p.executor}): job {first.job_id}, "
-              f"logs {first.paths.stdout} {first.paths.stderr}", flush=True)
+        log.info("submitted %s (%s): job %s, logs %s %s", p.job_name, p.executor, first.job_id, first.paths.stdout,
+                 first.paths.stderr)
         return
-    print(f"submitted {p.job_name} ({p.executor}): {len(jobs)} tasks, job ids {first.job_id}.."
-          f"{jobs[-1].job_id} (at most {p.array_parallelism} at once), "
-          f"logs {first.paths.stdout} ... {jobs[-1].paths.stdout}", flush=True)
+    log.info("submitted %s (%s): %d tasks, job ids %s..%s (at most %d at once), logs %s ... %s", p.job_name,
+             p.executor, len(jobs), first.job_id, jobs[-1].job_id, p.array_parallelism, first.paths.stdout,
+             jobs[-1].paths.stdout)
 
 
 def submit(p: ClusterProfile, fn: Callable[..., Any], *args: Any, dry_run: bool = False,
            after: Sequence[submitit.Job] = (), **kwargs: Any) -> submitit.Job | None:
     """Submit `fn(*args, **kwargs)` as one job (nodes × tasks_per_node tasks); `dry_run` prints
-    the profile and sbatch script instead. `after`: start only once those jobs succeeded."""
+    the profile and sbatch script instead (on stdout: the dry run's output). `after`: start only once those jobs succeeded."""
     if dry_run:
         print(describe(p))
         return None
     ex = make_executor(p)
     _depend(ex, p, after)
-    job = ex.submit(fn, *args, **kwargs)
-    _print_submitted(p, [job])
+    job = ex.submit(_in_job(fn, p), *args, **kwargs)
+    _log_submitted(p, [job])
     return job
 
 
@@ -121,14 +146,14 @@ def submit_array(p: ClusterProfile, fn: Callable[[Any], Any], items: Sequence[An
     ex = make_executor(p)
     _depend(ex, p, after)
     if p.executor == "slurm":
-        jobs = ex.map_array(fn, items)
-        _print_submitted(p, jobs)
+        jobs = ex.map_array(_in_job(fn, p), items)
+        _log_submitted(p, jobs)
         return jobs
     jobs = []
     for start in range(0, len(items), p.array_parallelism):
         wait(jobs)
-        wave = ex.map_array(fn, items[start:start + p.array_parallelism])
-        _print_submitted(p, wave)
+        wave = ex.map_array(_in_job(fn, p), items[start:start + p.array_parallelism])
+        _log_submitted(p, wave)
         jobs += wave
     return jobs
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -39,13 +40,16 @@ from jsonargparse import ActionConfigFile
 from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.loggers import MLFlowLogger
 
-from data_prep.tario import atomic_write_json
-from fdf_core.console import ArgumentParser
+from fdf_core.tario import atomic_write_json
+from fdf_core.checkpoints import FINAL, LAST, checkpoints_dir, read_progress
+from fdf_core.console import ArgumentParser, print_summary
+from slurm.compat import preemption_signal
 from slurm.executor import ClusterProfile, add_profile_arguments, describe, profile_from_namespace
-from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, submit,
+from slurm.launch import (RequeueableTask, distributed_env_from_slurm, export_distributed_env, job_logging, submit,
                           wait)
 from training.checkpointing import KimgCheckpoint
 
+log = logging.getLogger(__name__)
 TAG = "slurm."
 
 
@@ -111,7 +115,8 @@ class _Attempt:
 
     def on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() == self.pid and not self.signalled:
-            print(f"slurm.train: got {signal.Signals(signum).name}: saving last.ckpt after this step", flush=True)
+            log.info("got %s: saving last.ckpt after this step", signal.Signals(signum).name,
+                     extra={"all_ranks": True})
         self.signalled = True
 
 
@@ -149,13 +154,13 @@ class PreemptionCheckpoint(pl.Callback):
         # any rank signalled → every rank stops after this same step (one collective per step)
         if not trainer.strategy.reduce_boolean_decision(_ATTEMPT.signalled, all=False):
             return
-        path = KimgCheckpoint.directory(trainer) / "last.ckpt"
+        path = KimgCheckpoint.directory(trainer) / LAST
         trainer.save_checkpoint(path, weights_only=False)
         trainer.should_stop = True
         _ATTEMPT.saved = {"checkpoint": str(path), "step": pl_module.step, "images_shown": pl_module.images_shown}
         if trainer.is_global_zero:
             text = _progress_text(pl_module)
-            print(f"slurm.train: preempted: saved {path} at {text}", flush=True)
+            log.info("preempted: saved %s at %s", path, text)
             if isinstance(trainer.logger, MLFlowLogger):
                 trainer.logger.experiment.set_tag(trainer.logger.run_id, f"{TAG}preempted.{_ATTEMPT.requeues + 1}",
                                                   text)
@@ -166,7 +171,7 @@ def _progress_text(pl_module: pl.LightningModule) -> str:
 
 
 class TrainTask(RequeueableTask):
-    """fdf-train on every task of the job (`training.cli.main`, the laptop's code path).
+    """fdf-train on every task of the job (`training.train.run`, the laptop's code path).
 
     `config`: the frozen resolved config; `ckpt_path`: None = the config's (default `auto`), set to
     `last.ckpt` when the job requeues itself; `cpus_per_task`: torch's threads (Lightning would
@@ -184,26 +189,26 @@ class TrainTask(RequeueableTask):
             self.ckpt_path = _ATTEMPT.saved["checkpoint"]
 
     def __call__(self) -> dict[str, Any]:
-        from training.cli import main as train_main
+        from training.train import run as train
+        job_logging("slurm.train")
         env = export_distributed_env()
         if "OMP_NUM_THREADS" not in os.environ:  # a site's setup lines may choose otherwise
             os.environ["OMP_NUM_THREADS"] = str(self.cpus_per_task)
             torch.set_num_threads(self.cpus_per_task)
-        usr_sig = submitit.JobEnvironment._usr_sig()
+        usr_sig = preemption_signal()
         requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler
         global _ATTEMPT
         _ATTEMPT = _Attempt(requeues=self.requeues)
         signal.signal(usr_sig, _ATTEMPT.on_signal)
         try:
             argv = ["--config", self.config] + (["--ckpt_path", self.ckpt_path] if self.ckpt_path else [])
-            train_main(argv)
+            train(argv)
         finally:
             signal.signal(usr_sig, requeue)
         summary = {"run_dir": self.run_dir, "rank": int(env["RANK"]), "requeues": self.requeues,
                    **_job_facts()}
         if _ATTEMPT.saved is None:
-            final = Path(self.run_dir) / "checkpoints" / "final.ckpt"
-            summary["progress"] = torch.load(final, map_location="cpu", weights_only=True, mmap=True)["progress"]
+            summary["progress"] = read_progress(checkpoints_dir(self.run_dir) / FINAL)
             return summary
         if summary["rank"] == 0 and callable(requeue):
             requeue(usr_sig, None)  # self.checkpoint() → scontrol requeue → exits; raises past max_requeues
@@ -211,23 +216,6 @@ class TrainTask(RequeueableTask):
             # No result file for this attempt: the requeued job writes the job's result.
             sys.exit(0)
         return {**summary, "preempted": _ATTEMPT.saved}
-
-
-def resolve_training_config(train_args: Sequence[str]) -> tuple[str, Any]:
-    """fdf-train's options resolved as it would resolve them (YAML text, namespace), without
-    building the model, the data or an MLflow run."""
-    from training.cli import ConfigToRunDir, TrainCLI
-    from training.datamodule import FDFDataModule
-    from training.module import ProgressiveGAN
-
-    class ParseOnly(TrainCLI):
-        def instantiate_classes(self) -> None:
-            pass
-
-    cli = ParseOnly(ProgressiveGAN, FDFDataModule, args=list(train_args), run=False, seed_everything_default=0,
-                    auto_configure_optimizers=False, save_config_callback=ConfigToRunDir,
-                    save_config_kwargs={"save_to_log_dir": False})
-    return cli.parser.dump(cli.config), cli.config
 
 
 def layout_args(p: ClusterProfile) -> list[str]:
@@ -257,7 +245,8 @@ def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bo
                     max_requeues: int = 10, after: Sequence[submitit.Job] = ()) -> submitit.Job | None:
     """Submit fdf-train (`train_args`: its command line) as one job of p.nodes x p.tasks_per_node
     tasks; `dry_run` prints the profile, the sbatch script and the resolved config instead."""
-    text, cfg = resolve_training_config([*train_args, *layout_args(p)])
+    from training.train import resolve_config
+    text, cfg = resolve_config([*train_args, *layout_args(p)])
     _check_layout(cfg, p)
     if dry_run:
         print(describe(p) + "\n# resolved fdf-train config\n" + text)
@@ -271,8 +260,8 @@ def submit_training(train_args: Sequence[str], p: ClusterProfile, *, dry_run: bo
         "job_id": job.job_id, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
         "config": str(config), "train_args": list(train_args), "max_requeues": max_requeues,
         "cluster": dataclasses.asdict(p), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print(f"slurm.train: run {cfg.run_dir}: config {config}; the MLflow run gets tags {TAG}job_id, "
-          f"{TAG}log_dir, {TAG}requeues", flush=True)
+    log.info("run %s: config %s; the MLflow run gets tags %sjob_id, %slog_dir, %srequeues", cfg.run_dir, config,
+             TAG, TAG, TAG)
     return job
 
 
@@ -302,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if job is None or not ns.wait:
         return None
     summary = wait_tasks(job)[0]
-    print(f"slurm.train: done: {summary}")
+    print_summary(summary)
     return summary
 
 

@@ -11,7 +11,7 @@ import pytest
 pytest_plugins = ["slurm_fixture", "fdf_shards", "tiny_run"]  # session fixtures shared by every module
 
 from data_prep import licenses
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
 from data_prep.sample import CorpusServer, corpus_records, read_manifest, write_yfcc_metadata
 from data_prep.yfcc import YfccRecord
 

@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 
 from data_prep.sample import read_manifest
-from data_prep.tario import AtomicTarWriter, atomic_write_json, json_bytes
+from fdf_core.keypoints import KEYPOINT_NAMES as _NAMES
+from fdf_core.tario import AtomicTarWriter, atomic_write_json, json_bytes
 
-KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder"]
+KEYPOINT_NAMES = list(_NAMES)
 # Keypoints in box coordinates (0..1 across the face box); the subject's left is the image's right.
 _FACE_LAYOUT = [(0.50, 0.58), (0.68, 0.40), (0.32, 0.40), (0.95, 0.50), (0.05, 0.50), (1.25, 1.45), (-0.25, 1.45)]
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.assets import MissingAssetError, assets_dir
-from eval.anonymize import main as anonymize_main
+from fdf_core.assets import MissingAssetError, assets_dir
+from eval.cli import anonymize_main
 from eval.anonymizer import (CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, _band_weights,
                              feather_width, load_generator_at)
 from eval.video import FaceTracker, ffmpeg_exe, is_cut, _histogram

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.assets import assets_dir
+from fdf_core.assets import assets_dir
 from eval.baselines import BASELINES, PAPER_AP, anonymize_boxes
 
 PHOTOS = assets_dir() / "corpus" / "photos"

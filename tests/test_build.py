@@ -17,10 +17,10 @@ from PIL import Image
 from data_prep.download import DownloadConfig
 from data_prep.download import run as download
 from data_prep.sample import corpus_records, write_yfcc_metadata
-from data_prep.tario import AtomicTarWriter, iter_samples, json_bytes
+from fdf_core.tario import AtomicTarWriter, iter_samples, json_bytes
 from fdf_builder.build import BuildConfig, run as build
 from fdf_builder.shards import split_of
-from slurm.pipeline import PipelineConfig, run as pipeline
+from fdf_pipeline.pipeline import PipelineConfig, run as pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 N_PHOTOS = 12
@@ -122,7 +122,7 @@ KILL_POINTS = {
 def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference, metadata):
     """SIGKILL the pipeline (download + build) at points of every kind; the rerun must converge."""
     work = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "slurm.pipeline", "--workdir", str(work), "--metadata", f"[{metadata}]",
+    cmd = [sys.executable, "-m", "fdf_pipeline.cli", "--workdir", str(work), "--metadata", f"[{metadata}]",
            "--shard_size", "3", "--progress", "false", "--stages", "[download, build]"]
     total = len(list(reference.glob("fdf/stats/*.json")))
     killed = []  # (kill point, state after the kill)
@@ -164,13 +164,14 @@ def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
 
 def test_console_script_exits_zero_after_printing_its_summary(reference):
     """setuptools' wrapper does sys.exit(entry()): a returned summary would mean exit status 1."""
-    code = ("import sys; from slurm.entry_points import fdf_build; sys.argv = ['fdf-build', *sys.argv[1:]]; "
+    code = ("import sys; from fdf_builder.cli import fdf_build; sys.argv = ['fdf-build', *sys.argv[1:]]; "
             "sys.exit(fdf_build())")
     done = subprocess.run([sys.executable, "-c", code, "--input_dir", str(reference / "raw"),
                            "--output_dir", str(reference / "fdf"), "--val_fraction", "0.2"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "shards already done" in done.stdout
+    assert "fdf-build: " in done.stderr and "shards already done" in done.stderr  # progress: a log record
+    assert json.loads(done.stdout.splitlines()[-1])["photos"] > 0  # the summary: one JSON line on stdout
 
 
 def test_other_options_into_same_folder_are_refused(reference):
@@ -195,6 +196,6 @@ def test_ffcv_export_matches_shards(tmp_path, reference):
 
 
 def test_unknown_shard_range_is_a_clear_error(reference):
-    with pytest.raises(ValueError, match="start:stop"):
+    with pytest.raises(ValueError, match="--shards 'zero-to-four'"):
         build(BuildConfig(input_dir=str(reference / "raw"), output_dir=str(reference / "fdf"),
                           shards="zero-to-four", val_fraction=0.2, progress=False))

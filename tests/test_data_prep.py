@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -19,12 +20,12 @@ import yaml
 from PIL import Image
 
 from data_prep import licenses, plan
-from data_prep.assets import REPO_ROOT
-from data_prep.cli import main
+from fdf_core.assets import REPO_ROOT
+from data_prep.cli import download_main as main
 from data_prep.download import DownloadConfig, FetchError, run, verify_image
 from data_prep.sample import (CorpusServer, bomb_png, corpus_records, read_manifest,
                               sample_corpus_dir, write_yfcc_metadata)
-from data_prep.tario import iter_samples
+from fdf_core.tario import iter_samples
 from data_prep.yfcc import COLUMNS_23, COLUMNS_25, MetadataError, YfccRecord, iter_records
 
 
@@ -146,12 +147,13 @@ def test_verify_image_reasons(assets):
         assert e.value.reason == reason
 
 
-def test_download_end_to_end_and_rerun(tmp_path, corpus_server, yfcc_metadata, capsys):
+def test_download_end_to_end_and_rerun(tmp_path, corpus_server, yfcc_metadata, caplog):
     out = tmp_path / "raw"
     cfg = DownloadConfig(metadata=yfcc_metadata.paths, output_dir=str(out), shard_size=8, threads=6,
                          timeout=1.0, retries=2, backoff=0.05, max_bytes=4 << 20, progress=False)
+    caplog.set_level(logging.INFO, logger="data_prep")
     summary = run(cfg)
-    printed = capsys.readouterr().out
+    printed = caplog.text  # library progress is logged, not printed
     assert "img/s" in printed and "http_404=1" in printed
 
     statuses = _statuses(out)
@@ -210,7 +212,7 @@ def test_killed_run_resumes_identically(tmp_path, corpus_server, assets):
             "--progress", "false"]
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cli", *args, "--output_dir", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cli", "fdf-download", *args, "--output_dir", str(killed)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

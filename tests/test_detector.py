@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from data_prep.assets import MissingAssetError, assets_dir
+from fdf_core.assets import MissingAssetError, assets_dir
 from fdf_builder.detector import MNET_ASSET, RetinaFaceMobileNet, build_detector, load_state_dict
 
 PHOTOS = assets_dir() / "corpus" / "photos"

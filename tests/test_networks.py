@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from training.conditioning import KEYPOINT_NAMES, box_mask, flip_permutation, hflip, prepare
+from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
+from training.conditioning import box_mask, hflip, prepare
 from training.layers import EqualizedConv2d, PixelNorm, downsample, pose_maps, upsample
 from training.networks import (PUBLISHED_MILLIONS, Discriminator, Generator, count_parameters,
                                level_width)
@@ -151,15 +152,32 @@ def test_deep_discriminator_and_bad_inputs():
         Discriminator(16, 32, variant="tall")
 
 
+def _resolved(name: str, *flags: str) -> dict:
+    """A training config as fdf-train resolves it (its `config:` base file included)."""
+    from training.train import resolve_config
+    return yaml.safe_load(resolve_config(["--config", str(CONFIGS / f"{name}.yaml"), *flags])[0])
+
+
 @pytest.mark.parametrize("name,base", [("fdf128_12m", 256), ("fdf128_46m", 512)])
 def test_paper_configs_build_the_published_sizes(name, base):
     from training.module import ProgressiveGAN
 
-    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
+    cfg = _resolved(name)["model"]
+    assert cfg["network"]["base_width"] == base
     counts = ProgressiveGAN(**cfg).parameter_counts()
     assert round(counts["generator"] / 1e6, 2) == PUBLISHED_MILLIONS[base]["generator"]
     assert round((counts["discriminator_wide"] - 9 * level_width(int(base * math.sqrt(2)) // 8 * 8, 4)) / 1e6, 2) \
         == PUBLISHED_MILLIONS[base]["wide"]  # minus the minibatch-stddev channel the paper code did not have
+
+
+def test_46m_config_is_the_12m_config_with_its_width_and_run_dir():
+    """fdf128_46m.yaml holds only what differs; resolved, it is the old full copy: the 12M options
+    with S = 512 and its own run_dir (later flags still win over both files)."""
+    base, composed = _resolved("fdf128_12m"), _resolved("fdf128_46m")
+    assert yaml.safe_load((CONFIGS / "fdf128_46m.yaml").read_text())["config"] == "fdf128_12m.yaml"
+    base["model"]["network"]["base_width"], base["run_dir"] = 512, "runs/train/fdf128_46m"
+    assert composed == base
+    assert _resolved("fdf128_46m", "--model.network.base_width", "64")["model"]["network"]["base_width"] == 64
 
 
 def test_tiny_config_grows_twice_in_a_few_hundred_steps():

@@ -9,6 +9,7 @@ missing).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import submitit
 
+from fdf_core.shards import split_shards
 from slurm import build
 from slurm.executor import PROFILES_DIR, describe, load_profile, main as show_main, render_sbatch
 from slurm.launch import RequeueableTask, distributed_env_from_slurm, submit, submit_array, wait
@@ -119,8 +121,8 @@ def test_profiles_dry_run_and_errors(tmp_path, capsys, monkeypatch):
         load_profile("no_such_profile")
     with pytest.raises(ValueError, match="local executor runs on one node"):
         load_profile("local", executor="local", nodes=2)
-    assert build.shard_ranges(3, 10, 3) == ["3:6", "6:9", "9:10"]
-    assert build.shard_ranges(0, 0, 4) == []
+    assert split_shards(range(3, 10), 3) == ["3:6", "6:9", "9"]
+    assert split_shards([], 4) == []
 
 
 def test_distributed_env_mapping():
@@ -133,13 +135,14 @@ def test_distributed_env_mapping():
     assert distributed_env_from_slurm({})["WORLD_SIZE"] == "1"
 
 
-def test_single_job_runs_the_dry_run_script(slurm_cluster, tmp_path, capsys):
+def test_single_job_runs_the_dry_run_script(slurm_cluster, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="slurm")
     p = _profile(tmp_path)
     job = submit(p, task_report, str(tmp_path))
     rep = wait([job])[0]
     assert rep["SLURM_JOB_ID"] == job.job_id and rep["SLURMD_NODENAME"] in ("n1", "n2")
     assert job.paths.submission_file.read_text() == render_sbatch(p)  # dry run == what was submitted
-    out = capsys.readouterr().out
+    out = caplog.text  # the launcher logs job ids and log paths
     assert f"job {job.job_id}" in out and str(job.paths.stdout) in out
     assert (tmp_path / f"{job.job_id}_0.json").is_file()
 
@@ -156,7 +159,8 @@ def test_job_killed_without_result_fails_instead_of_hanging(slurm_cluster, tmp_p
     assert time.time() - start < 20, f"took {time.time() - start:.0f} s to notice"
 
 
-def test_array_respects_parallelism_cap(slurm_cluster, tmp_path, capsys):
+def test_array_respects_parallelism_cap(slurm_cluster, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="slurm")
     p = _profile(tmp_path, array_parallelism=2)
     jobs = submit_array(p, _sleepy_report, [str(tmp_path)] * 4)
     reps = wait(jobs)
@@ -171,7 +175,7 @@ def test_array_respects_parallelism_cap(slurm_cluster, tmp_path, capsys):
     # submitit leaves an array's script in the log folder itself
     submitted = [f.read_text() for f in (tmp_path / "logs").glob(".submission_file_*.sh")]
     assert submitted == [render_sbatch(p, map_count=4)] and "#SBATCH --array=0-3%2" in submitted[0]
-    assert "4 tasks" in capsys.readouterr().out
+    assert "4 tasks" in caplog.text
 
 
 def _sleepy_report(out_dir: str) -> dict:
@@ -250,7 +254,7 @@ def _tars(out: Path) -> dict[str, bytes]:
 
 
 def test_data_stage_arrays_match_local_runs(slurm_cluster, yfcc_metadata, tmp_path, capsys):
-    from data_prep.cli import DownloadConfig
+    from data_prep.download import DownloadConfig
     from fdf_builder.build import BuildConfig, run as build_run
     cfg = DownloadConfig(metadata=yfcc_metadata.paths[:1], output_dir=str(tmp_path / "cluster"),
                          shard_size=4, threads=4, timeout=5.0, retries=1, progress=False)

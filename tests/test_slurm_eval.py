@@ -7,6 +7,7 @@ the dry run submits nothing and runs every task as one process.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,14 @@ def _args(run_dir: Path, fdf_shards: Path, logs: Path, *extra: str) -> list[str]
             "--cache_dir", str(logs.parent / "fid_cache"), *extra]
 
 
-def test_dry_run_submits_nothing_and_runs_single_process_tasks(run_dir, fdf_shards, tmp_path, capsys):
+def test_dry_run_submits_nothing_and_runs_single_process_tasks(run_dir, fdf_shards, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="slurm")
     args = _args(run_dir, fdf_shards, tmp_path / "logs", "--dry_run", "true")
     args[1] = str(PROFILES_DIR / "example_gpu.yaml")  # 4 nodes x 8 GPUs: each task gets 1 node, 1 GPU
     assert slurm_eval.main(args + ["--device", "cuda"]) is None
-    out = capsys.readouterr().out
-    for line in ("2 of 2 checkpoints to evaluate", "#SBATCH --array=0-1%2", "#SBATCH --job-name=fdf-train-eval",
+    out = capsys.readouterr().out  # the dry run's output: profile, sbatch script, tasks
+    assert "2 of 2 checkpoints to evaluate" in caplog.text
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --job-name=fdf-train-eval",
                  "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "# evaluation tasks",
                  f'"output": "{run_dir / "eval" / "fd_random_conv_final.json"}"'):
         assert line in out, line
@@ -58,7 +61,7 @@ def test_dry_run_submits_nothing_and_runs_single_process_tasks(run_dir, fdf_shar
     slurm_eval.main(["--run_dir", str(run_dir), "--data_root", str(fdf_shards), "--dry_run", "true"])
     snapshots = sorted(p.name for p in (run_dir / "checkpoints").glob("img*.ckpt"))
     assert snapshots == [f"img{n:010d}.ckpt" for n in (24, 48, 72, 96)]
-    assert "5 of 5 checkpoints to evaluate" in capsys.readouterr().out  # the snapshots and final.ckpt
+    assert "5 of 5 checkpoints to evaluate" in caplog.text  # the snapshots and final.ckpt
 
     with pytest.raises(FileNotFoundError, match="no_such.ckpt does not exist"):
         slurm_eval.main(["--checkpoints", f"[{tmp_path / 'no_such.ckpt'}]", "--dry_run", "true"])
@@ -66,10 +69,11 @@ def test_dry_run_submits_nothing_and_runs_single_process_tasks(run_dir, fdf_shar
         slurm_eval.main(["--dry_run", "true"])
 
 
-def test_array_over_two_checkpoints_writes_one_result_each(slurm_cluster, run_dir, fdf_shards, tmp_path, capsys):
+def test_array_over_two_checkpoints_writes_one_result_each(slurm_cluster, run_dir, fdf_shards, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="slurm")
     logs = tmp_path / "logs"
     results = slurm_eval.main(_args(run_dir, fdf_shards, logs))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "submitted fdf-eval (slurm): 2 tasks" in out and str(logs) in out
     array_id = out.split("job ids ")[1].split("_")[0]
     record = json.loads((run_dir / "eval" / f"slurm_eval_{array_id}.json").read_text())
@@ -96,8 +100,9 @@ def test_array_over_two_checkpoints_writes_one_result_each(slurm_cluster, run_di
         batch_size=8, cache_dir=str(tmp_path / "fid_cache"), output=str(tmp_path / "final.json"), log_mlflow=False))
     assert local["fid"] == pytest.approx(results[1]["fid"], rel=1e-6)
 
+    caplog.clear()
     assert slurm_eval.main(_args(run_dir, fdf_shards, logs)) is None  # both done: nothing submitted
-    assert "0 of 2 checkpoints to evaluate" in capsys.readouterr().out
+    assert "0 of 2 checkpoints to evaluate" in caplog.text
 
     again = slurm_eval.main(_args(run_dir, fdf_shards, tmp_path / "local_logs", "--cluster.executor", "local",
                                   "--skip_done", "false"))

@@ -6,6 +6,7 @@ local executor; the dry run for 4 nodes x 8 GPUs; Lightning's own SLURM handling
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from slurm import train
+from slurm.compat import cluster_environment, lightning_signal_handlers
 from slurm.executor import PROFILES_DIR, load_profile
 
 pytestmark = pytest.mark.slow  # the loopback SLURM cluster, multi-process training
@@ -65,11 +67,12 @@ def _mlflow(run_dir: Path) -> tuple[MlflowClient, str, dict]:
     return client, final["mlflow_run_id"], final["progress"]
 
 
-def test_two_node_training_is_preempted_requeued_and_resumes(slurm_cluster, fdf_shards, tmp_path, capsys):
+def test_two_node_training_is_preempted_requeued_and_resumes(slurm_cluster, fdf_shards, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="slurm")
     run_dir = tmp_path / "run"
     p = _profile(tmp_path, nodes=2, tasks_per_node=1, time_min=10)
     job = train.submit_training(_train_args(fdf_shards, run_dir), p, max_requeues=2)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"job {job.job_id}" in out and str(job.paths.stdout) in out  # where the logs are
     record = json.loads((run_dir / "slurm" / f"job_{job.job_id}.json").read_text())
     assert record["cluster"]["nodes"] == 2 and Path(record["config"]).is_file()
@@ -168,23 +171,17 @@ def test_lightning_takes_the_layout_from_our_mapping_and_installs_no_requeue(mon
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
 
     default = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, logger=False)  # what we switch off
-    assert type(default._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
-    default._signal_connector.register_signal_handlers()
-    try:
+    assert type(cluster_environment(default)).__name__ == "SLURMEnvironment"
+    with lightning_signal_handlers(default):
         assert signal.getsignal(signal.SIGUSR1) != before[signal.SIGUSR1]  # Lightning's auto-requeue
-    finally:
-        default._signal_connector.teardown()
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, logger=False,
                          plugins=[train.TaskEnvironment()])
-    env = trainer._accelerator_connector.cluster_environment
+    env = cluster_environment(trainer)
     assert isinstance(env, train.TaskEnvironment) and env.creates_processes_externally
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (2, 1, 0, 1)
     assert (env.main_address, env.main_port) == ("n1", 20000 + 4242 % 12000)
-    trainer._signal_connector.register_signal_handlers()
-    try:
+    with lightning_signal_handlers(trainer):
         assert {s: signal.getsignal(s) for s in before} == before
-    finally:
-        trainer._signal_connector.teardown()
     with pytest.raises(ValueError, match=r"num_nodes=1, trainer.devices=2 do not match the job's 2 tasks \(1 per"):
         env.validate_settings(num_devices=2, num_nodes=1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.anonymize import main as anonymize_main
+from eval.cli import anonymize_main
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import anonymize_boxes
 from eval.video import FaceTracker, VideoOptions, anonymize_video

@@ -18,29 +18,21 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.loggers import MLFlowLogger
 
+from fdf_core.checkpoints import FINAL, LAST, checkpoints_dir, snapshot_name
 from fdf_core.errors import MissingInputError
+from fdf_core.tario import atomic_path
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<name>.tmp-<pid>`, fsync, rename; load with weights_only=True."""
+    """torch.save through `fdf_core.tario.atomic_path` (temporary name, fsync, rename); load with
+    weights_only=True."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -62,7 +54,7 @@ class KimgCheckpoint(pl.Callback):
 
     @staticmethod
     def directory(trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "checkpoints"
+        return checkpoints_dir(trainer.default_root_dir)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # leftovers of a run killed while writing
@@ -72,17 +64,17 @@ class KimgCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if pl_module.passed_kimg(self.every_kimg):
-            trainer.save_checkpoint(self.directory(trainer) / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)
         if pl_module.passed_kimg(self.snapshot_every_kimg):
-            snapshot = self.directory(trainer) / f"img{pl_module.images_shown:010d}.ckpt"
+            snapshot = self.directory(trainer) / snapshot_name(pl_module.images_shown)
             trainer.save_checkpoint(snapshot, weights_only=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.step < pl_module.schedule.total_steps:
             return  # stopped early (e.g. by a signal): last.ckpt is the resume point
-        final = self.directory(trainer) / "final.ckpt"
+        final = self.directory(trainer) / FINAL
         trainer.save_checkpoint(final, weights_only=False)
-        trainer.save_checkpoint(self.directory(trainer) / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)
         logger = trainer.logger
         if self.log_final_artifact and trainer.is_global_zero and isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(final), "checkpoints")

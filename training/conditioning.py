@@ -12,10 +12,8 @@ from typing import Sequence
 
 import torch
 
+from fdf_core.keypoints import flip_permutation
 from training.layers import downsample, upsample
-
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder")
-
 
 @dataclass
 class Prepared:
@@ -23,17 +21,6 @@ class Prepared:
     condition: torch.Tensor  # real with the box pixels set to 0 (mid-grey)
     mask: torch.Tensor       # (B,1,r,r): 1 = background (kept), 0 = box (generated)
     keypoints: torch.Tensor  # (B,K,2) normalized, (-1, -1) = missing
-
-
-def flip_permutation(names: Sequence[str]) -> list[int]:
-    """Channel order after a horizontal flip: every left_* keypoint trades places with its right_*."""
-    index = {n: i for i, n in enumerate(names)}
-    perm = []
-    for n in names:
-        side, _, part = n.partition("_")
-        twin = {"left": "right", "right": "left"}.get(side)
-        perm.append(index[f"{twin}_{part}"] if twin and f"{twin}_{part}" in index else index[n])
-    return perm
 
 
 def box_mask(bbox: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -78,6 +65,6 @@ def prepare(images: torch.Tensor, bbox: torch.Tensor, keypoints: torch.Tensor, r
     bbox, keypoints = bbox.float(), keypoints.float()
     if flip is not None:
         real, bbox, keypoints = hflip(real, bbox, keypoints, flip,
-                                      permutation or flip_permutation(KEYPOINT_NAMES))
+                                      permutation or flip_permutation())
     mask = box_mask(bbox, resolution)
     return Prepared(real, real * mask, mask, keypoints)

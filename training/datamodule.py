@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.tario import iter_samples
+from fdf_core.tario import iter_samples
 from fdf_core.errors import MissingInputError, NothingToDoError
-from training.conditioning import KEYPOINT_NAMES
+from fdf_core.keypoints import KEYPOINT_NAMES
 from training.schedule import Schedule
 
 log = logging.getLogger(__name__)

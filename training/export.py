@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.tario import atomic_write_bytes
+from fdf_core.tario import atomic_write_bytes
 
 EXPORT_FORMAT = "fdf-generator-ema/1"
 

@@ -9,8 +9,15 @@ import torch
 
 @dataclass
 class LossConfig:
-    gp_lambda: float = 10.0       # weight of the two-sided gradient penalty (‖∇D(x̂)‖ − 1)²
-    epsilon_drift: float = 0.001  # weight of D(real)², keeps the critic's output near 0
+    """WGAN-GP with drift (the paper's loss).
+
+    Args:
+        gp_lambda: weight of the two-sided gradient penalty (‖∇D(x̂)‖ − 1)²
+        epsilon_drift: weight of D(real)², keeps the critic's output near 0
+    """
+
+    gp_lambda: float = 10.0
+    epsilon_drift: float = 0.001
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,

@@ -21,7 +21,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from fdf_core.errors import ConfigError
-from training.conditioning import KEYPOINT_NAMES, Prepared, flip_permutation, prepare
+from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
+from training.conditioning import Prepared, prepare
 from training.ema import ema_beta, update_ema
 from training.loss import LossConfig, discriminator_loss, generator_loss, gradient_penalty
 from training.networks import Discriminator, Generator, count_parameters
@@ -30,10 +31,21 @@ from training.schedule import Phase, Schedule, StepInfo
 
 @dataclass
 class NetworkConfig:
-    base_width: int = 256                         # S: 256 = the "12M" model, 512 = "46M"
+    """Generator and critic sizes (training.networks).
+
+    Args:
+        base_width: S: 256 = the "12M" model, 512 = "46M"
+        discriminator: wide or deep critic (the paper's two variants)
+        discriminator_width: S of the critic; None = base_width
+        mbstd_group_size: minibatch-stddev group; 0 = off (as the paper code)
+        z_channels: channels of the generator's latent code
+        num_keypoints: keypoints of the pose condition
+    """
+
+    base_width: int = 256
     discriminator: Literal["wide", "deep"] = "wide"
-    discriminator_width: int | None = None        # S of the critic; None = base_width
-    mbstd_group_size: int = 4                     # minibatch-stddev group; 0 = off (as the paper code)
+    discriminator_width: int | None = None
+    mbstd_group_size: int = 4
     z_channels: int = 32
     num_keypoints: int = 7
 

@@ -13,35 +13,60 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.cli_util import parse_dataclass
-from data_prep.tario import atomic_write_json
-from fdf_core.errors import ConfigError, SkippedItemsError
+from fdf_core.errors import ConfigError
+from fdf_core.tario import atomic_write_json
 
-
+log = logging.getLogger(__name__)
 STAGES = ("download", "build", "train", "evaluate", "anonymize")
 
 
 @dataclass
 class PipelineConfig:
+    """The whole pipeline on one machine, each stage in its folder of `workdir`.
+
+    Args:
+        workdir: folder of the stages' outputs (raw/, fdf/, train/, fid_cache/, anonymized/)
+        metadata: YFCC100M files; empty: serve the sample corpus
+        corpus: corpus folder (manifest.tsv + photos/) served when no metadata is given
+        corpus_port: fixed, so a resumed run finds the URLs its download plan recorded
+        shard_size: photos per raw shard (tiny, so the demo shows several shards)
+        val_fraction: share of photos in the validation split
+        resolution: side of the stored face crops
+        keypoints: keypoint backend of the build stage
+        device: cpu or cuda
+        stages: stages to run, in order
+        train_config: fdf-train YAML of the train stage
+        fid_feature: the paper's FID network (inception); random_conv: fast, not FID (see fdf-eval)
+        anonymize_input: photo/folder/video to anonymize (default: a sample photo)
+        anonymize_checkpoint: generator for the anonymize stage (default: the shipped model)
+        progress: show progress bars
+    """
+
     workdir: str = "runs/demo"
-    metadata: list[str] = field(default_factory=list)  # YFCC100M files; empty: serve the sample corpus
-    corpus: str | None = None  # corpus folder (manifest.tsv + photos/) served when no metadata is given
-    corpus_port: int = 18765  # fixed, so a resumed run finds the URLs its download plan recorded
-    shard_size: int = 4  # photos per raw shard (tiny, so the demo shows several shards)
+    metadata: list[str] = field(default_factory=list)
+    corpus: str | None = None
+    corpus_port: int = 18765
+    shard_size: int = 4
     val_fraction: float = 0.2
     resolution: int = 128
     keypoints: str = "movenet"
     device: str = "cpu"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     train_config: str = str(Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny_cpu.yaml")
-    fid_feature: str = "inception"  # the paper's FID network; random_conv: fast, not FID (see fdf-eval)
-    anonymize_input: str | None = None  # photo/folder/video to anonymize (default: a sample photo)
-    anonymize_checkpoint: str | None = None  # generator for the anonymize stage (default: the shipped model)
+    fid_feature: str = "inception"
+    anonymize_input: str | None = None
+    anonymize_checkpoint: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
 
 
 def download_stage(cfg: PipelineConfig, metadata: list[str]) -> dict:
@@ -59,7 +84,7 @@ def build_stage(cfg: PipelineConfig) -> dict:
 
 
 def train_stage(cfg: PipelineConfig) -> dict:
-    from training.cli import main as train
+    from training.train import run as train
     work = Path(cfg.workdir)
     run_dir = work / "train"
     train(["--config", cfg.train_config, "--data.root", str(work / "fdf"), "--run_dir", str(run_dir),
@@ -106,9 +131,6 @@ def run(cfg: PipelineConfig) -> dict:
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "pipeline_options.json", asdict(cfg))
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
     summary, start = {}, time.perf_counter()
     if "download" in cfg.stages:
         with corpus_metadata(cfg) as metadata:
@@ -117,27 +139,10 @@ def run(cfg: PipelineConfig) -> dict:
               "anonymize": anonymize_stage}
     for name, stage in stages.items():
         if name in cfg.stages:
-            print(f"fdf-pipeline: stage {name}")
+            log.info("stage %s", name)
             summary[name] = stage(cfg)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(work / "pipeline_summary.json", json.loads(json.dumps(summary, default=str)))
-    print(f"fdf-pipeline: done in {summary['seconds']}s → {work}")
+    log.info("done in %ss → %s", summary["seconds"], work)
     return summary
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """The console script: `run`, then exit status 5 if the anonymize stage skipped files."""
-    cfg = parse_dataclass(PipelineConfig, argv, prog="fdf-pipeline",
-                          description="Run the fdf stages end to end (see README).")
-    summary = run(cfg)
-    skipped = summary.get("anonymize", {}).get("skipped") or []
-    if skipped:
-        raise SkippedItemsError(f"anonymize stage: {len(skipped)} files skipped, first: {skipped[0]['file']}: "
-                                f"{skipped[0]['reason']} (all in {Path(cfg.workdir) / 'pipeline_summary.json'})",
-                                summary)
-    return summary
-
-
-if __name__ == "__main__":
-    from fdf_core.console import run_main
-    raise SystemExit(run_main(main, "fdf-pipeline"))

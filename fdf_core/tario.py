@@ -1,11 +1,14 @@
-"""Deterministic, atomic tar shards and safe reading.
+"""Deterministic, atomic tar shards, safe reading, and the one way any file reaches disk atomically.
 
-Every shard is written to `<name>.tmp-<pid>` and renamed into place, so a killed run never leaves a
-partial shard under its final name. Member metadata is fixed (mtime 0, uid/gid 0, mode 0644) so that
-a rerun of the same input writes the same bytes.
+Every output file of fdf (shards, JSON, checkpoints, images, videos, FFCV files) is written to a
+temporary name beside its target (:func:`temporary_path`) and renamed into place after an fsync
+(:func:`replace_durably`), so a killed run never leaves a partial file under its final name. Tar
+member metadata is fixed (mtime 0, uid/gid 0, mode 0644) so that a rerun of the same input writes
+the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,15 +17,46 @@ from pathlib import Path
 from typing import Iterator
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def temporary_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
+    """Where `path` is written before it is renamed into place: `<name>.tmp-<pid>` beside it, which
+    :func:`remove_partial` finds. `keep_suffix` gives `.<stem>.tmp-<pid><suffix>` instead, for
+    writers that choose the format by the extension (ffmpeg)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    if keep_suffix:
+        return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync the finished `tmp`, rename it onto `path`, fsync the folder: after a crash the target
+    holds either its old bytes or all of the new ones."""
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
+    """`with atomic_path(out) as tmp: write(tmp)`: the file appears at `out` only when the block
+    finishes; on an exception the temporary file is removed and `out` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path, keep_suffix)
+    try:
+        yield tmp
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -46,7 +80,7 @@ class AtomicTarWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_path(self.path)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
@@ -67,9 +101,7 @@ class AtomicTarWriter:
 
     def close(self) -> Path:
         self._tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        replace_durably(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
