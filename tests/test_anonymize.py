@@ -97,7 +97,7 @@ def test_generator_defaults_to_the_shipped_model(monkeypatch, tmp_path):
 def test_pipeline_on_a_fresh_workdir_paints_the_demo_photo_with_the_shipped_model(monkeypatch, tmp_path):
     """What a fresh clone's `fdf-pipeline` ends with: the demo photo, anonymized by the shipped generator."""
     from data_prep.sample import sample_corpus_dir
-    from slurm.pipeline import PipelineConfig, run as pipeline
+    from fdf_pipeline.pipeline import PipelineConfig, run as pipeline
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     out = pipeline(PipelineConfig(workdir=str(tmp_path), stages=["anonymize"], progress=False))
     summary = out["anonymize"]
