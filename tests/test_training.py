@@ -223,3 +223,23 @@ def test_logs_to_a_running_mlflow_server(fdf_shards, tmp_path, mlflow_server):
     files = _get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?{q}")["files"]
     assert [f["path"] for f in files] == ["checkpoints/final.ckpt"]
     assert not (tmp_path / "run" / "mlflow.db").exists()  # nothing went to the default local store
+
+
+def test_a_run_resumed_at_a_transition_still_logs_it_and_no_other():
+    """Resuming mid-phase must not log the phase again; resuming exactly where a phase begins
+    (preemption saves after any step) must still log that phase's transition."""
+    from types import SimpleNamespace
+    from training.callbacks import PhaseLogger
+    from training.schedule import Schedule
+    s = Schedule(start_resolution=8, max_resolution=16, fade_kimg=0.016, stabilize_kimg=0.016, total_kimg=0.064,
+                 batch_sizes={8: 4, 16: 4})
+    phase_of = [s.phase_at(s.images_before(step)).index for step in range(s.total_steps)]
+    first_step_of_fade = phase_of.index(1)
+    resumed = PhaseLogger()
+    resumed.on_train_start(None, SimpleNamespace(schedule=s, step=first_step_of_fade))
+    assert resumed._phase == 0  # the next batch is in phase 1: logged
+    resumed.on_train_start(None, SimpleNamespace(schedule=s, step=first_step_of_fade + 1))
+    assert resumed._phase == 1  # the next batch is in phase 1 too: already logged
+    fresh = PhaseLogger()
+    fresh.on_train_start(None, SimpleNamespace(schedule=s, step=0))
+    assert fresh._phase is None

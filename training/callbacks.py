@@ -68,8 +68,10 @@ class PhaseLogger(pl.Callback):
         self._phase: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A resumed run is already in its phase: its transition was logged before the interruption."""
-        self._phase = pl_module.current()[0].index if pl_module.step > 0 else None
+        """A resumed run goes on from the phase of its last trained batch, whose transition was logged
+        before the interruption; a run stopped right at a transition still logs the new phase."""
+        m = pl_module
+        self._phase = m.schedule.phase_at(m.schedule.images_before(m.step - 1)).index if m.step > 0 else None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
