@@ -125,6 +125,10 @@ def _rank_worker(rank: int, world: int, port: int, files, batches, cache_dir, ou
                                   feature=fid.RandomConvFeatures(dim=32), cache_dir=cache_dir,
                                   data_files=files) for _ in range(2)]
         torch.save(torch.tensor(values, dtype=torch.float64), os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks out of their last collective before either tears gloo down: rank 0 hosts the
+        # store, and a rank still inside gloo when it goes aborts ("terminate called without an
+        # active exception", seen once on CI)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
