@@ -18,8 +18,10 @@ t + lookahead is known: a detected face gets the mean of its detections over t Â
 grown to cover this frame's detection (steady, never lagging behind the face); a missed face
 between two detections gets the interpolated box; before its first detection (up to `lookahead`
 frames back) and after its last (up to `max_missing` frames on) it gets the box its velocity
-predicts. Boxes that were not detected are grown by `margin` (more the further they are from a
-detection), because a leak costs more than a slightly larger mask.
+predicts; backwards, that is the camera's motion when the shot has other faces (the median motion
+of the other tracks around the new one's first detection), because the first detections of a face
+the detector only just found are its noisiest. Boxes that were not detected are grown by `margin`
+(more the further they are from a detection), because a leak costs more than a slightly larger mask.
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
@@ -129,6 +131,7 @@ class _Track:
     shot: int
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame â†’ (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
+    backfill_velocity: np.ndarray | None = None  # decided once, when its first frame is written
 
     @property
     def first(self) -> int:
@@ -219,8 +222,22 @@ class FaceTracker:
         if prev is not None and t - prev <= self.max_missing:
             return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
-            return self._grow(tr.obs[nxt][0] - tr.start_velocity() * (nxt - t), nxt - t), tr.obs[nxt][1]
+            if tr.backfill_velocity is None:
+                tr.backfill_velocity = self._camera_velocity(tr)
+            return self._grow(tr.obs[nxt][0] - tr.backfill_velocity * (nxt - t), nxt - t), tr.obs[nxt][1]
         return None
+
+    def _camera_velocity(self, tr: _Track, min_tracks: int = 3) -> np.ndarray:
+        """Median motion of the shot's other tracks between their observations nearest after
+        `tr`'s first detection; `tr`'s own start velocity where fewer than `min_tracks` are seen."""
+        start, moves = tr.first, []
+        for other in self.tracks.values():
+            if other is tr or other.shot != tr.shot:
+                continue
+            frames = sorted(f for f in other.obs if f >= start)[:2]
+            if len(frames) == 2 and frames[0] <= start + self.smooth_radius:
+                moves.append((other.obs[frames[1]][0] - other.obs[frames[0]][0]) / (frames[1] - frames[0]))
+        return np.median(moves, axis=0) if len(moves) >= min_tracks else tr.start_velocity()
 
     def boxes(self, t: int, width: int | None = None, height: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -113,3 +113,22 @@ def test_tracker_memory_stays_bounded_on_a_long_video():
             tracker.forget(t - 12)
         sizes.append(sum(len(tr.obs) for tr in tracker.tracks.values()) + len(tracker.shot_of))
     assert max(sizes[5000:]) <= max(sizes[:5000]) < 200
+
+
+def test_a_face_found_late_is_filled_in_where_it_is_not_where_its_jittery_first_detections_point():
+    """The crowd clip's leak: a 10 px face first detected at frame 5, its first two detections 3 px
+    apart. Back-filled with that jitter as velocity its box would drift off the face; the camera's
+    motion (the other faces of the shot, here panning 2 px/frame) puts it on the face."""
+    tracker = FaceTracker(lookahead=12, max_missing=12)
+    crowd = [np.array([40.0 * i, 400, 40.0 * i + 12, 412]) for i in range(1, 8)]
+    late = {5: [293.0, 240, 303, 253], 6: [292.0, 240, 302, 253], 7: [295.0, 240, 305, 253], 8: [297.0, 240, 307, 253]}
+    for t in range(20):
+        pan = np.array([2.0 * t, 0, 2.0 * t, 0])
+        boxes = [c + pan for c in crowd] + ([np.array(late[t]) + np.array([2.0 * (t - 6), 0, 2.0 * (t - 6), 0])]
+                                            if t in late else [])
+        tracker.push(np.array(boxes), np.full(len(boxes), 0.9))
+    truth_x0 = {t: 292.0 + 2.0 * (t - 6) for t in range(5)}  # where the face was before it was found
+    for t, x0 in truth_x0.items():
+        boxes, _, _ = tracker.boxes(t)
+        covering = [b for b in boxes if b[0] <= x0 + 1 and b[2] >= x0 + 9 and b[1] <= 241 and b[3] >= 252]
+        assert covering, f"frame {t}: no box covers the face at x0 = {x0}: {np.round(boxes, 1)}"
