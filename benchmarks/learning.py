@@ -7,10 +7,11 @@ Stages (each resumable: a rerun skips what is done):
 1. ingest: the UTKFace crops (`$FDF_ASSETS/faces/utkface`, non-commercial research license) → raw
    shards with `fdf-ingest`, as a user with a folder of photos would;
 2. build: FDF shards with the project's RetinaFace + MoveNet builder, 13% of the photos held out;
-3. train: `training/configs/utkface_cpu32.yaml` (8x8 → 32x32), Inception FID of 1,000 held-out faces
-   logged to MLflow during training;
+3. train: `--config` (default `training/configs/utkface_cpu64.yaml`, 8x8 → 64x64, bf16 on the CPU;
+   `utkface_cpu32.yaml` is the earlier 32x32 run), Inception FID of held-out faces logged to MLflow
+   during training; the run folder is `<workdir>/train<resolution>`;
 4. export: the EMA generator with its model card (`training.export`);
-5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at 32x32 the FID of the
+5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's resolution the FID of the
    generator, of every baseline of `eval.baselines` and of 1,000 training faces (the sampling floor);
    identity removal of every method on the LFW pairs (`fdf-identity`: TPR at FAR 1e-3, de-identification
    rate, whether dlib's detector still finds a face); training speed per resolution; wall time. Also
@@ -35,16 +36,38 @@ from fdf_core.checkpoints import FINAL, checkpoints_dir, default_tracking_uri, r
 from fdf_core.tario import atomic_write_json  # noqa: E402
 
 STAGES = ("ingest", "build", "train", "export", "evaluate")
-CONFIG = REPO / "training" / "configs" / "utkface_cpu32.yaml"
-CARD = {
-    "name": "fdf-utkface32 (DeepPrivacy U-Net, base width 64, 32x32, CPU-trained)",
-    "data": "UTKFace crop_part1 (Zhang, Song, Qi, CVPR 2017): 7,491 training faces built into FDF shards by "
-            "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out",
-    "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
-               "images keep their owners' copyright; use this model under the same terms.",
-    "notes": "Trained 170 kimg on 2 CPU cores with training/configs/utkface_cpu32.yaml (benchmarks/learning.py). "
-             "Paints 32x32 faces: a demonstration that the pipeline learns, not the paper's 128x128 model.",
-}
+CONFIG = REPO / "training" / "configs" / "utkface_cpu64.yaml"
+
+
+class Run:
+    """What one config's run is called and where it lives: the build is shared, the rest is per resolution."""
+
+    def __init__(self, work: Path, config: Path):
+        import yaml
+        cfg = yaml.safe_load(config.read_text())
+        self.work, self.config = work, config
+        self.resolution = int(cfg["model"]["schedule"]["max_resolution"])
+        self.width = int(cfg["model"]["network"]["base_width"])
+        self.total_kimg = float(cfg["model"]["schedule"]["total_kimg"])
+        self.precision = str(cfg.get("trainer", {}).get("precision", "32-true"))
+        self.name = f"utkface{self.resolution}"
+        self.run_dir = work / f"train{self.resolution}"
+        self.model = work / f"model{self.resolution}.pt"
+
+    def card(self) -> dict:
+        return {
+            "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
+                    f"{self.resolution}x{self.resolution}, CPU-trained)",
+            "data": "UTKFace crop_part1 (Zhang, Song, Qi, CVPR 2017): 7,491 training faces built into FDF shards by "
+                    "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out",
+            "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
+                       "images keep their owners' copyright; use this model under the same terms.",
+            "precision": self.precision,
+            "notes": f"Trained {self.total_kimg:g} kimg on 2 CPU cores with "
+                     f"{self.config.relative_to(REPO) if self.config.is_relative_to(REPO) else self.config} "
+                     f"(benchmarks/learning.py). Paints {self.resolution}x{self.resolution} faces; the paper's "
+                     "model paints 128x128 from 1.47M FDF faces.",
+        }
 
 
 def ingest(work: Path, faces: Path) -> dict:
@@ -61,16 +84,16 @@ def build(work: Path) -> dict:
                            crop_rule="pad", processes=2, progress=False))  # tight crops: keep FDF's context
 
 
-def train(work: Path) -> dict:
-    from training.train import run
-    run(["--config", str(CONFIG), "--data.root", str(work / "fdf"), "--run_dir", str(work / "train"),
-          "--trainer.enable_progress_bar", "false"])
-    return {"run_dir": str(work / "train")}
+def train(run: Run) -> dict:
+    from training.train import run as fdf_train
+    fdf_train(["--config", str(run.config), "--data.root", str(run.work / "fdf"), "--run_dir", str(run.run_dir),
+               "--trainer.enable_progress_bar", "false"])
+    return {"run_dir": str(run.run_dir)}
 
 
-def export(work: Path) -> dict:
+def export(run: Run) -> dict:
     from training.export import export_generator
-    out = export_generator(work / "train" / "checkpoints" / "final.ckpt", work / "model.pt", CARD, crop_rule="pad")
+    out = export_generator(checkpoints_dir(run.run_dir) / FINAL, run.model, run.card(), crop_rule="pad")
     return {"model": str(out), "bytes": out.stat().st_size}
 
 
@@ -148,10 +171,9 @@ def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96)
     return output
 
 
-def evaluate(work: Path, args) -> dict:
-    run_dir = work / "train"
+def evaluate(r: Run, args) -> dict:
+    work, run_dir, model = r.work, r.run_dir, r.model
     client, run = mlflow_run(run_dir)
-    model = work / "model.pt"
     out = {"fid_curve": fid_curve(client, run), **training_speed(client, run)}
     out["fid_table"] = fid_table(work, model, args.num_images, work / "fid_cache")
     if args.num_pairs != 0:
@@ -165,8 +187,9 @@ def evaluate(work: Path, args) -> dict:
     if args.figures:
         from eval.plots import PlotConfig, run as plot
         figures = Path(args.figures)
-        plot(PlotConfig(run_dir=str(run_dir), output=str(figures / "utkface32_fid_curve.png")))
-        out["figures"] = [str(figures / "utkface32_fid_curve.png"), str(grid(work, model, figures / "utkface32_grid.png"))]
+        curve, samples = figures / f"{r.name}_fid_curve.png", figures / f"{r.name}_grid.png"
+        plot(PlotConfig(run_dir=str(run_dir), output=str(curve)))
+        out["figures"] = [str(curve), str(grid(work, model, samples))]
     return out
 
 
@@ -174,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=str(REPO / "runs" / "utkface"))
     p.add_argument("--stages", default=str(list(STAGES)), help="subset of " + ", ".join(STAGES))
+    p.add_argument("--config", default=str(CONFIG), help="the training config (its max_resolution names the run)")
     p.add_argument("--faces", default=str(assets_dir() / "faces" / "utkface"))
     p.add_argument("--lfw", default=str(assets_dir() / "faces" / "lfw_pairs"))
     p.add_argument("--num_images", type=int, default=1000, help="held-out faces for the FID table")
@@ -186,11 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     work = Path(args.workdir)
+    run = Run(work, Path(args.config))
     start = time.perf_counter()
-    results = work / "learning.json"  # every stage's latest result: running one stage keeps the others'
+    results = work / f"learning_{run.name}.json"  # every stage's latest result: running one stage keeps the others'
     summary: dict = {**(json.loads(results.read_text()) if results.is_file() else {}), "workdir": str(work)}
     steps = {"ingest": lambda: ingest(work, Path(args.faces)), "build": lambda: build(work),
-             "train": lambda: train(work), "export": lambda: export(work), "evaluate": lambda: evaluate(work, args)}
+             "train": lambda: train(run), "export": lambda: export(run), "evaluate": lambda: evaluate(run, args)}
     for name in STAGES:
         if name in stages:
             t0 = time.perf_counter()
