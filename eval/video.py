@@ -19,7 +19,7 @@ grown to cover this frame's detection (steady, never lagging behind the face); a
 between two detections gets the interpolated box; before its first detection (up to `lookahead`
 frames back) and after its last (up to `max_missing` frames on) it gets the box its velocity
 predicts; backwards, that is the camera's motion when the shot has other faces (the median motion
-of the other tracks around the new one's first detection), because the first detections of a face
+of the other tracks up to the new one's first detection), because the first detections of a face
 the detector only just found are its noisiest. Boxes that were not detected are grown by `margin`
 (more the further they are from a detection), because a leak costs more than a slightly larger mask.
 
@@ -131,7 +131,7 @@ class _Track:
     shot: int
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
-    backfill_velocity: np.ndarray | None = None  # decided once, when its first frame is written
+    backfill_velocity: np.ndarray | None = None  # kept once no later frame can change it
 
     @property
     def first(self) -> int:
@@ -141,11 +141,13 @@ class _Track:
     def last(self) -> int:
         return max(self.obs)
 
+    def motion(self, a: int, b: int) -> np.ndarray:
+        """Box corners' motion per frame between observed frames a < b."""
+        return (self.obs[b][0] - self.obs[a][0]) / (b - a)
+
     def start_velocity(self) -> np.ndarray:
         frames = sorted(self.obs)[:2]
-        if len(frames) < 2:
-            return np.zeros(4)
-        return (self.obs[frames[1]][0] - self.obs[frames[0]][0]) / (frames[1] - frames[0])
+        return self.motion(*frames) if len(frames) == 2 else np.zeros(4)
 
 
 class FaceTracker:
@@ -222,22 +224,45 @@ class FaceTracker:
         if prev is not None and t - prev <= self.max_missing:
             return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
-            if tr.backfill_velocity is None:
-                tr.backfill_velocity = self._camera_velocity(tr)
-            return self._grow(tr.obs[nxt][0] - tr.backfill_velocity * (nxt - t), nxt - t), tr.obs[nxt][1]
+            v = self._backfill_velocity(tr)
+            return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]
         return None
 
-    def _camera_velocity(self, tr: _Track, min_tracks: int = 3) -> np.ndarray:
-        """Median motion of the shot's other tracks between their observations nearest after
-        `tr`'s first detection; `tr`'s own start velocity where fewer than `min_tracks` are seen."""
-        start, moves = tr.first, []
+    def _backfill_velocity(self, tr: _Track) -> np.ndarray:
+        """The velocity that carries `tr` back from its first detection, kept only once final.
+
+        The pipeline writes frame first - lookahead as soon as `first` is pushed, possibly as the last
+        frame of a detection batch: an estimate from frames after `first` does not exist yet then, and
+        freezing that guess (zero) left every later back-filled frame uncovered (issue 15)."""
+        if tr.backfill_velocity is not None:
+            return tr.backfill_velocity
+        v, final = self._camera_velocity(tr)
+        if final:
+            tr.backfill_velocity = v
+        return v
+
+    def _camera_velocity(self, tr: _Track, min_tracks: int = 3) -> tuple[np.ndarray, bool]:
+        """(velocity, final): the median motion of the shot's other tracks at `tr`'s first detection,
+        else `tr`'s own start velocity where fewer than `min_tracks` are seen.
+
+        Per other track, its last two observations up to the first detection (known whenever a
+        frame before it is written, and the motion of the very frames being back-filled: final once
+        `min_tracks` have them); a track that starts with `tr` gives its first two from there on."""
+        start, before, after = tr.first, [], []
         for other in self.tracks.values():
             if other is tr or other.shot != tr.shot:
                 continue
-            frames = sorted(f for f in other.obs if f >= start)[:2]
-            if len(frames) == 2 and frames[0] <= start + self.smooth_radius:
-                moves.append((other.obs[frames[1]][0] - other.obs[frames[0]][0]) / (frames[1] - frames[0]))
-        return np.median(moves, axis=0) if len(moves) >= min_tracks else tr.start_velocity()
+            frames = sorted(other.obs)
+            prior = [f for f in frames if f <= start][-2:]
+            later = [f for f in frames if f >= start][:2]
+            if len(prior) == 2 and prior[1] >= start - self.smooth_radius:
+                before.append(other.motion(*prior))
+            elif len(later) == 2 and later[0] <= start + self.smooth_radius:
+                after.append(other.motion(*later))
+        if len(before) >= min_tracks:
+            return np.median(before, axis=0), True
+        moves = before + after
+        return (np.median(moves, axis=0) if len(moves) >= min_tracks else tr.start_velocity()), False
 
     def boxes(self, t: int, width: int | None = None, height: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -392,6 +417,18 @@ class FFmpegWriter:
         self.partial.unlink(missing_ok=True)
 
 
+def ready_batches(pending: deque, pushed: int, lookahead: int, batch: int, ended: bool):
+    """Take from `pending` ((frame index, frame) in order) the frames whose look-ahead is complete
+    once `pushed` frames are tracked (all of them once the video has `ended`), in batches of up to
+    `batch`. The one write order of `anonymize_video`: tests replay it to drive the tracker as the
+    pipeline does (interleaved push and write, batch boundaries)."""
+    while pending and (ended or pending[0][0] + lookahead < pushed):
+        ready = []
+        while pending and len(ready) < batch and (ended or pending[0][0] + lookahead < pushed):
+            ready.append(pending.popleft())
+        yield ready
+
+
 def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, opts: VideoOptions = VideoOptions(),
                     progress: bool = True) -> dict:
     """Anonymize every frame of `src` into `dst` (H.264, same frame rate, the source's audio).
@@ -453,11 +490,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             dets = anonymizer.detect([image for image, _ in chunk], size) if chunk else []
             for (image, cut), det in zip(chunk, dets):
                 pending.append((tracker.push(det.boxes, det.scores, cut), image))
-            # frames whose look-ahead is complete (all of them once the video has ended)
-            while pending and (ended or pending[0][0] + opts.lookahead < tracker.frames):
-                ready = []
-                while pending and len(ready) < batch and (ended or pending[0][0] + opts.lookahead < tracker.frames):
-                    ready.append(pending.popleft())
+            for ready in ready_batches(pending, tracker.frames, opts.lookahead, batch, ended):
                 write(ready)
         if writer is None:
             raise ValueError(f"{src}: no frame could be decoded")

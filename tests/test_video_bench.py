@@ -7,6 +7,7 @@ pixels alone by `eval.video_metrics`: a single ground-truth face-frame that keep
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import cv2
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from eval.cli import anonymize_main
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import anonymize_boxes
-from eval.video import FaceTracker, VideoOptions, anonymize_video
+from eval.video import FaceTracker, VideoOptions, anonymize_video, ready_batches
 from eval.video_clips import CLIPS, FPS, frame_at, photo_truth, write_clip
 from eval.video_metrics import LEAK_DETAIL, detail_kept, is_leaked, luma, probe, score_clip
 from training.networks import Generator, GeneratorAt
@@ -132,3 +133,41 @@ def test_a_face_found_late_is_filled_in_where_it_is_not_where_its_jittery_first_
         boxes, _, _ = tracker.boxes(t)
         covering = [b for b in boxes if b[0] <= x0 + 1 and b[2] >= x0 + 9 and b[1] <= 241 and b[3] >= 252]
         assert covering, f"frame {t}: no box covers the face at x0 = {x0}: {np.round(boxes, 1)}"
+
+
+def _replay_pipeline(tracker: FaceTracker, detections, batch: int = 16) -> dict[int, np.ndarray]:
+    """Drive `tracker` in `anonymize_video`'s order: `batch` frames pushed, then every frame whose
+    look-ahead is complete written (boxes of the whole write batch, then forget), and so on; the
+    rest once the video ended. Returns the boxes each frame was written with."""
+    written, pending = {}, deque()
+    chunks = [detections[i:i + batch] for i in range(0, len(detections), batch)]
+    for n, chunk in enumerate(chunks):
+        for boxes in chunk:
+            pending.append((tracker.push(np.array(boxes).reshape(-1, 4), np.full(len(boxes), 0.9)), None))
+        for ready in ready_batches(pending, tracker.frames, tracker.lookahead, batch, n == len(chunks) - 1):
+            for t, _ in ready:
+                written[t] = tracker.boxes(t)[0]
+            for t, _ in ready:
+                tracker.forget(t)
+    return written
+
+
+@pytest.mark.parametrize("crowd", [4, 0], ids=["with_other_faces", "alone"])
+@pytest.mark.parametrize("found_at", [31, 47])
+@pytest.mark.parametrize("speed", [2.0, 4.0, 6.0])
+def test_a_face_found_late_on_a_batch_boundary_is_covered_in_the_frames_before(speed, found_at, crowd):
+    """Issue 15: a face first detected at the last frame of a detection batch (31, 47: batch 16,
+    look-ahead 12) is back-filled in the frames before it, as the pipeline writes them; the camera
+    pans `speed` px a frame. With other faces in the shot, every back-filled frame is covered
+    (their motion is known up to the new face's first frame); alone, the first back-filled frame
+    (written before the face's second detection exists) has no motion to go by, the rest are."""
+    def face(t):
+        return [300.0 + speed * t, 300, 340 + speed * t, 345]
+
+    detections = [[[80.0 * i + speed * t - 400, 100, 80.0 * i + speed * t - 360, 145] for i in range(crowd)]
+                  + ([face(t)] if t >= found_at else []) for t in range(80)]
+    written = _replay_pipeline(FaceTracker(lookahead=12, max_missing=12), detections)
+    checked = range(found_at - 12 + (crowd == 0), found_at)
+    uncovered = [t for t in checked if not any(b[0] <= face(t)[0] and b[2] >= face(t)[2] and b[1] <= face(t)[1]
+                                               and b[3] >= face(t)[3] for b in written[t])]
+    assert not uncovered, f"frames {uncovered} leave the face uncovered"
