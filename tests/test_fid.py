@@ -1,5 +1,8 @@
-"""FID on crops of the real corpus photos with the small fixed-seed feature network."""
+"""FID on crops of the real corpus photos with the small fixed-seed feature network, and a
+generator's FID on FDF shards (fade-in, cache keys)."""
+import io
 import os
+import shutil
 import socket
 
 import cv2
@@ -150,3 +153,94 @@ def test_two_ranks_give_the_single_process_value(corpus, tmp_path):
     dist_stats = torch.load(next((tmp_path / "dist").iterdir()), weights_only=True)
     assert dist_stats["num_samples"] == single_stats["num_samples"] == sum(len(b["img"]) for b in batches)
     torch.testing.assert_close(dist_stats["cov_sum"], single_stats["cov_sum"], rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- generator FID on FDF shards
+def _val_data(root):
+    from training.datamodule import FDFDataModule
+    data = FDFDataModule(str(root))
+    data.setup("validate")
+    return data
+
+
+class _Replay(torch.nn.Module):
+    """A "generator" that paints given images in order: FID 0 exactly when they are the reals."""
+
+    def __init__(self, images: list[torch.Tensor], alpha: float):
+        super().__init__()
+        self.images, self.alpha = list(images), alpha
+
+    def forward(self, condition, mask, keypoints, z, alpha):
+        assert alpha == self.alpha  # GeneratorAt hands the generator its own alpha
+        return self.images.pop(0)
+
+
+class _Blanked(torch.nn.Module):
+    """A "generator" that leaves the face box blank: a fixed function of the condition."""
+
+    def forward(self, condition, mask, keypoints, z, alpha):
+        return condition
+
+
+def _faded_reals(data, resolution: int, alpha: float) -> list[torch.Tensor]:
+    from training.conditioning import prepare
+    return [prepare(b["images"], b["bbox"], b["keypoints"], resolution, alpha).real for b in data.iter_val(8, 16)]
+
+
+def test_fid_during_a_fade_in_compares_faded_faces(fdf_shards, tmp_path):
+    """At alpha 0.5 the reals are faded as training fades them (and as the generator's output is):
+    a generator that paints exactly the faded faces scores 0, and the faded statistics are their own
+    cache entry beside the alpha-1 ones."""
+    from training.fid import generator_fid
+    from training.networks import GeneratorAt
+    data, net = _val_data(fdf_shards), fid.RandomConvFeatures(dim=32)
+    for alpha in (1.0, 0.5):
+        g = GeneratorAt(_Replay(_faded_reals(data, 16, alpha), alpha), 16, alpha)
+        assert abs(generator_fid(g, data, 16, 8, net, cache_dir=tmp_path)) < 1e-6, alpha
+    assert len(list(tmp_path.glob("fid_real_*.pt"))) == 2
+    g = GeneratorAt(_Replay(_faded_reals(data, 16, 0.5), 0.5), 16, 0.5)
+    assert abs(generator_fid(g, data, 16, 8, net, cache_dir=tmp_path)) < 1e-6  # from the cache
+
+
+def _inverted_jpeg(data: bytes) -> bytes:
+    """The colour-inverted picture as a JPEG of exactly `len(data)` bytes (zeros after its end marker)."""
+    from PIL import Image
+    pixels = 255 - np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for quality in (95, 90, 80, 70, 50):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+        if buf.tell() <= len(data):
+            return buf.getvalue().ljust(len(data), b"\0")
+    raise AssertionError("no JPEG quality fits")
+
+
+def _other_faces_same_sizes(src, dst):
+    """A copy of FDF shards whose val faces are other pictures of the same byte sizes: shard names
+    and sizes (padded or not) are those of `src`, the contents are not."""
+    from fdf_core.tario import AtomicTarWriter, iter_samples
+    shutil.copytree(src, dst)
+    for shard in sorted((dst / "val").glob("*.tar")):
+        samples = list(iter_samples(shard))
+        with AtomicTarWriter(shard) as tar:
+            for key, files in samples:
+                tar.add_sample(key, {**files, "jpg": _inverted_jpeg(files["jpg"])})
+    return dst
+
+
+def test_real_statistics_of_equal_names_and_sizes_but_other_faces_are_not_shared(fdf_shards, tmp_path):
+    """Two builds with the same shard names and byte sizes but other faces, evaluated with the one
+    shared cache folder: two entries, and each FID is the one computed without any cache."""
+    from training.fid import generator_fid
+    from training.networks import GeneratorAt
+    other = _other_faces_same_sizes(fdf_shards, tmp_path / "other")
+    shards = sorted((fdf_shards / "val").glob("*.tar"))
+    assert [p.stat().st_size for p in shards] == [(other / "val" / p.name).stat().st_size for p in shards]
+    assert [p.read_bytes() for p in shards] != [(other / "val" / p.name).read_bytes() for p in shards]
+    g, net, cache = GeneratorAt(_Blanked(), 16), fid.RandomConvFeatures(dim=32), tmp_path / "cache"
+    values = {}
+    for root in (fdf_shards, other):
+        data = _val_data(root)
+        values[root] = generator_fid(g, data, 16, 8, net, cache_dir=cache)
+        assert values[root] == pytest.approx(generator_fid(g, data, 16, 8, net), rel=1e-9), root
+    assert len(list(cache.glob("fid_real_*.pt"))) == 2
+    assert values[fdf_shards] != pytest.approx(values[other], rel=1e-3)

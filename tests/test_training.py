@@ -143,9 +143,11 @@ def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
     assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/kimg")] == pytest.approx([0.096, 0.192])
     assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/resolution")] == [32, 32]  # fade32 at 0.096
     assert [m.step for m in _mlflow_history(client, run.info.run_id, "fid/phase")] == [12, 24]
+    assert [m.value for m in _mlflow_history(client, run.info.run_id, "fid/alpha")] == [0.0, 1.0]
     expected = generator_fid(GeneratorAt(g, 32), _datamodule(fdf_shards), 16, 8, RandomConvFeatures())
     assert fid[1].value == pytest.approx(expected, rel=1e-5)
-    assert len(list((run_dir / "fid_cache").glob("fid_real_*.pt"))) == 1  # one per resolution
+    # one per (resolution, alpha): the start of fade32 (alpha 0: reals are 16x16 blown up) and 32x32
+    assert len(list((run_dir / "fid_cache").glob("fid_real_*.pt"))) == 2
 
 
 def test_non_finite_loss_stops_the_run_with_the_step(fdf_shards, tmp_path):

@@ -155,8 +155,10 @@ class FIDCallback(pl.Callback):
 
     Computed on every rank (each embeds its share of the faces; the statistics are summed) and
     logged by rank 0 as metric `fid` at the training step, the x-axis of every other metric, with
-    `fid/kimg`, `fid/resolution`, `fid/phase` (phase index) and `fid/seconds` beside it. The real
-    statistics are cached under `cache_dir` (default `<run_dir>/fid_cache`). Off when `every_kimg`
+    `fid/kimg`, `fid/resolution`, `fid/alpha`, `fid/phase` (phase index) and `fid/seconds` beside
+    it. During a fade-in the generator, its conditions and the real faces are all faded with the
+    step's alpha, as training sees them. The real statistics are cached under `cache_dir` (default
+    `<run_dir>/fid_cache`), one entry per resolution and alpha. Off when `every_kimg`
     is None. Its cost is bounded by `num_images` and `every_kimg`, and printed after every
     evaluation; a resumed run continues the same curve (the triggers depend on images shown only).
     """
@@ -200,12 +202,12 @@ class FIDCallback(pl.Callback):
         if trainer.is_global_zero:
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"fid": value, "fid/kimg": pl_module.kimg,
-                                            "fid/resolution": float(phase.resolution),
+                                            "fid/resolution": float(phase.resolution), "fid/alpha": float(alpha),
                                             "fid/phase": float(phase.index), "fid/seconds": seconds},
                                            step=pl_module.step)
             name = "FID" if self.feature == "inception" else "Fréchet distance (random_conv, not FID)"
-            log.info("%s %.2f at kimg %.1f (step %d, %s, %dx%d, %d faces): %.0f s", name, value, pl_module.kimg,
-                     pl_module.step, phase.name, phase.resolution, phase.resolution,
+            log.info("%s %.2f at kimg %.1f (step %d, %s, %dx%d, alpha %.2f, %d faces): %.0f s", name, value,
+                     pl_module.kimg, pl_module.step, phase.name, phase.resolution, phase.resolution, alpha,
                      validation_count(trainer.datamodule, self.num_images), seconds)
         pl_module._last_step_end = None  # the evaluation's time is not training speed
 

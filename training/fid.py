@@ -2,10 +2,12 @@
 
 The paper's protocol (docs/reference.md): the EMA generator with z = 0 on the conditions of the
 validation faces (box blanked, keypoints), against those faces, at the resolution (and fade-in
-alpha) the generator is at. The first `num_images` validation faces in file order are used, so
-every evaluation of a run sees the same faces, and their statistics are cached per (data,
-resolution, feature network, num_images). Under DDP every rank embeds every `world_size`-th batch
-and the statistics are summed (torchmetrics), so the value does not depend on the number of ranks.
+alpha) the generator is at: during a fade-in the conditions and the real faces are faded with the
+generator's alpha, as in training, the sample grids and the anonymizer. The first `num_images`
+validation faces in file order are used, so every evaluation of a run sees the same faces, and their
+statistics are cached per (data content, resolution, alpha, feature network, num_images). Under DDP
+every rank embeds every `world_size`-th batch and the statistics are summed (torchmetrics), so the
+value does not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from training.networks import GeneratorAt
 @dataclass
 class ValConditions:
     """Validation batches as `compute_fid` wants them: the real image in [-1, 1] and its condition
-    at `resolution`; this rank's share of them."""
+    at `resolution`, faded with `alpha` during a fade-in (as training prepares them); this rank's
+    share of them."""
 
     data: FDFDataModule
     batch_size: int
@@ -36,12 +39,13 @@ class ValConditions:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    alpha: float = 1.0
 
     def __iter__(self) -> Iterator[dict]:
         batches = self.data.iter_val(self.batch_size, self.num_images)
         for b in itertools.islice(batches, self.rank, None, self.world_size):
             p = prepare(b["images"].to(self.device), b["bbox"].to(self.device), b["keypoints"].to(self.device),
-                        self.resolution)
+                        self.resolution, self.alpha)
             yield {"img": p.real, "condition": p.condition, "mask": p.mask, "keypoints": p.keypoints}
 
 
@@ -59,9 +63,11 @@ def generator_fid(generator: GeneratorAt, data: FDFDataModule, num_images: int |
                   batch_size: int = 50, feature: str | nn.Module = "inception",
                   cache_dir: str | Path | None = None, inception_weights: str | None = None,
                   device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1) -> float:
-    """FID (or, with a module as `feature`, the Fréchet distance in its features) of `generator`."""
+    """FID (or, with a module as `feature`, the Fréchet distance in its features) of `generator`, at
+    its resolution and fade-in alpha (`GeneratorAt.alpha`: conditions and reals are faded with it)."""
     count = validation_count(data, num_images)
     batches = ValConditions(data, batch_size, count, generator.resolution, torch.device(device),
-                            rank, world_size)
+                            rank, world_size, generator.alpha)
     return compute_fid(lambda b: generator(b["condition"], b["mask"], b["keypoints"]), batches, feature,
-                       cache_dir, data.val_shards, inception_weights, device, num_images=count)
+                       cache_dir, data.val_shards, inception_weights, device, num_images=count,
+                       alpha=generator.alpha)
