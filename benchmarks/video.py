@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at  # noqa: E402
 from eval.video import VideoOptions, anonymize_video, ffmpeg_exe  # noqa: E402
 from eval.video_clips import select, write_clip  # noqa: E402
-from eval.video_metrics import BINS, probe, score_clip  # noqa: E402
+from eval.video_metrics import BINS, FrameCountError, probe, score_clip  # noqa: E402
 from training.networks import Generator, GeneratorAt  # noqa: E402
 
 DEFACE = REPO / ".venv-deface" / "bin" / "deface"
@@ -82,8 +82,14 @@ def build_generator(args) -> tuple[GeneratorAt, str]:
 
 
 def row(source: Path, output: Path, truth: Path, seconds: float, frames: int, src_info, extra: dict) -> dict:
-    score = score_clip(source, output, truth).as_dict()
+    """Scores of one output; an output whose frame count is not the ground truth's is not judged:
+    its row holds `not_judged` (the reason) and counts as a failed clip in the totals and goals."""
     out_info = probe(output)
+    try:
+        score = score_clip(source, output, truth).as_dict()
+    except FrameCountError as e:
+        return {"not_judged": str(e), "frames_in": src_info.frames, "frames_out": out_info.frames,
+                "frame_count_kept": False, **extra}
     return {**score, "frames_per_s": round(frames / seconds, 3) if seconds else None, **extra,
             "frames_in": src_info.frames, "frames_out": out_info.frames,
             "frame_count_kept": out_info.frames == src_info.frames,
@@ -93,6 +99,8 @@ def row(source: Path, output: Path, truth: Path, seconds: float, frames: int, sr
 
 
 def total(rows: list[dict]) -> dict:
+    failed = [r for r in rows if "not_judged" in r]
+    rows = [r for r in rows if "not_judged" not in r]
     faces = {b: sum(r["face_frames"][b] for r in rows) for b in BINS}
     leaked = {b: sum(r["leaked_face_frames"][b] for r in rows) for b in BINS}
     pairs = sum(r["flicker_pairs"] for r in rows)
@@ -108,7 +116,9 @@ def total(rows: list[dict]) -> dict:
             "flicker_ratio": round(flick / flick_src, 3) if flick_src else None,
             "frames": frames, "frames_per_s": round(frames_timed / seconds, 3) if seconds else None,
             "clips_with_leaks_ge24": sum(r["leaked_face_frames"]["ge24"] > 0 for r in rows),
-            "all_kept": all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"] for r in rows)}
+            "clips_not_judged": len(failed),
+            "all_kept": not failed and all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"]
+                                           for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,7 +203,7 @@ def _goals(result: dict, methods: list[str]) -> dict:
     t = result["total"]
     goals = {}
     for m in [m for m in methods if m != "deface"]:
-        goals[f"{m}_zero_leaks_ge24_every_clip"] = t[m]["clips_with_leaks_ge24"] == 0
+        goals[f"{m}_zero_leaks_ge24_every_clip"] = t[m]["clips_with_leaks_ge24"] == 0 == t[m]["clips_not_judged"]
         if "deface" in t:
             goals[f"{m}_fewer_leaks_than_deface_every_bin"] = all(
                 t[m]["leaked_face_frames"][b] <= t["deface"]["leaked_face_frames"][b] for b in BINS)

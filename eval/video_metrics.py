@@ -26,6 +26,10 @@ untouched and re-encoded at crf 23, every face-frame scored >= 0.8; heavy blur 9
 coarse layout of a large face and scores about 0.45: the weakest method, just below the line.
 tests/test_video_bench.py pins one untouched and one anonymized face.
 
+Frames: the source and the output must each have exactly the ground truth's frame count, else the
+clip is not judged (`FrameCountError`): an output that lost frames at the end would otherwise be
+judged on the frames it kept, and a lost frame is one whose faces nobody checked.
+
 Flicker: for each ground-truth face fully inside two consecutive frames of the same shot, the box
 is resampled to a 24x24 patch in both frames (the camera moves the face, the patch follows it
 exactly), and the mean absolute luma change between the two patches is taken, in the output and
@@ -39,6 +43,7 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import cv2
@@ -200,20 +205,45 @@ def _frames(path: Path):
         cap.release()
 
 
+class FrameCountError(ValueError):
+    """An output (or source) whose frame count is not the ground truth's: it cannot be judged."""
+
+
+def _paired_frames(source: Path, output: Path, expected: int, truth_name: str):
+    """(source, output) frames in step; raises FrameCountError once either ends, or both run on,
+    off the ground truth's `expected` count: zipping stopped at the shorter, so a truncated output
+    was judged on fewer frames and passed (issue 15)."""
+    counts = [0, 0]
+    for src, out in zip_longest(_frames(source), _frames(output)):
+        counts[0] += src is not None
+        counts[1] += out is not None
+        if src is not None and out is not None:
+            yield src, out
+    wrong = [f"{path} has {n}" for path, n in zip((source, output), counts) if n != expected]
+    if wrong:
+        raise FrameCountError(f"{'; '.join(wrong)} frames, the ground truth {truth_name} has {expected}: "
+                              f"every ground-truth frame must be judged")
+
+
 def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path) -> ClipScore:
-    """Leaks and flicker of `output` against `source` and its ground truth (dict or JSON path)."""
+    """Leaks and flicker of `output` against `source` and its ground truth (dict or JSON path).
+    Raises FrameCountError unless both videos have exactly the ground truth's frames."""
+    truth_name = "(given as a dict)" if isinstance(truth, dict) else str(truth)
     if not isinstance(truth, dict):
         truth = json.loads(Path(truth).read_text())
+    expected = int(truth.get("frames", len(truth["faces"])))
+    if len(truth["faces"]) != expected:
+        raise ValueError(f"{truth_name}: key 'faces' lists {len(truth['faces'])} frames, key 'frames' says {expected}")
     score = ClipScore()
     prev: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # face id → (source patch, output patch)
-    for i, (src, out) in enumerate(zip(_frames(Path(source)), _frames(Path(output)))):
+    for i, (src, out) in enumerate(_paired_frames(Path(source), Path(output), expected, truth_name)):
         if out.shape != src.shape:
             raise ValueError(f"{output}: frame {i} is {out.shape[1]}x{out.shape[0]}, "
                              f"the source {src.shape[1]}x{src.shape[0]}")
         ys, yo = luma(src), luma(out)
         h, w = ys.shape
         current = {}
-        for fid, *b in truth["faces"][i] if i < len(truth["faces"]) else []:
+        for fid, *b in truth["faces"][i]:
             box = np.asarray(b, np.float64)
             width = box[2] - box[0]
             visible = visible_fraction(box, w, h)

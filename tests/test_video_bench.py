@@ -7,6 +7,7 @@ pixels alone by `eval.video_metrics`: a single ground-truth face-frame that keep
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import deque
 
 import cv2
@@ -17,9 +18,10 @@ import torch
 from eval.cli import anonymize_main
 from eval.anonymizer import Anonymizer, AnonymizerConfig
 from eval.baselines import anonymize_boxes
-from eval.video import FaceTracker, VideoOptions, anonymize_video, ready_batches
+from eval.video import FaceTracker, VideoOptions, anonymize_video, ffmpeg_exe, ready_batches
 from eval.video_clips import CLIPS, FPS, frame_at, photo_truth, write_clip
-from eval.video_metrics import LEAK_DETAIL, detail_kept, is_leaked, luma, probe, score_clip
+from eval.video_metrics import (LEAK_DETAIL, FrameCountError, detail_kept, is_leaked, luma, probe,
+                                 score_clip)
 from training.networks import Generator, GeneratorAt
 
 CLIP = {c.name: c for c in CLIPS}
@@ -171,3 +173,16 @@ def test_a_face_found_late_on_a_batch_boundary_is_covered_in_the_frames_before(s
     uncovered = [t for t in checked if not any(b[0] <= face(t)[0] and b[2] >= face(t)[2] and b[1] <= face(t)[1]
                                                and b[3] >= face(t)[3] for b in written[t])]
     assert not uncovered, f"frames {uncovered} leave the face uncovered"
+
+
+def test_a_truncated_output_is_not_judged(assets, tmp_path):
+    """Issue 15: the scorer zipped source and output frames and stopped at the shorter, so an
+    output missing its last frames was judged on the rest, and passed. Frames judged must be the
+    ground truth's frames: a truncated output is an error naming the file and both counts."""
+    src, truth = write_clip(CLIP["pan_g7"], tmp_path, frames=range(10))
+    assert score_clip(src, src, truth).frames_judged == 10
+    short = tmp_path / "short.mp4"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(src), "-frames:v", "7", str(short)], check=True)
+    assert probe(short).frames == 7
+    with pytest.raises(FrameCountError, match=rf"{short} has 7 frames, the ground truth {truth} has 10"):
+        score_clip(src, short, truth)
