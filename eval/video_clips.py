@@ -254,6 +254,35 @@ def write_clip(spec: ClipSpec, out_dir: str | Path, quick: bool = False, frames:
     return video, truth
 
 
+UNTOUCHED = "untouched"
+
+
+def write_on_truth(source: str | Path, truth: str | Path, output: str | Path, method: str) -> Path:
+    """`source` with `method` (UNTOUCHED, or a baseline of eval.baselines) applied to exactly its
+    ground-truth boxes, encoded as the anonymizer encodes (H.264 crf 18, the source's audio): the
+    leak test calibrated on known methods, apart from any detector or tracker."""
+    from eval.baselines import anonymize_boxes
+    from eval.video import FFmpegWriter, VideoOptions, open_video
+    faces = json.loads(Path(truth).read_text())["faces"]
+    cap, info = open_video(source)
+    writer = FFmpegWriter(output, info, source, VideoOptions())
+    try:
+        for i, frame_faces in enumerate(faces):
+            ok, bgr = cap.read()
+            if not ok:
+                raise ValueError(f"{source}: ends at frame {i}, its ground truth {truth} has {len(faces)}")
+            boxes = np.array([f[1:] for f in frame_faces], np.float64).reshape(-1, 4)
+            writer.write(cv2.cvtColor(bgr if method == UNTOUCHED else anonymize_boxes(bgr, boxes, method),
+                                      cv2.COLOR_BGR2RGB))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        cap.release()
+    return Path(output)
+
+
 def select(names: str | None) -> list[ClipSpec]:
     if not names:
         return list(CLIPS)
