@@ -8,7 +8,8 @@ A folder is walked recursively and mirrored into OUTPUT (photos and videos by ex
 files are ignored and counted). A photo in which no face is found is copied byte for byte; other
 photos are written in the format of their extension (JPEG quality 95), without the source's
 metadata. Videos keep their frame rate and audio (`eval.video`). The options of the run are saved
-as `<OUTPUT>.options.json` beside a file output, or `<OUTPUT>/anonymize_options.json`.
+as `<OUTPUT>.options.json` beside a file output, or `<OUTPUT>/anonymize_options.json`, with the
+model that painted resolved (`checkpoint`: its file, `model_name`: its card's name, `crop_rule`).
 
 One unreadable photo or video in a folder does not stop the others: it is skipped with its reason,
 every good file is written, and the summary (JSON on stdout) lists the skipped files; the command
@@ -54,6 +55,17 @@ class AnonymizeConfig(AnonymizerConfig, VideoOptions):
 
 def _fields_of(cls, cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cls)}
+
+
+def saved_options(cfg: AnonymizeConfig, anonymizer: Anonymizer) -> dict:
+    """The options to save: the config with the model it left to defaults resolved, so the file says
+    what painted the faces. `checkpoint` is the model file used (the shipped model or
+    $FDF_GENERATOR_CHECKPOINT when --checkpoint was not given), `model_name` its card's name (None for
+    a baseline) and `crop_rule` the rule faces were cut by (the model's unless overridden)."""
+    options = {**asdict(cfg), "model_name": anonymizer.model_name}
+    if anonymizer.generator is not None:
+        options.update(checkpoint=str(anonymizer.checkpoint), crop_rule=anonymizer.crop_rule)
+    return options
 
 
 def video_problem(path: Path) -> str | None:
@@ -178,8 +190,8 @@ def run(cfg: AnonymizeConfig) -> dict:
     else:
         (photos, videos), ignored = _file_jobs(src, dst), 0
         options_file = dst.with_name(dst.name + ".options.json")
-    atomic_write_json(options_file, asdict(cfg))
     anonymizer = Anonymizer(cfg)
+    atomic_write_json(options_file, saved_options(cfg, anonymizer))
     summary = {"method": cfg.method, **({"generator": anonymizer.generator_name} if anonymizer.generator_name else {}),
                **anonymize_images(anonymizer, photos, cfg.progress, skipped), "videos": []}
     video_opts = VideoOptions(**_fields_of(VideoOptions, cfg))

@@ -37,8 +37,8 @@ from PIL import Image
 from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
-from fdf_core.checkpoints import read_checkpoint, read_progress
-from fdf_core.errors import ConfigError
+from fdf_core.checkpoints import read_checkpoint
+from fdf_core.errors import ConfigError, InputError
 from fdf_core.fid import to_uint8
 from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder import crop as fdfcrop
@@ -112,12 +112,33 @@ class Faces:
 
 def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu") -> GeneratorAt:
     """The EMA generator of a training checkpoint (or an exported model) at the resolution and
-    fade-in it had reached."""
-    progress = read_progress(checkpoint)
+    fade-in it had reached.
+
+    It carries what its file says about it, so that whoever is handed the generator (an
+    `Anonymizer`, the benchmarks) uses it as it was trained: `.checkpoint` (the file), `.card` (an
+    export's model card, FORMAT.md §3; {} for a training checkpoint) and `.crop_rule` (the crop
+    rule of its training faces: an export's `crop_rule`; "fdf" for a training checkpoint, which
+    records none).
+    """
+    saved = read_checkpoint(checkpoint)
+    progress = saved.get("progress")
     generator = load_generator(str(checkpoint), ema=True, map_location=device)
     if progress is None:
-        return GeneratorAt(generator, generator.max_resolution, 1.0)
-    return GeneratorAt(generator, int(progress["resolution"]), float(progress["alpha"]))
+        g = GeneratorAt(generator, generator.max_resolution, 1.0)
+    else:
+        g = GeneratorAt(generator, int(progress["resolution"]), float(progress["alpha"]))
+    g.checkpoint, g.card = Path(checkpoint), dict(saved.get("card") or {})
+    g.crop_rule = _crop_rule_of(checkpoint, saved)
+    return g
+
+
+def _crop_rule_of(checkpoint: str | Path, saved: dict) -> str:
+    """The `crop_rule` a model file records ("fdf" when it has none); an unknown one is an error
+    naming the file, not a silently different cut."""
+    rule = saved.get("crop_rule", "fdf")
+    if rule not in fdfcrop.CROP_RULES:
+        raise InputError(f"{checkpoint}: crop_rule {rule!r} is not one of {', '.join(fdfcrop.CROP_RULES)}")
+    return rule
 
 
 def resolve_checkpoint(path: str | None) -> Path:
@@ -130,13 +151,17 @@ def resolve_checkpoint(path: str | None) -> Path:
     return SHIPPED_MODEL
 
 
-def generator_info(path: Path, generator: GeneratorAt) -> tuple[str, str]:
-    """(one line naming the model and the resolution it paints at, the crop rule of its training faces)."""
-    saved = read_checkpoint(path)
-    name = (saved.get("card") or {}).get("name") or str(path)
+def generator_info(generator: GeneratorAt) -> tuple[str | None, str]:
+    """(the model's name: its card's name, else its file; one line naming it and the resolution it
+    paints at) of a generator from `load_generator_at`. A generator built in code has no file and
+    no name."""
+    size = f"{generator.resolution}x{generator.resolution}"
+    path = getattr(generator, "checkpoint", None)
+    if path is None:
+        return None, f"given generator: {size}"
+    name = getattr(generator, "card", {}).get("name") or str(path)
     shipped = " (shipped with fdf; give --checkpoint for another)" if path == SHIPPED_MODEL else ""
-    line = f"{name}{shipped}: {generator.resolution}x{generator.resolution} faces, alpha {generator.alpha:g}"
-    return line, saved.get("crop_rule", "fdf")
+    return name, f"{name}{shipped}: {size} faces, alpha {generator.alpha:g}"
 
 
 def _pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -173,6 +198,10 @@ class Anonymizer:
 
     def __init__(self, cfg: AnonymizerConfig, generator: GeneratorAt | None = None,
                  detector=None, keypoint_model=None):
+        """`checkpoint` and `model_name` say which model file paints (None for a generator built in
+        code, or a baseline). Faces are cut by the crop rule of the generator's training faces,
+        whoever loaded it (`load_generator_at` records it; "fdf" for a generator built in code),
+        unless `cfg.crop_rule` overrides it."""
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.timings: dict[str, float] = defaultdict(float)
@@ -180,15 +209,16 @@ class Anonymizer:
             self.detector = detector
         if keypoint_model is not None:
             self.keypoint_model = keypoint_model
-        self.generator, self.generator_name, trained_rule = None, None, "fdf"
+        self.generator, self.generator_name, self.checkpoint, self.model_name = None, None, None, None
+        trained_rule = "fdf"
         if cfg.method == "generator":
             if generator is None:
-                path = resolve_checkpoint(cfg.checkpoint)
-                generator = load_generator_at(path, self.device)
-                self.generator_name, trained_rule = generator_info(path, generator)
-                log.info("generator: %s", self.generator_name)
+                generator = load_generator_at(resolve_checkpoint(cfg.checkpoint), self.device)
+            trained_rule = getattr(generator, "crop_rule", "fdf")  # the model's, also when handed in ready-made
+            self.checkpoint = getattr(generator, "checkpoint", None)
+            self.model_name, self.generator_name = generator_info(generator)
+            log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
-            self.generator_name = self.generator_name or f"given generator: {generator.resolution}x{generator.resolution}"
         self.crop_rule = cfg.crop_rule or trained_rule
 
     @cached_property

@@ -1,0 +1,72 @@
+"""Which model the anonymizer paints with, and what it says about it: the crop rule comes from the
+model however the generator reached the anonymizer, and the saved options name the model file."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from eval.anonymizer import (CHECKPOINT_ENV, SHIPPED_MODEL, Anonymizer, AnonymizerConfig, Faces,
+                             load_generator_at)
+from eval.cli import anonymize_main
+from fdf_core.assets import assets_dir
+from fdf_core.checkpoints import read_checkpoint
+from fdf_core.errors import InputError
+
+PHOTOS = assets_dir() / "corpus" / "photos"
+PORTRAIT = "face_recognition__examples_obama-240p.jpg"  # 427x240, one face in the middle
+FACE_BOX = [170.0, 40.0, 260.0, 150.0]
+NO_FACE = "ternaus__tests_data_no_face.jpg"
+
+
+def _painted(anonymizer: Anonymizer) -> np.ndarray:
+    """The portrait with FACE_BOX painted (no pose: no keypoint model, no detector)."""
+    image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
+    return anonymizer.anonymize([image], [Faces(np.array([FACE_BOX]), np.ones(1), [None])])[0]
+
+
+def test_a_generator_handed_in_ready_made_cuts_faces_by_its_models_crop_rule(monkeypatch):
+    """As benchmarks/video.py does: `load_generator_at(shipped model)` given to the Anonymizer paints
+    exactly what the Anonymizer that loads the model itself paints ("pad", the rule its export
+    records); `--crop_rule` stays an explicit override."""
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    loaded = Anonymizer(AnonymizerConfig())
+    handed = Anonymizer(AnonymizerConfig(), generator=load_generator_at(SHIPPED_MODEL))
+    assert read_checkpoint(SHIPPED_MODEL)["crop_rule"] == loaded.crop_rule == handed.crop_rule == "pad"
+    assert np.array_equal(_painted(handed), _painted(loaded))
+    assert handed.model_name == loaded.model_name == read_checkpoint(SHIPPED_MODEL)["card"]["name"]
+    overridden = Anonymizer(AnonymizerConfig(crop_rule="fdf"), generator=load_generator_at(SHIPPED_MODEL))
+    assert overridden.crop_rule == "fdf"
+    assert not np.array_equal(_painted(overridden), _painted(loaded))  # the rule changes what is painted
+
+
+def test_saved_options_name_the_model_file_that_painted(monkeypatch, tmp_path):
+    """Without --checkpoint the options record the model that was resolved (the shipped one, or
+    $FDF_GENERATOR_CHECKPOINT), its card's name and the crop rule faces were cut by; not null."""
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    card = read_checkpoint(SHIPPED_MODEL)["card"]
+    anonymize_main([str(PHOTOS / NO_FACE), str(tmp_path / "a.jpg"), "--progress", "false"])
+    options = json.loads((tmp_path / "a.jpg.options.json").read_text())
+    assert options["checkpoint"] == str(SHIPPED_MODEL)
+    assert options["model_name"] == card["name"] and options["crop_rule"] == "pad"
+    copy = shutil.copyfile(SHIPPED_MODEL, tmp_path / "model.pt")
+    monkeypatch.setenv(CHECKPOINT_ENV, str(copy))
+    anonymize_main([str(PHOTOS / NO_FACE), str(tmp_path / "b.jpg"), "--progress", "false"])
+    options = json.loads((tmp_path / "b.jpg.options.json").read_text())
+    assert Path(options["checkpoint"]).samefile(copy) and options["model_name"] == card["name"]
+    anonymize_main([str(PHOTOS / NO_FACE), str(tmp_path / "c.jpg"), "--progress", "false", "--method", "blackout"])
+    options = json.loads((tmp_path / "c.jpg.options.json").read_text())
+    assert options["model_name"] is None  # a baseline paints with no model
+
+
+def test_an_unknown_crop_rule_in_a_model_file_is_an_error_naming_it(tmp_path):
+    import torch
+    saved = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({**saved, "crop_rule": "tight"}, bad)
+    with pytest.raises(InputError, match=f"{bad}: crop_rule 'tight' is not one of fdf, pad"):
+        load_generator_at(bad)
