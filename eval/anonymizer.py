@@ -7,11 +7,10 @@ built by the training code path itself (same keypoint conversion, same box blank
 keypoints the backend cannot match is still anonymized, with every keypoint missing (no pose):
 leaving it untouched was a flaw of the 2019 evaluation (docs/reference.md, "Flaws of the 2019 evaluation").
 
-The generated crop is resized back and pasted with a feathered edge: weight 1 on the face box
-(every pixel the box touches), falling linearly to 0 over `feather` × the face side outside it.
-Nothing outside the face boxes grown by that band changes. Where faces overlap, each pixel takes
-the face with the highest weight (the later face on ties), so the band of one face never carries
-the original pixels of another face's box back into the result.
+The generated crop is resized back and pasted by `eval.paste`: weight 1 on the face box (every
+pixel the box touches), a band of `feather` × the face side outside it blending back to the photo,
+and by default a gradient-domain (Poisson) solve so that the painted face meets the photo without a
+colour step. Nothing outside the face boxes grown by that band changes.
 
 `method` may also name a baseline of :mod:`eval.baselines` (black-out, pixelation, blur): those
 rewrite exactly the face boxes, as in the paper's table.
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -34,9 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdf_core import precision as inference_precision
 from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
+from eval.paste import BLENDS, Composite, feather_width, pixel_extent
 from fdf_core.checkpoints import read_checkpoint
 from fdf_core.errors import ConfigError, InputError
 from fdf_core.fid import to_uint8
@@ -70,8 +70,12 @@ class AnonymizerConfig(FaceModelsConfig):
             `data.keypoint_threshold`
         batch_size: faces per generator call and images per detector call
         feather: width of the blend band outside each face box, as a fraction of the face side
+        blend: poisson (the painted face's gradients, solved against the photo around it: no colour
+            step at the box edge) or feather (plain alpha blend over the band); see eval.paste
         crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule
             of the generator's training faces (recorded in exported models; fdf for training checkpoints)
+        precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
+            units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
 
     allow_no_keypoints: ClassVar[bool] = True
@@ -81,14 +85,19 @@ class AnonymizerConfig(FaceModelsConfig):
     keypoint_threshold: float = 0.0
     batch_size: int = 16
     feather: float = 0.1
+    blend: str = "poisson"
     crop_rule: str | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        inference_precision.resolve(self.precision, "cpu")  # a misspelt --precision fails before any work
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: unknown; choose from {', '.join(METHODS)}")
         if self.feather < 0:
             raise ConfigError(f"--feather ({self.feather}) must be >= 0")
+        if self.blend not in BLENDS:
+            raise ConfigError(f"--blend {self.blend!r}: choose from {', '.join(BLENDS)}")
         if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
             raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
 
@@ -164,30 +173,6 @@ def generator_info(generator: GeneratorAt) -> tuple[str | None, str]:
     return name, f"{name}{shipped}: {size} faces, alpha {generator.alpha:g}"
 
 
-def _pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Pixels a box touches, as the baselines count them (floor/ceil, clipped)."""
-    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-    x1, y1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
-
-
-def feather_width(box: np.ndarray, feather: float) -> int:
-    """Blend band in pixels outside a box: `feather` × the longer face side."""
-    return max(0, round(feather * max(box[2] - box[0], box[3] - box[1])))
-
-
-def _band_weights(extent: tuple[int, int, int, int], band: int,
-                  window: tuple[int, int, int, int]) -> np.ndarray:
-    """(h, w) weights over `window`: 1 on the box pixels, then 1 - d / (band + 1) at Chebyshev
-    distance d (pixels) outside the box, 0 from band + 1 on."""
-    x0, y0, x1, y1 = extent
-    xs, ys = np.arange(window[0], window[2]), np.arange(window[1], window[3])
-    dx = np.maximum(np.maximum(x0 - xs, xs - (x1 - 1)), 0)
-    dy = np.maximum(np.maximum(y0 - ys, ys - (y1 - 1)), 0)
-    d = np.maximum(dy[:, None], dx[None, :]).astype(np.float32)
-    return np.clip(1 - d / (band + 1), 0, 1)
-
-
 class Anonymizer:
     """Anonymizes every face of RGB uint8 images; models are loaded on first use.
 
@@ -219,6 +204,7 @@ class Anonymizer:
             self.model_name, self.generator_name = generator_info(generator)
             log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
+            self.generator.precision = cfg.precision
         self.crop_rule = cfg.crop_rule or trained_rule
 
     @cached_property
@@ -288,7 +274,7 @@ class Anonymizer:
         samples = []
         for i, (im, f) in enumerate(zip(images, faces)):
             for j, box in enumerate(f.boxes):
-                extent = _pixel_extent(box, *im.shape[:2])
+                extent = pixel_extent(box, *im.shape[:2])
                 if extent is None:
                     continue  # an empty box covers no pixel
                 # The crop is taken around every pixel the box touches, so none escapes the mask.
@@ -300,7 +286,7 @@ class Anonymizer:
         t0 = time.perf_counter()
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         generated = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, generated)]
-        outputs = [_Composite(im) for im in images]
+        outputs = [Composite(im, self.cfg.blend) for im in images]
         for (i, j, extent, crop), face in zip(jobs, generated):
             outputs[i].add(face, extent, crop, feather_width(faces[i].boxes[j], self.cfg.feather))
         result = [o.result() for o in outputs]
@@ -347,40 +333,3 @@ def is_grayscale(image: np.ndarray) -> bool:
 def _to_gray(face: np.ndarray) -> np.ndarray:
     luma = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
     return np.repeat(luma[..., None], 3, axis=2)
-
-
-class _Composite:
-    """Feathered paste of generated crops into one image; pixels of weight 0 keep their value."""
-
-    def __init__(self, image: np.ndarray):
-        self.image = image
-        self.best: np.ndarray | None = None  # highest weight per pixel so far
-        self.pasted: np.ndarray | None = None  # the generated pixel of that weight
-
-    def add(self, face: np.ndarray, extent: tuple[int, int, int, int], crop: fdfcrop.Crop, band: int) -> None:
-        h, w = self.image.shape[:2]
-        cx0, cy0, cx1, cy1 = crop.box
-        window = (max(extent[0] - band, 0, cx0), max(extent[1] - band, 0, cy0),
-                  min(extent[2] + band, w, cx1), min(extent[3] + band, h, cy1))
-        if self.best is None:
-            self.best = np.zeros((h, w), np.float32)
-            self.pasted = self.image.copy()
-        side = crop.side
-        interp = cv2.INTER_LINEAR if side >= face.shape[0] else cv2.INTER_AREA
-        full = cv2.resize(face, (side, side), interpolation=interp)
-        wx0, wy0, wx1, wy1 = window
-        patch = full[wy0 - cy0:wy1 - cy0, wx0 - cx0:wx1 - cx0]
-        weight = _band_weights(extent, band, window)
-        best = self.best[wy0:wy1, wx0:wx1]
-        take = (weight > 0) & (weight >= best)
-        best[take] = weight[take]
-        self.pasted[wy0:wy1, wx0:wx1][take] = patch[take]
-
-    def result(self) -> np.ndarray:
-        out = self.image.copy()
-        if self.best is None:
-            return out
-        where = self.best > 0
-        a = self.best[where][:, None]
-        out[where] = np.rint(self.image[where] * (1 - a) + self.pasted[where] * a).astype(np.uint8)
-        return out

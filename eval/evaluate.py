@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fdf_core import precision as inference_precision
 from fdf_core.tario import atomic_write_json
 from eval.anonymizer import load_generator_at
 from eval.baselines import anonymize_boxes
@@ -57,6 +58,8 @@ class EvaluateConfig:
         log_mlflow: log the metric and the JSON to MLflow
         keypoint_threshold: as the run's `data.keypoint_threshold` (default: read from its config.yaml)
         device: cpu or cuda
+        precision: the generator's number format: auto (bf16 where the device has bf16 units), bf16
+            or fp32 (fdf_core.precision); the Inception network always runs in fp32
     """
 
     checkpoint: str
@@ -72,8 +75,10 @@ class EvaluateConfig:
     log_mlflow: bool = True
     keypoint_threshold: float | None = None
     device: str = "cpu"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        inference_precision.resolve(self.precision, "cpu")
         if self.feature not in METRIC_NAMES:
             raise ConfigError(f"--feature must be one of {sorted(METRIC_NAMES)}, not {self.feature!r}")
 
@@ -121,6 +126,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if threshold is None:
         threshold = float(run_config(run_dir).get("data", {}).get("keypoint_threshold", 0.0))
     g = load_generator_at(ckpt, cfg.device)
+    g.precision = cfg.precision
     progress = read_progress(ckpt) or {}
     data = FDFDataModule(cfg.data_root, keypoint_threshold=threshold)
     data.setup("validate")
@@ -132,7 +138,7 @@ def run(cfg: EvaluateConfig) -> dict:
     key = f"eval/{METRIC_NAMES[cfg.feature]}"
     result = {"metric": key, "fid": value, "feature": cfg.feature, "checkpoint": str(ckpt), "step": step,
               "images_shown": images_shown, "kimg": images_shown / 1000, "resolution": g.resolution,
-              "alpha": g.alpha, "num_images": num_images, "data_root": cfg.data_root,
+              "alpha": g.alpha, "precision": inference_precision.resolve(cfg.precision, cfg.device), "num_images": num_images, "data_root": cfg.data_root,
               "seconds": round(time.perf_counter() - start, 2)}
     out = output_path(cfg)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))

@@ -11,8 +11,8 @@ import pytest
 
 from fdf_core.assets import MissingAssetError, assets_dir
 from eval.cli import anonymize_main
-from eval.anonymizer import (CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, _band_weights,
-                             feather_width, load_generator_at)
+from eval.anonymizer import CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, load_generator_at
+from eval.paste import band_weights, feather_width
 from eval.video import FaceTracker, ffmpeg_exe, is_cut, _histogram
 
 PHOTOS = assets_dir() / "corpus" / "photos"
@@ -76,7 +76,7 @@ def test_every_method_changes_only_the_face_region(method, models, crowd):
 
 
 def test_band_weights_fall_from_one_to_zero():
-    w = _band_weights((10, 10, 20, 20), 4, (0, 0, 30, 30))
+    w = band_weights((10, 10, 20, 20), 4, (0, 0, 30, 30))
     assert (w[10:20, 10:20] == 1).all()
     row = w[15, 20:26]  # distance 1..6 to the right of the box
     assert row == pytest.approx([0.8, 0.6, 0.4, 0.2, 0, 0])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fdf_core.errors import ConfigError
+from fdf_core import precision as inference_precision
 from training.layers import (ConvAct, EqualizedConv2d, EqualizedLinear, MinibatchStd, downsample,
                              pose_maps, upsample)
 
@@ -227,16 +228,28 @@ class GeneratorAt(nn.Module):
     """A generator pinned to one resolution and fade-in alpha: what evaluation hooks receive.
 
     `forward(condition, mask, keypoints, z=None)` at `resolution` (z = None: zeros, the paper's
-    evaluation setting); `.resolution` tells the caller which input size to build.
+    evaluation setting); `.resolution` tells the caller which input size to build. `.precision`
+    ("fp32", "bf16" or "auto", fdf_core.precision) is the number format of the forward pass; the
+    output is fp32 either way, so callers never see bf16.
     """
 
-    def __init__(self, generator: Generator, resolution: int, alpha: float = 1.0):
+    def __init__(self, generator: Generator, resolution: int, alpha: float = 1.0, precision: str = "fp32"):
         super().__init__()
-        self.generator, self.resolution, self.alpha = generator, resolution, alpha
+        self.generator, self.resolution, self.alpha, self.precision = generator, resolution, alpha, precision
+        self._channels_last = False
 
     def forward(self, condition: torch.Tensor, mask: torch.Tensor, keypoints: torch.Tensor,
                 z: torch.Tensor | None = None) -> torch.Tensor:
-        return self.generator(condition, mask, keypoints, z, self.alpha)
+        if inference_precision.resolve(self.precision, condition.device) == "bf16":
+            # oneDNN's bf16 convolutions pay in NHWC: bf16 alone is no faster than fp32 on this CPU,
+            # bf16 + channels_last about twice as fast (tests/test_precision.py; benchmarks/anonymize.py)
+            if not self._channels_last:
+                self.generator.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            condition, mask = (t.contiguous(memory_format=torch.channels_last) for t in (condition, mask))
+        with inference_precision.autocast(self.precision, condition.device):
+            out = self.generator(condition, mask, keypoints, z, self.alpha)
+        return out.float().contiguous()
 
 
 def count_parameters(net: _Progressive, resolution: int | None = None) -> int:

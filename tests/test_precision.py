@@ -1,0 +1,44 @@
+"""Inference precision: bf16 where the CPU has bf16 units, the same faces as fp32, fp32 out."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eval.anonymizer import load_generator_at, resolve_checkpoint
+from fdf_core import precision
+from fdf_core.errors import ConfigError
+from training.conditioning import prepare
+
+
+def test_auto_follows_the_cpu_flags(tmp_path):
+    with_units, without = tmp_path / "amx", tmp_path / "old"
+    with_units.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    without.write_text("flags\t\t: fpu sse avx2\n")
+    assert precision.cpu_has_native_bf16(str(with_units)) == torch.backends.mkldnn.is_available()
+    assert not precision.cpu_has_native_bf16(str(without))
+    assert not precision.cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert precision.resolve("fp32", "cpu") == "fp32" and precision.resolve("bf16", "cpu") == "bf16"
+    assert precision.resolve("auto", "cpu") == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ConfigError, match="--precision 'half'"):
+        precision.resolve("half", "cpu")
+
+
+def test_bf16_generator_paints_the_fp32_faces_and_keeps_the_background_exactly():
+    g = load_generator_at(resolve_checkpoint(None))
+    r = g.resolution
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 128, 128), dtype=torch.uint8, generator=rng)
+    bbox = torch.tensor([[0.25, 0.2, 0.75, 0.8]]).expand(6, 4)
+    keypoints = torch.rand(6, 7, 2, generator=rng) * 0.5 + 0.25
+    p = prepare(images, bbox, keypoints, r)
+    with torch.inference_mode():
+        g.precision = "fp32"
+        ref = g(p.condition, p.mask, p.keypoints)
+        g.precision = "bf16"
+        low = g(p.condition, p.mask, p.keypoints)
+    assert low.dtype == torch.float32 and low.is_contiguous()
+    keep = p.mask.expand_as(low).bool()
+    assert torch.equal(low[keep], p.condition[keep])  # the background is the condition, bit for bit
+    diff = (low - ref).abs()[~keep]
+    assert 0 < diff.mean() < 0.03 and np.isfinite(low.numpy()).all()  # bf16 ran, and paints the same face
