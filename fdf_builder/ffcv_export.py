@@ -1,10 +1,15 @@
 """Optional FFCV copy of an FDF split (`pip install fdf[ffcv]`; needs libturbojpeg and OpenCV).
 
+The image field holds the shards' JPEG bytes unchanged (FFCV's own RGBImageField would decode and
+re-encode them, a second lossy generation: pixels up to 29 levels off the tar's), so training from
+the `.beton` sees the same faces as training from the tars (FORMAT.md §2).
+
 ffcv 1.0.2's writer hangs instead of failing when a worker raises, so every sample is decoded and
 checked in this process first; the workers then only read bytes we know to be good.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -47,19 +52,78 @@ class _TarIndex:
             return f.read(size)
 
     def __getitem__(self, i: int):
+        """(JPEG bytes as a uint8 array, bbox (4,), keypoints (K,3), provenance dict)."""
         path, jo, js, mo, ms = self.items[i]
-        image = np.asarray(Image.open(io.BytesIO(self._read(path, jo, js))).convert("RGB"))
         meta = json.loads(self._read(path, mo, ms))
-        return (image, np.asarray(meta["bbox"], np.float32),
+        return (np.frombuffer(self._read(path, jo, js), np.uint8), np.asarray(meta["bbox"], np.float32),
                 np.asarray(meta["keypoints"], np.float32), meta)
 
 
-def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
-                write_mode: str = "jpg", jpeg_quality: int = 95) -> Path | None:
+def _check_samples(index: _TarIndex) -> tuple[int, tuple[int, ...]]:
+    """(crop size, keypoints shape) shared by every sample; raises naming the first bad one."""
+    resolution = kps_shape = None
+    for i in range(len(index)):  # validate before the writer's workers see anything
+        jpg, bbox, kps, _ = index[i]
+        path = index.items[i][0]
+        try:
+            image = Image.open(io.BytesIO(jpg.tobytes()))
+            image.load()
+        except OSError as e:
+            raise ValueError(f"{path}: sample {i}: unreadable JPEG ({e})") from None
+        resolution, kps_shape = resolution or image.size[0], kps_shape or kps.shape
+        if (image.format != "JPEG" or image.mode != "RGB" or image.size != (resolution, resolution)
+                or bbox.shape != (4,) or kps.shape != kps_shape or kps.shape[1] != 3):
+            raise ValueError(f"{path}: sample {i} is a {image.format} {image.mode} {image.size} image, box "
+                             f"{bbox.shape}, keypoints {kps.shape}; expected an RGB JPEG of {resolution}x"
+                             f"{resolution}, (4,) and {kps_shape or '(K, 3)'}")
+    return resolution, kps_shape
+
+
+def _jpeg_field(resolution: int):
+    """An RGBImageField that stores the JPEG bytes it is given as they are (mode jpg, no re-encode).
+
+    The file still declares a plain RGBImageField (`_Writer`), so any FFCV reader decodes it.
+    """
+    from ffcv.fields import RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    class StoredJpegField(RGBImageField):
+        def encode(self, destination, jpg, malloc):
+            destination["mode"] = IMAGE_MODES["jpg"]
+            destination["height"] = destination["width"] = resolution
+            destination["data_ptr"], storage = malloc(jpg.nbytes)
+            storage[:] = jpg
+
+    return StoredJpegField(write_mode="jpg", max_resolution=resolution)
+
+
+def _writer(path: str, fields: dict, num_workers: int):
+    """ffcv's DatasetWriter, whose header declares our field subclasses as their FFCV base type
+    (it looks up `type(field)` exactly and would write an unknown-type id)."""
+    from ffcv.fields import RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Writer(DatasetWriter):
+        def prepare(self):
+            encoding = self.fields
+            declared = {}
+            for name, field in encoding.items():
+                declared[name] = copy.copy(field)
+                if isinstance(field, RGBImageField):
+                    declared[name].__class__ = RGBImageField
+            self.fields = declared
+            try:
+                super().prepare()
+            finally:
+                self.fields = encoding  # the workers (forked later) encode with ours
+
+    return Writer(path, fields, num_workers=num_workers)
+
+
+def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2) -> Path | None:
     """Write `<fdf_dir>/<split>.beton` with fields image, bbox, keypoints, meta (provenance)."""
     try:
-        from ffcv.fields import JSONField, NDArrayField, RGBImageField
-        from ffcv.writer import DatasetWriter
+        from ffcv.fields import JSONField, NDArrayField
     except ImportError as e:
         raise ImportError(f"--ffcv needs the ffcv package (pip install 'fdf[ffcv]'): {e}") from e
     fdf_dir = Path(fdf_dir)
@@ -68,20 +132,13 @@ def export_ffcv(fdf_dir: str | Path, split: str, num_workers: int = 2,
     if len(index) == 0:
         log.info("no %s faces, no FFCV file written", split)
         return None
-    resolution = None
-    for i in range(len(index)):  # validate before the writer's workers see anything
-        image, bbox, kps, _ = index[i]
-        resolution = resolution or image.shape[0]
-        if image.shape != (resolution, resolution, 3) or bbox.shape != (4,) or kps.shape[1] != 3:
-            path = index.items[i][0]
-            raise ValueError(f"{path}: sample {i} has shapes {image.shape}, {bbox.shape}, {kps.shape}")
+    resolution, kps_shape = _check_samples(index)
     out = fdf_dir / f"{split}.beton"
-    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=resolution,
-                                     jpeg_quality=jpeg_quality),
+    fields = {"image": _jpeg_field(resolution),
               "bbox": NDArrayField(np.dtype("float32"), (4,)),
-              "keypoints": NDArrayField(np.dtype("float32"), tuple(kps.shape)),
+              "keypoints": NDArrayField(np.dtype("float32"), tuple(kps_shape)),
               "meta": JSONField()}
     with atomic_path(out) as tmp:
-        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(index)
+        _writer(str(tmp), fields, num_workers).from_indexed_dataset(index)
     log.info("wrote %d %s samples to %s", len(index), split, out)
     return out

@@ -18,9 +18,12 @@ from data_prep.yfcc import YfccRecord
 
 def pytest_sessionstart(session) -> None:
     """With FDF_REQUIRE_ASSETS set (CI, .ci/run) missing assets stop the session at once: skipping
-    every test that needs them would let a run pass with nothing tested."""
+    every test that needs them would let a run pass with nothing tested. FDF_REQUIRE_FFCV does the
+    same for the ffcv extra."""
     if os.environ.get("FDF_REQUIRE_ASSETS") and not _assets_found():
         pytest.exit(f"FDF_REQUIRE_ASSETS is set but {_missing_assets()}", returncode=pytest.ExitCode.USAGE_ERROR)
+    if os.environ.get("FDF_REQUIRE_FFCV") and _ffcv_missing():
+        pytest.exit(f"FDF_REQUIRE_FFCV is set but {_ffcv_missing()}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def _assets_found() -> bool:
@@ -30,6 +33,22 @@ def _assets_found() -> bool:
 def _missing_assets() -> str:
     return (f"the shared assets are not at {assets_dir()} (../shared/assets beside the checkout, or set "
             "FDF_ASSETS to the folder holding weights/, corpus/ and wider/)")
+
+
+def _ffcv_missing() -> str:
+    """Why ffcv cannot be imported ("" when it can)."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:
+        return f"the ffcv extra does not import ({e}); install.sh installs it"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def ffcv_extra() -> None:
+    """The ffcv extra: tests that need it skip without it, unless FDF_REQUIRE_FFCV is set (CI)."""
+    if _ffcv_missing():
+        pytest.skip(_ffcv_missing())
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,14 @@ def write_fdf_shards(out: str | Path, corpus: str | Path, resolution: int = 32, 
 def fdf_shards(tmp_path_factory, assets) -> Path:
     """96 train / 16 val faces at 32x32 in 12-sample shards."""
     return write_fdf_shards(tmp_path_factory.mktemp("fdf"), assets / "corpus", resolution=32)
+
+
+@pytest.fixture(scope="session")
+def fdf_beton(fdf_shards, ffcv_extra, tmp_path_factory) -> Path:
+    """A copy of `fdf_shards` with `train.beton` (fdf-build --ffcv true's export) beside the tars."""
+    import shutil
+    from fdf_builder.ffcv_export import export_ffcv
+    out = tmp_path_factory.mktemp("fdf_beton") / "fdf"
+    shutil.copytree(fdf_shards, out)
+    export_ffcv(out, "train", num_workers=1)
+    return out

@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_BENCH = REPO / "benchmarks" / "gpu.py"
+PEAK = 123.4  # a --peak_tflops unlike the built-in default, so a result that ignored the flag fails
 
 
 def _run(*args: str, timeout: float) -> tuple[dict, subprocess.CompletedProcess]:
@@ -34,10 +35,10 @@ RUN_KEYS = {"batch", "timed_steps", "img_per_s", "sec_per_step", "min_sec_per_st
 
 @pytest.mark.slow  # several minutes on a busy 2-core machine: imports, a torch.compile, a spawned rank
 def test_tiny_mode_runs_every_section_and_reports_positive_figures(assets):
-    out, _ = _run("--budget_s", "840", timeout=880)
+    out, _ = _run("--budget_s", "840", "--peak_tflops", str(PEAK), timeout=880)
     assert out["mode"] == "tiny (cpu)"
     assert {"assumptions", "training", "builder", "anonymizer", "ddp", "wall_seconds"} <= out.keys()
-    assert out["assumptions"]["peak_tflops"] == 989.4
+    assert out["assumptions"]["peak_tflops"] == PEAK  # the flag, not the H100/H200 default, is what it used
 
     training = out["training"]
     for name in ("12m", "46m"):
@@ -64,6 +65,11 @@ def test_tiny_mode_runs_every_section_and_reports_positive_figures(assets):
     for run in ddp["world_sizes"].values():
         assert {"img_per_s", "sec_per_step", "efficiency"} <= run.keys()
         assert run["weights_identical_across_ranks"] is True  # the gradients were all-reduced
+
+    runs = [r for cfg in (training["12m"], training["46m"]) for b in ("batch4", "batch8") for r in cfg[b].values()
+            if isinstance(r, dict)]
+    for run in runs:  # each fraction is the run's own TFLOPS over the peak it was given
+        assert run["fraction_of_peak"] == pytest.approx(run["model_tflops"] / PEAK, rel=2e-3), run
 
     for path, value in _leaves(out):
         assert not (isinstance(value, str) and value.startswith(("error", "skipped", "out of memory"))), (path, value)

@@ -181,18 +181,26 @@ def test_other_options_into_same_folder_are_refused(reference):
 
 
 @pytest.mark.slow  # FFCV
-def test_ffcv_export_matches_shards(tmp_path, reference):
-    pytest.importorskip("ffcv", reason="the ffcv extra is not installed (install.sh installs it)")
+def test_ffcv_export_matches_shards(tmp_path, reference, ffcv_extra):
+    """train.beton holds the train faces in shard order: their JPEG bytes as stored (no re-encode),
+    boxes and keypoints."""
     from ffcv.reader import Reader
     from fdf_builder.ffcv_export import export_ffcv
     import shutil
     fdf = tmp_path / "fdf"
     shutil.copytree(reference / "fdf", fdf)
     out = export_ffcv(fdf, "train", num_workers=1)
-    n_train = sum(1 for s in _samples(reference).values() if s["split"] == "train")
+    train = [s for s in _samples(reference).values() if s["split"] == "train"]
     reader = Reader(str(out))
-    assert reader.num_samples == n_train
-    assert set(reader.handlers) == {"image", "bbox", "keypoints", "meta"}
+    assert reader.num_samples == len(train)
+    assert list(reader.handlers) == ["image", "bbox", "keypoints", "meta"]
+    image, bbox = reader.metadata["f0"], reader.metadata["f1"]
+    data = out.read_bytes()
+    for i, s in enumerate(train):
+        ptr = int(image[i]["data_ptr"])
+        assert data[ptr:ptr + len(s["jpg"])] == s["jpg"], f"sample {i}: the JPEG was re-encoded"
+        stored = np.frombuffer(data, np.float32, 4, offset=int(bbox[i]))  # an NDArrayField holds a pointer
+        assert stored.tolist() == pytest.approx(json.loads(s["json"])["bbox"], abs=1e-6)
 
 
 def test_unknown_shard_range_is_a_clear_error(reference):

@@ -78,12 +78,13 @@ def test_squeue_watcher_hooks_into_submitits_polling():
 def test_cluster_environment_and_signal_handlers(monkeypatch):
     from slurm.train import TaskEnvironment
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
-    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, plugins=[TaskEnvironment()])
     assert isinstance(compat.cluster_environment(trainer), TaskEnvironment)
     with compat.lightning_signal_handlers(trainer):
-        pass
-    assert {s: signal.getsignal(s) for s in before} == before
+        inside = signal.getsignal(signal.SIGTERM)  # Lightning's SIGTERM handler, for every environment
+    assert inside is not before[signal.SIGTERM] and callable(inside)  # a no-op block would fail here
+    assert {s: signal.getsignal(s) for s in before} == before  # and torn down after it
 
 
 def test_hpc_checkpoint_name_is_lightnings():
@@ -94,12 +95,15 @@ def test_hpc_checkpoint_name_is_lightnings():
 
 
 # ------------------------------------------------------------------------------------ elsewhere
-def test_other_private_calls():
+def test_other_private_calls(monkeypatch):
     import torch
     from jsonargparse._common import debug_mode_active  # fdf_core.console: JSONARGPARSE_DEBUG
     from torchvision.models._utils import IntermediateLayerGetter  # fdf_builder.detector
 
-    assert debug_mode_active() in (True, False)
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # this jsonargparse refuses "1"
+    assert debug_mode_active() is True
+    monkeypatch.delenv("JSONARGPARSE_DEBUG")
+    assert debug_mode_active() is False
     body = IntermediateLayerGetter(torch.nn.Sequential(torch.nn.Identity()), {"0": "out"})
     assert set(body(torch.zeros(1))) == {"out"}
     a, b = [torch.zeros(2)], [torch.ones(2)]

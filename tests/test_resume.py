@@ -51,9 +51,21 @@ def _history(run_dir, run_id: str, key: str) -> dict[int, list[float]]:
 
 
 def test_sigkill_and_resume_matches_an_uninterrupted_run(fdf_shards, resume_reference, tmp_path):
+    _kill_resume_and_compare(fdf_shards, resume_reference, tmp_path)
+
+
+def test_ffcv_sigkill_and_resume_matches_an_uninterrupted_run(fdf_beton, ffcv_resume_reference, tmp_path):
+    """The same with `--data.format ffcv`: killed mid-epoch (step 12 of a 12-step epoch, checkpoint at
+    10) and in the middle of an FFCV Loader's run of steps, resumed with the positions not yet served."""
+    _kill_resume_and_compare(fdf_beton, ffcv_resume_reference, tmp_path, "--data.format", "ffcv")
+
+
+def _kill_resume_and_compare(root, reference, tmp_path, *extra: str) -> None:
+    """SIGKILL a run two steps after a checkpoint, resume it, compare with the uninterrupted `reference`."""
+    resume_reference = reference
     killed_dir = tmp_path / "killed"
     last = killed_dir / "checkpoints" / "last.ckpt"
-    victim = train_subprocess(fdf_shards, killed_dir, "--trainer.callbacks+=test_resume.SigkillBeforeStep",
+    victim = train_subprocess(root, killed_dir, *extra, "--trainer.callbacks+=test_resume.SigkillBeforeStep",
                               f"--trainer.callbacks.step={KILL_STEP}")
     out, _ = victim.communicate(timeout=600)
     assert victim.returncode == -signal.SIGKILL, out[-3000:]
@@ -66,7 +78,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(fdf_shards, resume_refe
     lost = [s for s in killed_losses if s >= progress["step"]]  # trained after the checkpoint, then lost
     assert lost == list(range(CHECKPOINT_STEP, KILL_STEP)), "the kill should have lost the steps after the checkpoint"
 
-    out = finish(train_subprocess(fdf_shards, killed_dir))
+    out = finish(train_subprocess(root, killed_dir, *extra))
     assert (f"resuming from {last} at step {progress['step']}, kimg {progress['images_shown'] / 1000:.3f}, "
             f"{progress['phase']} alpha {progress['alpha']:.3f}") in out
 

@@ -5,7 +5,8 @@
 evaluation and anonymization tests.
 
 `resume_reference`: an uninterrupted `fdf-train` subprocess with :data:`RESUME_ARGS`, the run that
-interrupted and resumed runs must reproduce exactly (tests/test_resume.py). Made once per session.
+interrupted and resumed runs must reproduce exactly (tests/test_resume.py). Made once per session;
+`ffcv_resume_reference` is the same run reading `train.beton` with FFCV.
 Both fixtures are registered in conftest.py (pytest_plugins).
 """
 from __future__ import annotations
@@ -62,4 +63,12 @@ def resume_reference(fdf_shards, tmp_path_factory) -> Path:
     """The run folder of an uninterrupted run with :data:`RESUME_ARGS`."""
     run_dir = tmp_path_factory.mktemp("resume_reference") / "run"
     finish(train_subprocess(fdf_shards, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ffcv_resume_reference(fdf_beton, tmp_path_factory) -> Path:
+    """The run folder of an uninterrupted run with :data:`RESUME_ARGS` reading `train.beton` with FFCV."""
+    run_dir = tmp_path_factory.mktemp("ffcv_resume_reference") / "run"
+    finish(train_subprocess(fdf_beton, run_dir, "--data.format", "ffcv"))
     return run_dir

@@ -8,7 +8,8 @@ draws the per-rank batch of the schedule for each step, so all ranks always see 
 the stream never runs dry. Resuming at step k skips exactly the samples each slot consumed before
 k (whole epochs from `sizes.json`, the rest without decoding), so the run continues on the same
 samples as an uninterrupted one. That needs the same world size and number of workers; other
-values still train but on a different order (a warning says so).
+values still train but on a different order (a warning says so). `--data.format ffcv` reads the
+split's `.beton` with FFCV instead (training.ffcv_stream, same batches per step, its own order).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fdf_core.tario import iter_samples
-from fdf_core.errors import MissingInputError, NothingToDoError
+from fdf_core.errors import InputError, MissingInputError, NothingToDoError
 from fdf_core.keypoints import KEYPOINT_NAMES
 from training.schedule import Schedule
 
@@ -176,42 +177,74 @@ class FDFDataModule(pl.LightningDataModule):
     so a restored checkpoint puts the stream where the interrupted run left it.
     """
 
-    def __init__(self, root: str = "runs/demo/fdf", num_workers: int = 2, shuffle_buffer: int = 1000,
-                 seed: int = 0, keypoint_threshold: float = 0.0, num_fixed_samples: int = 16,
-                 pin_memory: bool | None = None):
+    def __init__(self, root: str = "runs/demo/fdf", format: Literal["tar", "ffcv"] = "tar", num_workers: int = 2,
+                 shuffle_buffer: int = 1000, seed: int = 0, keypoint_threshold: float = 0.0,
+                 num_fixed_samples: int = 16, pin_memory: bool | None = None):
+        """
+        Args:
+            root: the fdf-build output folder.
+            format: what training reads: "tar", the webdataset shards through a DataLoader of
+                `num_workers` processes (this module's ShardStream); "ffcv", `<root>/train.beton`
+                (fdf-build --ffcv true) through FFCV's Loader with `num_workers` threads
+                (training.ffcv_stream). Validation samples, sample grids and FID read the tars.
+            num_workers: loader processes (tar) or threads (ffcv).
+            shuffle_buffer: samples in each tar reader's shuffle buffer (the ffcv order is a
+                permutation of the whole split per epoch).
+            seed: the data order (linked to seed_everything).
+            keypoint_threshold: keypoints scored below it are passed as missing (-1, -1).
+            num_fixed_samples: validation samples of every sample grid.
+            pin_memory: pinned host memory for the tar DataLoader (default: when CUDA is there).
+        """
         super().__init__()
-        self.root, self.num_workers, self.shuffle_buffer = root, num_workers, shuffle_buffer
+        self.root, self.format, self.num_workers, self.shuffle_buffer = root, format, num_workers, shuffle_buffer
         self.seed, self.keypoint_threshold, self.num_fixed_samples = seed, keypoint_threshold, num_fixed_samples
         self.pin_memory = pin_memory
-        self._restored: dict[str, int] | None = None
+        self._restored: dict[str, int | str] | None = None
 
     def setup(self, stage: str) -> None:
         self.train_shards, self.train_sizes = list_shards(self.root, "train")
         self.val_shards, self.val_sizes = list_shards(self.root, "val")
-        if not self.train_shards:
+        if self.format == "ffcv":
+            self.beton = self._open_beton()
+        elif not self.train_shards:
             raise MissingInputError(f"no training shards at {Path(self.root) / 'train'}/*.tar "
                                     "(build them with fdf-build, or set --data.root)")
 
-    def _position(self) -> dict[str, int]:
+    def _open_beton(self):
+        """`<root>/train.beton`, checked, and refused when it holds other samples than the shards."""
+        from training.ffcv_stream import open_beton
+        beton = open_beton(Path(self.root) / "train.beton")
+        if self.train_shards and sum(self.train_sizes) != beton.num_samples:
+            raise InputError(f"{beton.path} holds {beton.num_samples} samples, the train shards "
+                             f"{sum(self.train_sizes)}: it is stale; rebuild it with fdf-build --ffcv true")
+        return beton
+
+    def _position(self) -> dict[str, int | str]:
         trainer = self.trainer
         return {"seed": self.seed, "world_size": trainer.world_size, "num_workers": self.num_workers,
-                "step": trainer.lightning_module.step}
+                "format": self.format, "step": trainer.lightning_module.step}
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return self._position()
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, int | str]) -> None:
         self._restored = dict(state_dict)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | Any:
         module, trainer = self.trainer.lightning_module, self.trainer
         if self._restored is not None:
             now = self._position()
-            changed = {k: (self._restored[k], now[k]) for k in ("seed", "world_size", "num_workers")
-                       if self._restored.get(k) != now[k]}
+            # the ffcv order does not depend on the number of loader threads
+            keys = ("seed", "world_size", "format") + (("num_workers",) if self.format == "tar" else ())
+            changed = {k: (self._restored.get(k, "tar" if k == "format" else None), now[k]) for k in keys
+                       if self._restored.get(k, "tar" if k == "format" else None) != now[k]}
             if changed:
                 log.warning("resuming with changed %s: the data order differs from the interrupted run",
                             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        if self.format == "ffcv":
+            from training.ffcv_stream import FFCVStream
+            return FFCVStream(self.beton, module.schedule, module.step, trainer.global_rank, trainer.world_size,
+                              self.seed, self.num_workers, self.keypoint_threshold)
         stream = ShardStream(self.train_shards, self.train_sizes, module.schedule, module.step,
                              trainer.global_rank, trainer.world_size, self.seed, self.shuffle_buffer,
                              self.keypoint_threshold)
