@@ -2,20 +2,26 @@
 
     python benchmarks/learning.py                      # everything, resumable (about 3 h on 2 cores)
     python benchmarks/learning.py --stages '[evaluate]' --workdir runs/utkface   # an existing run
+    python benchmarks/learning.py --stages '[baselines]'  # while `train` runs: what needs no model
 
 Stages (each resumable: a rerun skips what is done):
 1. ingest: the UTKFace crops (`$FDF_ASSETS/faces/utkface`, non-commercial research license) → raw
    shards with `fdf-ingest`, as a user with a folder of photos would;
 2. build: FDF shards with the project's RetinaFace + MoveNet builder, 13% of the photos held out;
+   baselines: what the evaluation needs that does not depend on the model, at the config's resolution
+   (baseline and sampling-floor FIDs, dlib embeddings of the training faces, identity of the LFW
+   originals and of every baseline): cached in the workdir, so it can run beside `train`;
 3. train: `--config` (default `training/configs/utkface_cpu64.yaml`, 8x8 → 64x64, bf16 on the CPU;
    `utkface_cpu32.yaml` is the earlier 32x32 run), Inception FID of held-out faces logged to MLflow
    during training; the run folder is `<workdir>/train<resolution>`;
 4. export: the EMA generator with its model card (`training.export`);
-5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's resolution the FID of the
-   generator, of every baseline of `eval.baselines` and of 1,000 training faces (the sampling floor);
-   identity removal of every method on the LFW pairs (`fdf-identity`: TPR at FAR 1e-3, de-identification
-   rate, whether dlib's detector still finds a face); training speed per resolution; wall time. Also
-   writes the FID-curve PNG and a condition / generated / real grid (`--figures`).
+5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's
+   resolution the FID of the generator (bf16 and fp32), of every baseline of `eval.baselines` and of
+   1,000 training faces (the sampling floor); identity removal of every method on all 900 LFW pairs
+   (`fdf-identity`: TPR at FAR 1e-3, de-identification rate, whether dlib's detector still finds a
+   face); whether painted faces match a training face more often than real held-out faces do
+   (`eval.memorization`); training speed per resolution; wall time. Also writes the FID-curve PNG and
+   a condition / generated / real grid (`--figures`).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from fdf_core.assets import assets_dir  # noqa: E402
 from fdf_core.checkpoints import FINAL, checkpoints_dir, default_tracking_uri, read_mlflow_run_id  # noqa: E402
 from fdf_core.tario import atomic_write_json  # noqa: E402
 
-STAGES = ("ingest", "build", "train", "export", "evaluate")
+STAGES = ("ingest", "build", "baselines", "train", "export", "evaluate")
 CONFIG = REPO / "training" / "configs" / "utkface_cpu64.yaml"
 
 
@@ -126,29 +132,74 @@ def training_speed(client, run) -> dict:
             "train_wall_seconds": wall}
 
 
-def fid_table(work: Path, model: Path, num_images: int, cache: Path) -> dict:
-    """FID at the generator's resolution on the same held-out faces: generator, baselines, real train faces."""
-    from eval.anonymizer import load_generator_at
+def _data(work: Path):
+    from training.datamodule import FDFDataModule
+    data = FDFDataModule(str(work / "fdf"))
+    data.setup("validate")
+    return data
+
+
+def baseline_rows(r: Run, num_images: int) -> dict:
+    """FID rows that do not depend on the model, at the run's resolution, kept in
+    `<workdir>/fid_rows_<resolution>.json` (each costs minutes of Inception): every baseline of
+    `eval.baselines` and the sampling floor (as many training faces against the held-out ones)."""
     from eval.baselines import BASELINES
     from eval.evaluate import baseline_fid
     from fdf_core.fid import compute_fid
     from training.conditioning import prepare
-    from training.datamodule import FDFDataModule
-    from training.fid import generator_fid
-    data = FDFDataModule(str(work / "fdf"))
-    data.setup("validate")
-    g = load_generator_at(model)
-    table = {"generator": generator_fid(g, data, num_images, cache_dir=cache)}
+    rows_file = r.work / f"fid_rows_{r.resolution}.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
+    rows = rows if rows.get("num_images") == num_images else {"num_images": num_images}
+    data, cache, res = _data(r.work), r.work / "fid_cache", r.resolution
     for method in BASELINES:
-        table[method] = baseline_fid(method, data, g.resolution, num_images, cache_dir=cache)
-    # the sampling floor: as many training faces against the held-out ones
-    fakes = (prepare(b["images"], b["bbox"], b["keypoints"], g.resolution).real
-             for b in data.iter_split("train", 50, num_images))
-    reals = ({"img": prepare(b["images"], b["bbox"], b["keypoints"], g.resolution).real, "fake": f}
-             for b, f in zip(data.iter_val(50, num_images), fakes))
-    table["real_train_faces"] = compute_fid(lambda b: b["fake"], reals, "inception", cache, data.val_shards,
-                                            num_images=num_images)
-    return {"resolution": g.resolution, "num_images": num_images, "fid": {k: round(v, 2) for k, v in table.items()}}
+        if method not in rows:
+            rows[method] = round(baseline_fid(method, data, res, num_images, cache_dir=cache), 2)
+            atomic_write_json(rows_file, rows)
+    if "real_train_faces" not in rows:
+        fakes = (prepare(b["images"], b["bbox"], b["keypoints"], res).real for b in data.iter_split("train", 50, num_images))
+        reals = ({"img": prepare(b["images"], b["bbox"], b["keypoints"], res).real, "fake": f}
+                 for b, f in zip(data.iter_val(50, num_images), fakes))
+        rows["real_train_faces"] = round(compute_fid(lambda b: b["fake"], reals, "inception", cache, data.val_shards,
+                                                     num_images=num_images), 2)
+        atomic_write_json(rows_file, rows)
+    return rows
+
+
+def fid_table(r: Run, num_images: int) -> dict:
+    """FID at the generator's resolution on the same held-out faces: the generator in bf16 (what
+    `anonymize` runs on a CPU with bf16 units) and in fp32, every baseline, real training faces."""
+    from eval.anonymizer import load_generator_at
+    from training.fid import generator_fid
+    data, cache = _data(r.work), r.work / "fid_cache"
+    g = load_generator_at(r.model)
+    table = {}
+    for precision in ("bf16", "fp32"):
+        g.precision = precision
+        table[f"generator_{precision}"] = round(generator_fid(g, data, num_images, cache_dir=cache), 2)
+    rows = baseline_rows(r, num_images)
+    table.update({k: v for k, v in rows.items() if k != "num_images"})
+    return {"resolution": g.resolution, "num_images": num_images, "fid": table}
+
+
+def identity(r: Run, args, methods: list[str]) -> dict:
+    """`fdf-identity` on the LFW pairs (originals and baselines are cached beside the output)."""
+    from eval.identity import IdentityConfig, run as fdf_identity
+    ident = fdf_identity(IdentityConfig(pairs_dir=str(args.lfw), methods=methods, checkpoint=str(r.model),
+                                        num_pairs=args.num_pairs or None,
+                                        output=str(r.work / f"identity_{r.resolution}.json"), progress=False))
+    return {k: ident[k] for k in ("pairs", "pairs_skipped_no_face", "threshold_at_far", "original", "methods")}
+
+
+def baselines(r: Run, args) -> dict:
+    """What the evaluation needs that does not depend on the model: run it while the model trains."""
+    from eval.baselines import BASELINES
+    from eval.identity import DlibFaces
+    from eval.memorization import training_embeddings
+    out = {"fid_rows": baseline_rows(r, args.num_images)}
+    out["training_faces_embedded"] = len(training_embeddings(DlibFaces(), _data(r.work), r.work / "fid_cache"))
+    if args.num_pairs != 0:
+        out["identity"] = identity(r, args, list(BASELINES))
+    return out
 
 
 def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96) -> Path:
@@ -172,18 +223,18 @@ def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96)
 
 
 def evaluate(r: Run, args) -> dict:
+    from eval.anonymizer import METHODS
+    from eval.anonymizer import load_generator_at
+    from eval.memorization import memorization
     work, run_dir, model = r.work, r.run_dir, r.model
     client, run = mlflow_run(run_dir)
     out = {"fid_curve": fid_curve(client, run), **training_speed(client, run)}
-    out["fid_table"] = fid_table(work, model, args.num_images, work / "fid_cache")
+    out["fid_table"] = fid_table(r, args.num_images)
+    g = load_generator_at(model)
+    g.precision = "auto"
+    out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
     if args.num_pairs != 0:
-        from eval.anonymizer import METHODS
-        from eval.identity import IdentityConfig, run as identity
-        ident = identity(IdentityConfig(pairs_dir=str(args.lfw), methods=list(METHODS), checkpoint=str(model),
-                                        num_pairs=args.num_pairs, output=str(work / "identity.json"),
-                                        progress=False))
-        out["identity"] = {k: ident[k] for k in ("pairs", "pairs_skipped_no_face", "threshold_at_far", "original",
-                                                 "methods")}
+        out["identity"] = identity(r, args, list(METHODS))
     if args.figures:
         from eval.plots import PlotConfig, run as plot
         figures = Path(args.figures)
@@ -201,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--faces", default=str(assets_dir() / "faces" / "utkface"))
     p.add_argument("--lfw", default=str(assets_dir() / "faces" / "lfw_pairs"))
     p.add_argument("--num_images", type=int, default=1000, help="held-out faces for the FID table")
-    p.add_argument("--num_pairs", type=int, default=400,
-                   help="LFW pairs for identity (400 of 900 keep the run near an hour on 2 cores; 0 = skip)")
+    p.add_argument("--num_pairs", type=int, default=900, help="LFW pairs for identity (900: all; 0 = skip)")
     p.add_argument("--figures", default=None, help="folder for the FID-curve PNG and the sample grid")
     args = p.parse_args(argv)
     stages = [s.strip(" '\"") for s in args.stages.strip("[]").split(",") if s.strip()]
@@ -215,13 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = work / f"learning_{run.name}.json"  # every stage's latest result: running one stage keeps the others'
     summary: dict = {**(json.loads(results.read_text()) if results.is_file() else {}), "workdir": str(work)}
     steps = {"ingest": lambda: ingest(work, Path(args.faces)), "build": lambda: build(work),
-             "train": lambda: train(run), "export": lambda: export(run), "evaluate": lambda: evaluate(run, args)}
+             "baselines": lambda: baselines(run, args), "train": lambda: train(run), "export": lambda: export(run), "evaluate": lambda: evaluate(run, args)}
     for name in STAGES:
         if name in stages:
             t0 = time.perf_counter()
             result = steps[name]()
             seconds = round(time.perf_counter() - t0, 1)
-            summary[name] = {**result, "seconds": seconds} if name == "evaluate" else {"seconds": seconds}
+            summary[name] = {**result, "seconds": seconds} if name in ("baselines", "evaluate") else {"seconds": seconds}
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(results, json.loads(json.dumps(summary, default=str)))
     print(json.dumps(summary, default=str))

@@ -1,12 +1,21 @@
-"""img/s of one training step of the 12M config at 32x32 and 128x128, Lightning vs a bare loop.
+"""img/s of one training step: bf16 against fp32 on a CPU, and Lightning against a bare loop.
 
-Both sides run the same networks (S=256, wide critic), the same batch of real corpus photos
+`--mode precision` (the default on a CPU): the bare step of a CPU config's networks (base width 64,
+batch 32, as `training/configs/utkface_cpu64.yaml`) at 32x32, 64x64 and 128x128 in fp32, bf16
+autocast, bf16 autocast + channels_last, and that with torch.compile (inductor) of G and of D outside
+the gradient penalty, alternating rounds and keeping each variant's fastest step, so the ratios come
+from one run on a busy machine. Goal: bf16 + channels_last >= 2.5x fp32 at 64x64 (this CPU's
+AMX / AVX-512-bf16 units). The CPU configs use the variant that wins.
+
+`--mode overhead` (the default on a GPU): the 12M config at 32x32 and 128x128. Both sides run the same networks (S=256, wide critic), the same batch of real corpus photos
 already on the device, the same step (critic step with gradient penalty and drift, generator
 step, EMA update, non-finite checks) with the same precision and memory format: the ratio of the
 fastest loop iterations (hooks and data fetch included, alternating rounds) isolates what the
 LightningModule/Trainer path costs per step (goal <= 1.1). On a GPU: bf16
 autocast and channels_last, the paper's batch sizes (128 at 32x32, 64 at 128x128). On a CPU the
 batches default to 4 and 2 so that it finishes in minutes. Prints one JSON object.
+
+    python benchmarks/train_step.py --mode precision --resolutions 32 64 128
 """
 from __future__ import annotations
 
@@ -49,11 +58,13 @@ def real_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:
             "keypoints": kp.contiguous().to(device)}
 
 
-def build(resolution: int, batch: int, device: torch.device, base_width: int = 256) -> tuple[ProgressiveGAN, int]:
-    """The model of width S=`base_width` (256: the 12M one, 512: the 46M one) and the first step of
-    its stabilization phase at `resolution`."""
+def build(resolution: int, batch: int, device: torch.device, base_width: int = 256,
+          discriminator: str = "wide") -> tuple[ProgressiveGAN, int]:
+    """The model of width S=`base_width` (256: the 12M one, 512: the 46M one, 64: the CPU configs')
+    and the first step of its stabilization phase at `resolution`."""
     schedule = Schedule(batch_sizes={r: batch for r in (8, 16, 32, 64, 128)})
-    module = ProgressiveGAN(NetworkConfig(base_width=base_width), schedule, channels_last=device.type == "cuda")
+    module = ProgressiveGAN(NetworkConfig(base_width=base_width, discriminator=discriminator), schedule,
+                            channels_last=device.type == "cuda")
     phase = next(p for p in schedule.phases if p.name == f"stabilize{resolution}")
     return module, schedule.first_step(phase)
 
@@ -95,11 +106,14 @@ def lightning_seconds(resolution: int, batch: dict, warmup: int, steps: int, dev
 
 
 def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.device,
-              compile_backend: str | None = None, ddp: bool = False) -> Callable[[int], None]:
+              compile_backend: str | None = None, ddp: bool = False, bf16: bool | None = None,
+              channels_last: bool | None = None) -> Callable[[int], None]:
     """`step(i)` runs training step `start + i` of `module` on `batch` without Lightning.
 
     The module's own step (critic step with gradient penalty and drift, generator step, EMA update,
-    non-finite checks), with bf16 autocast, channels_last and fused Adam on a GPU.
+    non-finite checks), with fused Adam on a GPU; `bf16` autocast and `channels_last` default to on
+    for a GPU and off for a CPU. Under bf16 the gradient penalty's norm and every loss reduction
+    stay fp32 (training/loss.py), as in fdf-train's bf16-mixed.
     `compile_backend` (e.g. "inductor"): torch.compile G, and D everywhere except the gradient-penalty
     pass, which needs a double backward that AOTAutograd does not support; shapes are static.
     `ddp`: G and D each wrapped in DistributedDataParallel (find_unused_parameters, as the Lightning
@@ -111,7 +125,9 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
         raise ValueError("compile with DDP is not measured: choose one")
     module.to(device)
     g, d, ema, sch = module.generator, module.discriminator, module.generator_ema, module.schedule
-    if device.type == "cuda":
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if channels_last:
         module.to(memory_format=torch.channels_last)
     g_train, g_nograd, d_train, d_gp, d_frozen = g, g, d, d, d
     if ddp:
@@ -124,7 +140,7 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
         d_train = d_frozen = torch.compile(d, backend=compile_backend, dynamic=False)
     adam = dict(lr=0.00175, betas=(0.0, 0.99), fused=device.type == "cuda")
     opt_g, opt_d = torch.optim.Adam(g.parameters(), **adam), torch.optim.Adam(d.parameters(), **adam)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     rank = torch.distributed.get_rank() if ddp else 0
     rng = torch.Generator(device=device).manual_seed(rank)
     n = batch["images"].shape[0]
@@ -134,7 +150,7 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
         flip = torch.rand(n, device=device, generator=rng) < 0.5
         p = prepare(batch["images"], batch["bbox"], batch["keypoints"], info.phase.resolution, info.alpha, flip,
                     module.flip_order)
-        if device.type == "cuda":
+        if channels_last:
             p.real, p.condition, p.mask = (t.contiguous(memory_format=torch.channels_last)
                                            for t in (p.real, p.condition, p.mask))
         critic = lambda net: lambda x: net(x, p.condition, p.mask, p.keypoints, info.alpha)  # noqa: E731
@@ -179,9 +195,51 @@ def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: 
     return min(step_seconds(bare_step(module, start, batch, device), warmup + steps, device)[warmup:])
 
 
+# name: (bf16 autocast, channels_last, torch.compile backend)
+VARIANTS = {"fp32": (False, False, None), "bf16": (True, False, None), "bf16_channels_last": (True, True, None),
+            "bf16_channels_last_compiled": (True, True, "inductor")}
+
+
+def precision_table(resolutions: list[int], batch: int, width: int, warmup: int, steps: int, rounds: int,
+                    variants: list[str]) -> dict:
+    """img/s of the bare step per resolution and variant (fastest step over alternating rounds), and
+    each variant's speed-up over fp32. Compiling costs once per variant and resolution (reported)."""
+    device = torch.device("cpu")
+    data = real_batch(batch, device)
+    out = {}
+    for res in resolutions:
+        best = {v: math.inf for v in variants}
+        compile_s: dict[str, float] = {}
+        steppers = {}
+        for v in variants:
+            bf16, cl, backend = VARIANTS[v]
+            module, start = build(res, batch, device, width)
+            steppers[v] = bare_step(module, start, data, device, backend, bf16=bf16, channels_last=cl)
+            if backend:  # the first call compiles: time it apart from the steps
+                t0 = time.perf_counter()
+                steppers[v](0)
+                compile_s[v] = round(time.perf_counter() - t0, 1)
+        for _ in range(rounds):
+            for v in variants:
+                best[v] = min(best[v], min(step_seconds(steppers[v], warmup + steps, device)[warmup:]))
+        row = {v: {"img_per_s": round(batch / best[v], 2), "sec_per_step": round(best[v], 4)} for v in variants}
+        for v in variants:
+            if "fp32" in variants:
+                row[v]["speedup_vs_fp32"] = round(best["fp32"] / best[v], 2)
+            if v in compile_s:
+                row[v]["compile_seconds"] = compile_s[v]
+        out[f"{res}x{res}"] = row
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolutions", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--mode", choices=("precision", "overhead"), default=None,
+                   help="precision: CPU fp32 vs bf16 (default on a CPU); overhead: Lightning vs bare (GPU default)")
+    p.add_argument("--width", type=int, default=64, help="base width for --mode precision (the CPU configs')")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help="default: 32 64 128 for precision, 32 128 for overhead")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="batch per resolution (default: the paper's on a GPU, 4 and 2 on a CPU)")
     p.add_argument("--warmup", type=int, default=None)
@@ -190,6 +248,16 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if (args.mode or ("overhead" if gpu else "precision")) == "precision":
+        batch = (args.batch or [32])[0]
+        warmup, steps = args.warmup or 1, args.steps or 3
+        table = precision_table(args.resolutions or [32, 64, 128], batch, args.width, warmup, steps, args.rounds,
+                                args.variants)
+        print(json.dumps({"mode": "precision", "device": f"cpu ({torch.get_num_threads()} threads)",
+                          "base_width": args.width, "batch": batch, "warmup_steps": warmup, "timed_steps": steps,
+                          "rounds": args.rounds, "goal_speedup_at_64": 2.5, "results": table}))
+        return
+    args.resolutions = args.resolutions or [32, 128]
     batches = args.batch or [PAPER_BATCH[r] if gpu else {32: 4, 128: 2}[r] for r in args.resolutions]
     warmup, steps = args.warmup or (10 if gpu else 1), args.steps or (30 if gpu else 4)
     torch.backends.cudnn.benchmark = True

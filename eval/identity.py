@@ -24,6 +24,7 @@ The models ship in the PyPI packages `dlib-bin` and `face_recognition_models` (n
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -37,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
-from fdf_core.tario import atomic_write_json
+from fdf_core.tario import atomic_path, atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
 from eval.images import read_image
 
@@ -222,7 +223,9 @@ def run(cfg: IdentityConfig) -> dict:
     faces = DlibFaces(cfg.dlib_models)
     options = {f.name: getattr(cfg, f.name) for f in fields(AnonymizerConfig)}
     anonymizers = {m: Anonymizer(AnonymizerConfig(**{**options, "method": m})) for m in cfg.methods}  # load all first
-    kept, first, second, skipped, detected = subjects(faces, pairs, cfg.progress)
+    out = Path(cfg.output)
+    kept, first, second, skipped, detected = cached_subjects(faces, pairs, cfg.progress,
+                                                             out.with_name(out.stem + "_originals.npz"))
     if len(kept) < 2:
         raise InputError(f"{cfg.pairs_dir}: dlib found a face in both photos of only {len(kept)} pair(s)")
     impostors = impostor_distances(first, second)
@@ -235,14 +238,50 @@ def run(cfg: IdentityConfig) -> dict:
                            "same_person_distance_median": float(np.median(genuine)),
                            "different_person_distance_median": float(np.median(impostors))},
               "methods": {}}
+    earlier = _reusable_baselines(out, result)
     for method, anonymizer in anonymizers.items():
+        if method in earlier:
+            result["methods"][method] = earlier[method]
+            continue
         result["methods"][method] = score_method(faces, anonymizer, kept, first, second, threshold, cfg.threshold,
                                                  cfg.progress)
         if method == "generator":
             result["generator"] = anonymizer.generator_name
+        atomic_write_json(out, result)  # per method: a rerun after a stop keeps the baselines done
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(cfg.output)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))
     atomic_write_json(out, result)
     return result
+
+
+def _reusable_baselines(out: Path, result: dict) -> dict:
+    """Baseline results of an earlier run on the same pairs and threshold (they depend on nothing
+    else; the generator is always scored again: its model may have changed)."""
+    if not out.is_file():
+        return {}
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(earlier.get(k) == result[k] for k in ("pairs", "far", "threshold_at_far", "recognizer_threshold"))
+    return {m: v for m, v in earlier.get("methods", {}).items() if same and m != "generator"}
+
+
+def cached_subjects(faces: DlibFaces, pairs: list[tuple[Path, Path]], progress: bool, cache: Path):
+    """`subjects`, kept in `cache` (an .npz beside the output) for the same list of pairs: the
+    originals' detection and embeddings are most of a run's time and do not depend on the method."""
+    names = np.array([f"{a.name}|{b.name}" for a, b in pairs])
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if np.array_equal(z["pairs"], names):
+                kept = [(Path(a), Path(b), box) for a, b, box in zip(z["kept_first"], z["kept_second"], z["boxes"])]
+                return kept, z["first"], z["second"], int(z["skipped"]), float(z["detected"])
+    kept, first, second, skipped, detected = subjects(faces, pairs, progress)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, pairs=names, kept_first=np.array([str(a) for a, _, _ in kept]),
+                     kept_second=np.array([str(b) for _, b, _ in kept]),
+                     boxes=np.array([box for _, _, box in kept]).reshape(-1, 4), first=first, second=second,
+                     skipped=skipped, detected=detected)
+    return kept, first, second, skipped, detected
 

@@ -159,6 +159,24 @@ def test_identity_job_on_lfw_pairs(tmp_path):
     assert blackout["grayscale_kept"] == blur["grayscale_kept"] == f"{result['pairs']}/{result['pairs']}"
 
 
+def test_identity_job_reuses_originals_and_baselines_of_an_earlier_run(tmp_path, monkeypatch):
+    """A second run on the same pairs reads the originals' embeddings and the baselines' results back
+    (the evaluation of a new model re-scores only the generator) and gives the same figures."""
+    out = tmp_path / "identity.json"
+    args = ["--pairs_dir", str(LFW), "--num_pairs", "4", "--methods", "[blackout]", "--output", str(out),
+            "--progress", "false"]
+    first = identity_main(args)
+    assert (tmp_path / "identity_originals.npz").is_file()
+    calls = []
+    monkeypatch.setattr(identity, "subjects", lambda *a: calls.append("subjects"))
+    monkeypatch.setattr(identity, "score_method", lambda *a: calls.append("score"))
+    again = identity_main(args)
+    assert calls == [] and again["methods"] == first["methods"] and again["original"] == first["original"]
+    with pytest.raises(TypeError):  # other pairs: the originals are embedded again (here: the stub)
+        identity_main([*args[:3], "3", *args[4:]])
+    assert calls == ["subjects"]
+
+
 def test_identity_job_names_missing_models(monkeypatch, tmp_path):
     monkeypatch.setenv(identity.DLIB_MODELS_ENV, str(tmp_path))
     with pytest.raises(MissingAssetError, match=f"lacks {identity.EMBEDDING_FILE}.*{identity.DLIB_MODELS_ENV}"):
