@@ -13,8 +13,11 @@ Methods: `generator` (DeepPrivacy; `--checkpoint`, else the generator shipped in
 32x32; `--generator_width N` instead runs a randomly initialised one of base width N at 128x128:
 leaks do not depend on what the generator paints, and the paper's 12M generator, width 256, runs
 at about 1 face/s on 2 CPU cores, hours on the crowd clip), `heavy_blur` (the blur baseline: box
-filter of 30 % of the face width, the same tracking), and `deface` (deface 1.5.0 through its command line with default settings, in its own
-environment made by `benchmarks/deface_env.sh`; skipped with the reason if that is missing).
+filter of 30 % of the face width, the same tracking), and `deface` (deface 1.5.0 through its command
+line with default settings, in its own environment made by `benchmarks/deface_env.sh`; skipped with
+the reason if that is missing). `--calibrate` adds the leak test's calibration: `untouched` (the
+source re-encoded) and baselines applied to exactly the ground-truth boxes (`<method>@truth`);
+untouched, Gaussian 9x9 and pixelation 16x16 must be counted as leaking, black-out and heavy blur not.
 
 Speed on a busy machine: the methods run back to back on each clip, so their ratio is measured
 under the same load. Ours runs in this process with the models loaded beforehand; deface runs as
@@ -40,12 +43,15 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at  # noqa: E402
 from eval.video import VideoOptions, anonymize_video, ffmpeg_exe  # noqa: E402
-from eval.video_clips import select, write_clip  # noqa: E402
+from eval.video_clips import UNTOUCHED, select, write_clip, write_on_truth  # noqa: E402
 from eval.video_metrics import BINS, FrameCountError, probe, score_clip  # noqa: E402
 from training.networks import Generator, GeneratorAt  # noqa: E402
 
 DEFACE = REPO / ".venv-deface" / "bin" / "deface"
 BLUR = "heavy_blur"
+ON_TRUTH = "@truth"  # suffix: the baseline applied to exactly the ground-truth boxes (no detector, no tracker)
+MUST_LEAK = (UNTOUCHED, f"gaussian_9x9{ON_TRUTH}", f"pixelation_16x16{ON_TRUTH}")
+MUST_NOT_LEAK = (f"blackout{ON_TRUTH}", f"heavy_blur{ON_TRUTH}")
 
 
 def _deface_cmd(exe: Path, src: Path, dst: Path) -> list[str]:
@@ -107,6 +113,8 @@ def total(rows: list[dict]) -> dict:
     flick = sum(r["flicker"] * r["flicker_pairs"] for r in rows) / max(pairs, 1)
     flick_src = sum(r["flicker_source"] * r["flicker_pairs"] for r in rows) / max(pairs, 1)
     frames = sum(r["frames_in"] for r in rows)
+    identity = [r["identity"] for r in rows]
+    distances = [d["distance_min"] for d in identity if d["distance_min"] is not None]
     timed = [r for r in rows if r["frames_per_s"]]
     seconds = sum(r["frames_in"] / r["frames_per_s"] for r in timed)
     frames_timed = sum(r["frames_in"] for r in timed)
@@ -117,8 +125,24 @@ def total(rows: list[dict]) -> dict:
             "frames": frames, "frames_per_s": round(frames_timed / seconds, 3) if seconds else None,
             "clips_with_leaks_ge24": sum(r["leaked_face_frames"]["ge24"] > 0 for r in rows),
             "clips_not_judged": len(failed),
+            "by_source": _sum_sources([r["by_source"] for r in rows]),
+            "identity": {"checked": sum(d["checked"] for d in identity),
+                         "leaked": {b: sum(d["leaked"][b] for d in identity) for b in BINS},
+                         "distance_min": min(distances) if distances else None},
             "all_kept": not failed and all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"]
                                            for r in rows)}
+
+
+def _sum_sources(per_clip: list[dict]) -> dict:
+    """Faces and leaks per ground-truth source, summed over clips."""
+    out: dict = {}
+    for clip in per_clip:
+        for name, counts in clip.items():
+            entry = out.setdefault(name, {"faces": dict.fromkeys(BINS, 0), "leaked": dict.fromkeys(BINS, 0)})
+            for key in ("faces", "leaked"):
+                for b in BINS:
+                    entry[key][b] += counts[key][b]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="only the hard part of each clip (about 1 s each)")
     p.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     p.add_argument("--methods", default=f"generator,{BLUR},deface")
+    p.add_argument("--calibrate", action="store_true",
+                   help=f"also score {', '.join(MUST_LEAK + MUST_NOT_LEAK)}: the leak test must find leaks in the "
+                        "first three and none in the last two")
     p.add_argument("--checkpoint", default=None, help="training checkpoint of the generator")
     p.add_argument("--generator_width", type=int, default=0,
                    help="run a randomly initialised generator of this base width at 128x128 instead")
@@ -138,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") + (list(MUST_LEAK + MUST_NOT_LEAK) if args.calibrate else [])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -174,6 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
                 timing = out.with_suffix(".timing.json")
                 if args.resume and out.is_file() and timing.is_file():
                     run = json.loads(timing.read_text())
+                elif method == UNTOUCHED or method.endswith(ON_TRUTH):
+                    start = time.perf_counter()
+                    write_on_truth(src, truth, out, method.removesuffix(ON_TRUTH))
+                    run = {"seconds": time.perf_counter() - start, "frames": src_info.frames,
+                           "boxes": "ground truth"}
                 elif method == "deface":
                     wall = run_deface(deface, src, out)
                     run = {"seconds": max(wall - result["deface"]["startup_s"], 1e-6), "frames": src_info.frames,
@@ -202,7 +234,11 @@ def _goals(result: dict, methods: list[str]) -> dict:
     """The issue's goals, checked on this run's numbers."""
     t = result["total"]
     goals = {}
-    for m in [m for m in methods if m != "deface"]:
+    for m in [m for m in MUST_LEAK if m in t]:
+        goals[f"{m}_counted_as_leaking"] = t[m]["leaked_face_frames"]["ge24"] > 0
+    for m in [m for m in MUST_NOT_LEAK if m in t]:
+        goals[f"{m}_no_leaks_ge24"] = t[m]["leaked_face_frames"]["ge24"] == 0
+    for m in [m for m in methods if m != "deface" and m not in MUST_LEAK + MUST_NOT_LEAK]:
         goals[f"{m}_zero_leaks_ge24_every_clip"] = t[m]["clips_with_leaks_ge24"] == 0 == t[m]["clips_not_judged"]
         if "deface" in t:
             goals[f"{m}_fewer_leaks_than_deface_every_bin"] = all(

