@@ -163,7 +163,8 @@ def test_fdf_train_on_a_corrupt_beton_exits_3_with_one_line(fdf_beton, tmp_path)
         os.symlink(fdf_beton / split, root / split)
     (root / "sizes.json").write_bytes((fdf_beton / "sizes.json").read_bytes())
     _corrupt_jpeg(fdf_beton / "train.beton", root / "train.beton", sample=0)
-    done = subprocess.run([sys.executable, "-m", "training.cli", "--config", str(REPO / "training/configs/tiny_cpu.yaml"),
+    tiny = str(REPO / "training" / "configs" / "tiny_cpu.yaml")
+    done = subprocess.run([sys.executable, "-m", "training.cli", "--config", tiny,
                            "--data.root", str(root), "--data.format", "ffcv", "--run_dir", str(tmp_path / "run"),
                            "--trainer.enable_progress_bar", "false"],
                           cwd=REPO, capture_output=True, text=True, timeout=540)

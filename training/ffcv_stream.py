@@ -285,6 +285,7 @@ class FFCVStream:
             positions = chunk_positions(self.schedule, first, steps, self.world_size)
             order = sample_indices(positions, self.seed, self.beton.num_samples)
             mine = rank_slice(order, self.rank, self.world_size)  # what FFCV's distributed mode serves us
+            log.debug("FFCV loader for steps %d to %d, %d per rank", first, first + steps - 1, batch)
             loader = make_loader(self.beton, order, batch, self.num_workers, self.world_size > 1)
             yield from self._batches(loader, mine, first, batch)
 
@@ -304,5 +305,6 @@ class FFCVStream:
     def _error(self, e: LoaderThreadError) -> Exception:
         if isinstance(e.cause, ValueError) and "JPEG" in str(e.cause) and e.indices is not None:
             bad = first_bad_jpeg(self.beton, e.indices)
-            return InputError(f"{self.beton.path}: the JPEG of sample {bad} does not decode (corrupt file); {REBUILD}")
+            which = f"the JPEG of sample {bad}" if bad is not None else f"a JPEG of samples {e.indices.tolist()}"
+            return InputError(f"{self.beton.path}: {which} does not decode (corrupt file); {REBUILD}")
         return RuntimeError(f"FFCV's loader failed reading {self.beton.path}: {e}")
