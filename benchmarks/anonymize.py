@@ -1,18 +1,29 @@
 """Throughput of `anonymize` on CPU: photos/s, video frames/s, and where the time goes; one JSON object.
 
-Photos: the first `--images` photos of the shared corpus (by name). Video: `--frames` frames of a
-corpus photo panned across a 1280x720 window, written with OpenCV, anonymized through the streaming
-ffmpeg path. The generator is the paper's 12M model (S=256, 128x128) with random weights unless
-`--checkpoint` is given: speed does not depend on the weights. One warm-up photo is not timed.
+Photos: the photos of the shared corpus (`--images`, default all 64, by name), anonymized by each
+setting of `--compare` in turn photo by photo (interleaved, so a busy machine slows all alike):
+- `before`: the model shipped before this one (the 32x32 generator, fp32, feathered paste), read
+  from git history unless `--before_checkpoint` is given;
+- `shipped`: the shipped model with the defaults (bf16 where the CPU has it, Poisson paste);
+- `shipped_fp32`: the same in fp32, to show what bf16 buys;
+- `random_12m`: the paper's 12M model (S=256, 128x128) with random weights (speed does not depend on
+  the weights): what a GPU-trained paper model would cost here.
+Video: `--frames` frames of a corpus photo panned across a 1280x720 window, written with OpenCV,
+anonymized through the streaming ffmpeg path by the shipped model. One warm-up photo is not timed.
 `*_fraction` = share of wall time in detection, keypoints, generator calls, and the rest (crops,
 JPEG round trip of the FDF sample, paste-back, decoding, encoding).
+
+    python benchmarks/anonymize.py                       # all settings, all photos
+    python benchmarks/anonymize.py --compare '[before, shipped]' --frames 0
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -22,11 +33,14 @@ import torch
 from fdf_core.assets import assets_dir
 from eval.anonymize import anonymize_images
 from eval.images import IMAGE_EXTS
-from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at
+from eval.anonymizer import SHIPPED_MODEL, Anonymizer, AnonymizerConfig, load_generator_at
 from eval.video import VideoOptions, anonymize_video
 from training.networks import Generator, GeneratorAt
 
 VIDEO_PHOTO = "face_recognition__examples_obama-720p.jpg"
+REPO = Path(__file__).resolve().parents[1]
+BEFORE = ("383b2cf", "eval/weights/fdf_utkface32_ema.pt")  # the 32x32 model, shipped until the 64x64 one
+SETTINGS = ("before", "shipped", "shipped_fp32", "random_12m")
 
 
 def _fractions(timings: dict[str, float], wall: float) -> dict[str, float]:
@@ -46,16 +60,52 @@ def _pan_video(path: Path, frames: int) -> None:
     writer.release()
 
 
-def photo_throughput(anonymizer: Anonymizer, photos: list[Path], tmp: Path) -> dict:
-    """photos/s of `anonymize_images` over `photos`, after one untimed warm-up photo."""
-    anonymize_images(anonymizer, [(photos[0], tmp / "warmup.jpg")], progress=False)
-    anonymizer.timings.clear()
-    start = time.perf_counter()
-    stats = anonymize_images(anonymizer, [(p, tmp / "photos" / p.name) for p in photos], progress=False)
-    wall = time.perf_counter() - start
-    return {"images": stats["images"], "faces": stats["faces"], "wall_seconds": round(wall, 2),
-            "images_per_s": round(stats["images"] / wall, 3),
-            "faces_per_s": round(stats["faces"] / wall, 3), **_fractions(anonymizer.timings, wall)}
+def before_checkpoint(path: str | None, tmp: Path) -> Path:
+    """The model shipped before the current one: `path`, else its bytes from git history."""
+    if path:
+        return Path(path)
+    out = tmp / "before.pt"
+    out.write_bytes(subprocess.run(["git", "show", f"{BEFORE[0]}:{BEFORE[1]}"], cwd=REPO, check=True,
+                                   capture_output=True).stdout)
+    return out
+
+
+def anonymizers(settings: list[str], before: Path | None, batch_size: int) -> dict[str, Anonymizer]:
+    """One anonymizer per setting (see the module doc); the face models are loaded once and shared."""
+    first = None
+    out = {}
+    for name in settings:
+        if name == "before":
+            cfg, g = AnonymizerConfig(batch_size=batch_size, precision="fp32", blend="feather"), load_generator_at(before)
+        elif name == "random_12m":
+            cfg, g = AnonymizerConfig(batch_size=batch_size), GeneratorAt(Generator(256, 128).eval().requires_grad_(False), 128)
+        else:
+            precision = "fp32" if name == "shipped_fp32" else "auto"
+            cfg, g = AnonymizerConfig(batch_size=batch_size, precision=precision), load_generator_at(SHIPPED_MODEL)
+        models = {} if first is None else {"detector": first.detector, "keypoint_model": first.keypoint_model}
+        out[name] = Anonymizer(cfg, generator=g, **models)
+        first = first or out[name]
+    return out
+
+
+def photo_throughput(by_setting: dict[str, Anonymizer], photos: list[Path], tmp: Path) -> dict:
+    """photos/s of `anonymize_images` per setting, photo by photo in turn, after an untimed warm-up."""
+    wall: dict[str, float] = defaultdict(float)
+    stats: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    for name, anonymizer in by_setting.items():
+        anonymize_images(anonymizer, [(photos[0], tmp / f"warmup_{name}.jpg")], progress=False)
+        anonymizer.timings.clear()
+    for photo in photos:
+        for name, anonymizer in by_setting.items():
+            start = time.perf_counter()
+            s = anonymize_images(anonymizer, [(photo, tmp / name / photo.name)], progress=False)
+            wall[name] += time.perf_counter() - start
+            for k in ("images", "faces"):
+                stats[name][k] += s[k]
+    return {name: {"images": stats[name]["images"], "faces": stats[name]["faces"],
+                   "wall_seconds": round(wall[name], 2), "images_per_s": round(stats[name]["images"] / wall[name], 3),
+                   "faces_per_s": round(stats[name]["faces"] / wall[name], 3),
+                   **_fractions(by_setting[name].timings, wall[name])} for name in by_setting}
 
 
 def video_throughput(anonymizer: Anonymizer, frames: int, tmp: Path) -> dict:
@@ -71,29 +121,33 @@ def video_throughput(anonymizer: Anonymizer, frames: int, tmp: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--frames", type=int, default=50)
-    p.add_argument("--checkpoint", default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=None, help="the first N corpus photos (default: all)")
+    p.add_argument("--frames", type=int, default=50, help="video frames (0: no video)")
+    p.add_argument("--compare", default=str(list(SETTINGS)), help=f"settings, a subset of {', '.join(SETTINGS)}")
+    p.add_argument("--before_checkpoint", default=None, help=f"the earlier model (default: git show {BEFORE[0]}:{BEFORE[1]})")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
+    settings = [s.strip(" '\"") for s in args.compare.strip("[]").split(",") if s.strip()]
+    if set(settings) - set(SETTINGS):
+        p.error(f"--compare: unknown {sorted(set(settings) - set(SETTINGS))}; choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        generator = load_generator_at(args.checkpoint)
-    else:
-        generator = GeneratorAt(Generator(256, 128).eval().requires_grad_(False), 128)
-    cfg = AnonymizerConfig(batch_size=args.batch_size)
     photos = sorted(p for p in (assets_dir() / "corpus" / "photos").iterdir() if p.suffix.lower() in IMAGE_EXTS)
     photos = photos[:args.images]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        anonymizer = Anonymizer(cfg, generator=generator)
-        photo_result = photo_throughput(anonymizer, photos, tmp)
-        video_result = video_throughput(anonymizer, args.frames, tmp)
-    print(json.dumps({"device": "cpu", "threads": args.threads,
-                      "generator": args.checkpoint or "paper 12M (S=256, 128x128), random weights",
-                      "photos": photo_result, "video": video_result}))
+        before = before_checkpoint(args.before_checkpoint, tmp) if "before" in settings else None
+        by_setting = anonymizers(settings, before, args.batch_size)
+        result = {"device": "cpu", "threads": args.threads, "shipped": by_setting.get("shipped", next(
+                  iter(by_setting.values()))).generator_name, "photos": photo_throughput(by_setting, photos, tmp)}
+        if "before" in result["photos"] and "shipped" in result["photos"]:
+            result["photos_per_s_shipped_over_before"] = round(
+                result["photos"]["shipped"]["images_per_s"] / result["photos"]["before"]["images_per_s"], 3)
+        if args.frames:
+            video = by_setting.get("shipped") or next(iter(by_setting.values()))
+            result["video"] = video_throughput(video, args.frames, tmp)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -391,7 +391,7 @@ def anonymizer_section(s: Settings) -> dict:
     cfg = AnonymizerConfig(device=s.device, batch_size=16)
     with tempfile.TemporaryDirectory() as tmp:
         anonymizer = Anonymizer(cfg, generator=generator)
-        photos = photo_throughput(anonymizer, corpus_photos(s), Path(tmp))
+        photos = photo_throughput({"random": anonymizer}, corpus_photos(s), Path(tmp))["random"]
         video = video_throughput(anonymizer, s.frames, Path(tmp))
     paper = " (the paper's 12M)" if width == 256 else ""
     return {"generator": f"S={width}, {res}x{res}, random weights, fp32{paper}",
