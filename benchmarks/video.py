@@ -87,12 +87,13 @@ def build_generator(args) -> tuple[GeneratorAt, str]:
     return g, f"random init, width {args.generator_width} at 128x128 ({n / 1e6:.1f}M parameters)"
 
 
-def row(source: Path, output: Path, truth: Path, seconds: float, frames: int, src_info, extra: dict) -> dict:
+def row(source: Path, output: Path, truth: Path, seconds: float, frames: int, src_info, extra: dict,
+        identity_every: int = 1) -> dict:
     """Scores of one output; an output whose frame count is not the ground truth's is not judged:
     its row holds `not_judged` (the reason) and counts as a failed clip in the totals and goals."""
     out_info = probe(output)
     try:
-        score = score_clip(source, output, truth).as_dict()
+        score = score_clip(source, output, truth, identity_every=identity_every).as_dict()
     except FrameCountError as e:
         return {"not_judged": str(e), "frames_in": src_info.frames, "frames_out": out_info.frames,
                 "frame_count_kept": False, **extra}
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resume", action="store_true",
                    help="in --work_dir, score outputs that are already there (with their timing) again "
                         "instead of making them anew, e.g. after a change of the metrics")
+    p.add_argument("--identity_every", type=int, default=1,
+                   help="dlib's recognizer judges faces >= 32 px in every N-th frame (1: all; the rest keep the "
+                        "detail test alone): about 0.2 s a face-frame on an idle core, far more on a busy machine")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args(argv)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         result: dict = {"device": "cpu", "threads": args.threads, "quick": args.quick, "clips": {}, "total": {},
-                        "video_options": VideoOptions().__dict__}
+                        "video_options": VideoOptions().__dict__, "identity_every": args.identity_every}
         ours: dict[str, Anonymizer] = {}
         base = Anonymizer(AnonymizerConfig(method=BLUR, batch_size=args.batch_size))
         if "generator" in methods:
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                                               for k, v in ours[method].timings.items()}}
                 timing.write_text(json.dumps(run))
                 extra = {k: v for k, v in run.items() if k not in ("seconds", "frames")}
-                r = row(src, out, truth, run["seconds"], run["frames"], src_info, extra)
+                r = row(src, out, truth, run["seconds"], run["frames"], src_info, extra, args.identity_every)
                 per_method[method].append(r)
                 result["clips"][spec.name]["rows"][method] = r
         result["total"] = {m: total(rows) for m, rows in per_method.items() if rows}

@@ -239,6 +239,7 @@ class ClipScore:
     flicker_pairs: int = 0
     frames_judged: int = 0
     leaked_frames: list[int] = field(default_factory=list)  # frames with at least one leaked face >= 24 px
+    identity_every: int = 1  # the recognizer judged every this-many-th frame (0: not at all)
     identity_checked: int = 0  # face-frames >= RECOGNIZER_MIN the recognizer judged (detail had not)
     leaked_by_identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BINS, 0))
     identity_distances: list[float] = field(default_factory=list)
@@ -261,7 +262,7 @@ class ClipScore:
                 "frames_judged": self.frames_judged,
                 "first_leaked_frames_ge24": self.leaked_frames[:10],
                 "by_source": self.by_source,
-                "identity": {"checked": self.identity_checked, "leaked": dict(self.leaked_by_identity),
+                "identity": {"every_nth_frame": self.identity_every, "checked": self.identity_checked, "leaked": dict(self.leaked_by_identity),
                              "distance_min": round(min(d), 3) if (d := self.identity_distances) else None,
                              "distance_median": round(float(np.median(d)), 3) if d else None}}
 
@@ -317,10 +318,14 @@ def _leaked(score: ClipScore, identity: IdentityCheck | None, key: tuple, src: n
 
 
 def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
-               identity: IdentityCheck | bool = True) -> ClipScore:
+               identity: IdentityCheck | bool = True, identity_every: int = 1) -> ClipScore:
     """Leaks and flicker of `output` against `source` and its ground truth (dict or JSON path).
     `identity`: the recognizer (True: one shared per process; False: the detail test alone, for
-    faces of any size). Raises FrameCountError unless both videos have the ground truth's frames."""
+    faces of any size), run on every `identity_every`-th frame (1: all; more where dlib's ~0.1 s
+    an embedding is too slow, the other frames keep the detail test alone, and the result says so).
+    Raises FrameCountError unless both videos have the ground truth's frames."""
+    if identity_every < 1:
+        raise ValueError(f"identity_every must be >= 1, not {identity_every}")
     identity = default_identity() if identity is True else (identity or None)
     source_id = (str(Path(source).resolve()), Path(source).stat().st_mtime_ns)
     truth_name = "(given as a dict)" if isinstance(truth, dict) else str(truth)
@@ -330,7 +335,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
     if len(truth["faces"]) != expected:
         raise ValueError(f"{truth_name}: key 'faces' lists {len(truth['faces'])} frames, key 'frames' says {expected}")
     sources = truth.get("face_sources", {})  # absent in clips made before issue 15
-    score = ClipScore()
+    score = ClipScore(identity_every=identity_every if identity is not None else 0)
     prev: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # face id → (source patch, output patch)
     for i, (src, out) in enumerate(_paired_frames(Path(source), Path(output), expected, truth_name)):
         if out.shape != src.shape:
@@ -347,7 +352,8 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
                 continue
             k = size_bin(width)
             score.faces[k] += 1
-            leaked = _leaked(score, identity, (*source_id, i, fid), src, out, ys, yo, box, k)
+            judge = identity if i % identity_every == 0 else None
+            leaked = _leaked(score, judge, (*source_id, i, fid), src, out, ys, yo, box, k)
             score.count_source(sources.get(fid, []), k, leaked)
             if leaked:
                 score.leaked[k] += 1
