@@ -30,7 +30,7 @@ class DumpRankState(pl.Callback):
         self.init = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.keys += batch["keys"]
+        self.keys += batch["keys"] if "keys" in batch else batch["indices"].tolist()  # tar / ffcv
         self.gp.append(pl_module.stats["loss/gp"])
 
     def on_train_end(self, trainer, pl_module):
@@ -41,9 +41,13 @@ class DumpRankState(pl.Callback):
                    self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def test_ddp_two_cpu_processes_keep_identical_parameters(fdf_shards, tmp_path):
+@pytest.mark.parametrize("data_format", ["tar", "ffcv"])
+def test_ddp_two_cpu_processes_keep_identical_parameters(data_format, request, tmp_path):
+    """With ffcv each rank reads its part in FFCV's distributed mode (batches keyed by beton index)."""
+    root = request.getfixturevalue("fdf_beton" if data_format == "ffcv" else "fdf_shards")
     out = tmp_path / "ranks"
-    proc = subprocess.run([sys.executable, __file__, str(fdf_shards), str(tmp_path / "run"), str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, __file__, str(root), str(tmp_path / "run"), str(out), data_format],
+                          cwd=REPO,
                           env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -51,7 +55,7 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(fdf_shards, tmp_path):
     assert r0["world_size"] == 2 and r0["backend"] == "gloo" and r0["strategy"] == "DDPStrategy"
     assert r0["step"] == r1["step"] == 16
     assert len(r0["keys"]) == len(r1["keys"]) == 16 * 4
-    epoch = r0["keys"][:48] + r1["keys"][:48]  # 96 faces, 8 shards: 4 shards per rank and epoch
+    epoch = r0["keys"][:48] + r1["keys"][:48]  # 96 faces, 12 steps of 2 x 4 an epoch (tar: 4 of 8 shards a rank)
     assert len(set(epoch)) == 96, "each rank must train on its own half of the data"
     assert all(gp > 0 for gp in r0["gp"] + r1["gp"]) and r0["gp"] != r1["gp"]
     for name, tensor in r0["state"].items():
@@ -66,11 +70,12 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(fdf_shards, tmp_path):
 if __name__ == "__main__":
     from training.cli import main
 
-    shards, run_dir, out = sys.argv[1:4]
+    shards, run_dir, out, data_format = sys.argv[1:5]
     # 4 steps per phase: 8x8, fade to 16 (the R/2 path active), 16x16, fade to 32; 2 x 4 images per step.
     main(["--config", "training/configs/tiny_cpu.yaml", "--data.root", shards, "--run_dir", run_dir,
           "--model.schedule.fade_kimg", "0.032", "--model.schedule.stabilize_kimg", "0.032",
           "--model.schedule.total_kimg", "0.128", "--data.num_workers", "1", "--trainer.devices", "2",
+          "--data.format", data_format,
           "--trainer.enable_progress_bar", "false",
           "--trainer.callbacks+=" + json.dumps({"class_path": "__main__.DumpRankState",
                                                 "init_args": {"out_dir": out}})])
