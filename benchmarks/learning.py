@@ -60,7 +60,18 @@ class Run:
         self.run_dir = work / f"train{self.resolution}"
         self.model = work / f"model{self.resolution}.pt"
 
+    @property
+    def checkpoint(self) -> Path:
+        """final.ckpt, or last.ckpt of a run stopped before its end (the model is what it had learnt)."""
+        final = checkpoints_dir(self.run_dir) / FINAL
+        return final if final.is_file() else checkpoints_dir(self.run_dir) / "last.ckpt"
+
     def card(self) -> dict:
+        from fdf_core.checkpoints import read_progress
+        progress = read_progress(self.checkpoint) or {}
+        kimg = progress.get("images_shown", 0) / 1000
+        client, run = mlflow_run(self.run_dir, self.checkpoint)
+        wall_h = (self.checkpoint.stat().st_mtime - run.info.start_time / 1000) / 3600
         return {
             "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
                     f"{self.resolution}x{self.resolution}, CPU-trained)",
@@ -69,7 +80,10 @@ class Run:
             "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
                        "images keep their owners' copyright; use this model under the same terms.",
             "precision": self.precision,
-            "notes": f"Trained {self.total_kimg:g} kimg on 2 CPU cores with "
+            "kimg": round(kimg, 1),
+            "wall_time_hours": round(wall_h, 2),
+            "notes": f"Trained {kimg:g} kimg (of the config's {self.total_kimg:g}) in {wall_h:.1f} h of wall time on "
+                     f"2 CPU cores shared with other jobs, with "
                      f"{self.config.relative_to(REPO) if self.config.is_relative_to(REPO) else self.config} "
                      f"(benchmarks/learning.py). Paints {self.resolution}x{self.resolution} faces; the paper's "
                      "model paints 128x128 from 1.47M FDF faces.",
@@ -99,14 +113,14 @@ def train(run: Run) -> dict:
 
 def export(run: Run) -> dict:
     from training.export import export_generator
-    out = export_generator(checkpoints_dir(run.run_dir) / FINAL, run.model, run.card(), crop_rule="pad")
+    out = export_generator(run.checkpoint, run.model, run.card(), crop_rule="pad")
     return {"model": str(out), "bytes": out.stat().st_size}
 
 
-def mlflow_run(run_dir: Path):
+def mlflow_run(run_dir: Path, checkpoint: Path | None = None):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=default_tracking_uri(run_dir))
-    return client, client.get_run(read_mlflow_run_id(checkpoints_dir(run_dir) / FINAL))
+    return client, client.get_run(read_mlflow_run_id(checkpoint or checkpoints_dir(run_dir) / FINAL))
 
 
 def fid_curve(client, run) -> list[dict]:
@@ -139,10 +153,11 @@ def _data(work: Path):
     return data
 
 
-def baseline_rows(r: Run, num_images: int) -> dict:
+def baseline_rows(r: Run, num_images: int, compute: bool = True) -> dict:
     """FID rows that do not depend on the model, at the run's resolution, kept in
-    `<workdir>/fid_rows_<resolution>.json` (each costs minutes of Inception): every baseline of
-    `eval.baselines` and the sampling floor (as many training faces against the held-out ones)."""
+    `<workdir>/fid_rows_<resolution>.json` (each costs minutes of Inception): the sampling floor (as
+    many training faces against the held-out ones), then every baseline of `eval.baselines`.
+    `compute=False` only reads the rows already there."""
     from eval.baselines import BASELINES
     from eval.evaluate import baseline_fid
     from fdf_core.fid import compute_fid
@@ -150,11 +165,9 @@ def baseline_rows(r: Run, num_images: int) -> dict:
     rows_file = r.work / f"fid_rows_{r.resolution}.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
     rows = rows if rows.get("num_images") == num_images else {"num_images": num_images}
+    if not compute:
+        return rows
     data, cache, res = _data(r.work), r.work / "fid_cache", r.resolution
-    for method in BASELINES:
-        if method not in rows:
-            rows[method] = round(baseline_fid(method, data, res, num_images, cache_dir=cache), 2)
-            atomic_write_json(rows_file, rows)
     if "real_train_faces" not in rows:
         fakes = (prepare(b["images"], b["bbox"], b["keypoints"], res).real for b in data.iter_split("train", 50, num_images))
         reals = ({"img": prepare(b["images"], b["bbox"], b["keypoints"], res).real, "fake": f}
@@ -162,10 +175,14 @@ def baseline_rows(r: Run, num_images: int) -> dict:
         rows["real_train_faces"] = round(compute_fid(lambda b: b["fake"], reals, "inception", cache, data.val_shards,
                                                      num_images=num_images), 2)
         atomic_write_json(rows_file, rows)
+    for method in BASELINES:
+        if method not in rows:
+            rows[method] = round(baseline_fid(method, data, res, num_images, cache_dir=cache), 2)
+            atomic_write_json(rows_file, rows)
     return rows
 
 
-def fid_table(r: Run, num_images: int) -> dict:
+def fid_table(r: Run, num_images: int, baselines: bool = True) -> dict:
     """FID at the generator's resolution on the same held-out faces: the generator in bf16 (what
     `anonymize` runs on a CPU with bf16 units) and in fp32, every baseline, real training faces."""
     from eval.anonymizer import load_generator_at
@@ -176,7 +193,7 @@ def fid_table(r: Run, num_images: int) -> dict:
     for precision in ("bf16", "fp32"):
         g.precision = precision
         table[f"generator_{precision}"] = round(generator_fid(g, data, num_images, cache_dir=cache), 2)
-    rows = baseline_rows(r, num_images)
+    rows = baseline_rows(r, num_images, compute=baselines)
     table.update({k: v for k, v in rows.items() if k != "num_images"})
     return {"resolution": g.resolution, "num_images": num_images, "fid": table}
 
@@ -191,34 +208,36 @@ def identity(r: Run, args, methods: list[str]) -> dict:
 
 
 def baselines(r: Run, args) -> dict:
-    """What the evaluation needs that does not depend on the model: run it while the model trains."""
+    """What the evaluation needs that does not depend on the model: run it while the model trains
+    (or beside `evaluate --baselines false`)."""
     from eval.baselines import BASELINES
     from eval.identity import DlibFaces
     from eval.memorization import training_embeddings
-    out = {"fid_rows": baseline_rows(r, args.num_images)}
-    out["training_faces_embedded"] = len(training_embeddings(DlibFaces(), _data(r.work), r.work / "fid_cache"))
+    out = {"training_faces_embedded": len(training_embeddings(DlibFaces(), _data(r.work), r.work / "fid_cache"))}
+    out["fid_rows"] = baseline_rows(r, args.num_images)
     if args.num_pairs != 0:
         out["identity"] = identity(r, args, list(BASELINES))
     return out
 
 
-def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96) -> Path:
-    """Rows: condition, generated (z = 0), real, for the first `count` held-out faces."""
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-    from eval.anonymizer import load_generator_at
-    from training.conditioning import prepare
-    from training.datamodule import FDFDataModule
-    data = FDFDataModule(str(work / "fdf"))
-    data.setup("validate")
-    g = load_generator_at(model)
-    b = next(data.iter_val(count, count))
-    p = prepare(b["images"], b["bbox"], b["keypoints"], g.resolution)
-    with torch.inference_mode():
-        rows = torch.cat([p.condition, g(p.condition, p.mask, p.keypoints), p.real])
-    rows = F.interpolate(rows, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+BEFORE_AFTER = ("face_recognition__examples_knn_examples_test_obama_and_biden.jpg", (690, 220, 1420, 700),
+                "ageitgey/face_recognition, examples/knn_examples/test/obama_and_biden.jpg (MIT repository; the "
+                "photo keeps its own copyright)")
+
+
+def before_after(model: Path, output: Path, width: int = 1400) -> Path:
+    """A corpus photo with two faces of about 170 px, before and after `anonymize` with `model` (the
+    defaults: bf16 where the CPU has it, Poisson paste), the faces' region side by side."""
+    import cv2
+    import numpy as np
+    from eval.anonymizer import Anonymizer, AnonymizerConfig
+    name, (x0, y0, x1, y1), _ = BEFORE_AFTER
+    photo = cv2.cvtColor(cv2.imread(str(assets_dir() / "corpus" / "photos" / name)), cv2.COLOR_BGR2RGB)
+    after = Anonymizer(AnonymizerConfig(checkpoint=str(model)))(photo)
+    pair = np.concatenate([photo[y0:y1, x0:x1], np.full((y1 - y0, 12, 3), 255, np.uint8), after[y0:y1, x0:x1]], 1)
+    pair = cv2.resize(pair, (width, round(pair.shape[0] * width / pair.shape[1])), interpolation=cv2.INTER_AREA)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.add(1).div(2).clamp(0, 1), output, nrow=count, padding=2, pad_value=1.0)
+    cv2.imwrite(str(output), cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
     return output
 
 
@@ -227,20 +246,21 @@ def evaluate(r: Run, args) -> dict:
     from eval.anonymizer import load_generator_at
     from eval.memorization import memorization
     work, run_dir, model = r.work, r.run_dir, r.model
-    client, run = mlflow_run(run_dir)
+    client, run = mlflow_run(run_dir, r.checkpoint)
     out = {"fid_curve": fid_curve(client, run), **training_speed(client, run)}
-    out["fid_table"] = fid_table(r, args.num_images)
-    g = load_generator_at(model)
-    g.precision = "auto"
-    out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
+    out["fid_table"] = fid_table(r, args.num_images, args.baselines)
     if args.num_pairs != 0:
-        out["identity"] = identity(r, args, list(METHODS))
+        out["identity"] = identity(r, args, list(METHODS) if args.baselines else ["generator"])
     if args.figures:
         from eval.plots import PlotConfig, run as plot
         figures = Path(args.figures)
         curve, samples = figures / f"{r.name}_fid_curve.png", figures / f"{r.name}_grid.png"
         plot(PlotConfig(run_dir=str(run_dir), output=str(curve)))
-        out["figures"] = [str(curve), str(grid(work, model, samples))]
+        out["figures"] = [str(curve), str(grid(work, model, samples)),
+                          str(before_after(model, figures / f"{r.name}_before_after.png"))]
+    g = load_generator_at(model)
+    g.precision = "auto"
+    out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
     return out
 
 
@@ -253,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lfw", default=str(assets_dir() / "faces" / "lfw_pairs"))
     p.add_argument("--num_images", type=int, default=1000, help="held-out faces for the FID table")
     p.add_argument("--num_pairs", type=int, default=900, help="LFW pairs for identity (900: all; 0 = skip)")
+    p.add_argument("--baselines", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="evaluate: also compute the baselines' FID and identity (false: use the rows the "
+                        "baselines stage has cached, e.g. while it runs beside)")
     p.add_argument("--figures", default=None, help="folder for the FID-curve PNG and the sample grid")
     args = p.parse_args(argv)
     stages = [s.strip(" '\"") for s in args.stages.strip("[]").split(",") if s.strip()]
