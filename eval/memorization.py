@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.identity import DLIB_THRESHOLD, DlibFaces
-from fdf_core.fid import to_uint8
+from fdf_core.fid import content_digest, to_uint8
 from fdf_core.tario import atomic_path
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
@@ -45,9 +45,8 @@ def embed_batch(faces: DlibFaces, images: np.ndarray, boxes: np.ndarray) -> np.n
 def training_embeddings(faces: DlibFaces, data: FDFDataModule, cache_dir: str | Path | None,
                         batch_size: int = 64) -> np.ndarray:
     """Embeddings of every training face (cached by the shards' names and bytes: a few minutes to make)."""
-    key = hashlib.sha256(json.dumps([[str(s), Path(s).stat().st_size] for s in data.train_shards]).encode())
-    for shard in data.train_shards:  # content, not just names: two builds may share names and padded sizes
-        key.update(hashlib.sha256(Path(shard).read_bytes()).digest())
+    # content, not just names: two builds may share shard names and padded sizes
+    key = hashlib.sha256(json.dumps([Path(s).name + ":" + content_digest(s) for s in data.train_shards]).encode())
     cache = Path(cache_dir) / f"dlib_train_{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache is not None and cache.is_file():
         return np.load(cache)
