@@ -1,8 +1,9 @@
 """Which number format the networks run in at inference: bf16 where the hardware has bf16 units.
 
 Training picks its precision through Lightning (`--trainer.precision bf16-mixed`); inference
-(`anonymize`, the video path, `fdf-eval`, the FID during training) goes through `autocast()` here,
-so that one rule decides for all of them. "auto" means bf16 on a GPU that supports it and on a CPU
+(`anonymize`, the video path, `fdf-eval`) goes through `autocast()` here, so that one rule decides
+for all of them; the FID during training keeps fp32 (GeneratorAt's default), so curves stay
+comparable across runs. "auto" means bf16 on a GPU that supports it and on a CPU
 with native bf16 instructions (AVX512-BF16 or AMX: oneDNN runs bf16 convolutions there at about
 twice the fp32 rate), fp32 elsewhere: on a CPU without them bf16 is emulated and slower than fp32.
 Outputs are returned as fp32 either way.
