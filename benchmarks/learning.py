@@ -43,6 +43,11 @@ from fdf_core.tario import atomic_write_json  # noqa: E402
 
 STAGES = ("ingest", "build", "baselines", "train", "export", "evaluate")
 CONFIG = REPO / "training" / "configs" / "utkface_cpu64.yaml"
+# The model card's data and license of every model trained on these shards (CPU or GPU runs)
+CARD_DATA = ("UTKFace crop_part1 (Zhang, Song, Qi, CVPR 2017): 7,491 training faces built into FDF shards by "
+             "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out")
+CARD_LICENSE = ("Research artefact: UTKFace is available for non-commercial research purposes only, and its "
+                "images keep their owners' copyright; use this model under the same terms.")
 
 
 class Run:
@@ -75,10 +80,8 @@ class Run:
         return {
             "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
                     f"{self.resolution}x{self.resolution}, CPU-trained)",
-            "data": "UTKFace crop_part1 (Zhang, Song, Qi, CVPR 2017): 7,491 training faces built into FDF shards by "
-                    "fdf-ingest + fdf-build (RetinaFace MobileNet-0.25, MoveNet); 1,172 held out",
-            "license": "Research artefact: UTKFace is available for non-commercial research purposes only, and its "
-                       "images keep their owners' copyright; use this model under the same terms.",
+            "data": CARD_DATA,
+            "license": CARD_LICENSE,
             "precision": self.precision,
             "kimg": round(kimg, 1),
             "wall_time_hours": round(wall_h, 2),

@@ -71,7 +71,9 @@ class KimgCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.step < pl_module.schedule.total_steps:
-            return  # stopped early (e.g. by a signal): last.ckpt is the resume point
+            # stopped early (--trainer.max_time, a signal): last.ckpt becomes this step, the resume point
+            trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)
+            return
         final = self.directory(trainer) / FINAL
         trainer.save_checkpoint(final, weights_only=False)
         trainer.save_checkpoint(self.directory(trainer) / LAST, weights_only=False)

@@ -21,20 +21,40 @@ from fdf_core.tario import atomic_write_bytes
 EXPORT_FORMAT = "fdf-generator-ema/1"
 
 
-def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str = "fdf") -> Path:
+def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str = "fdf",
+                     resolution: int | None = None) -> Path:
     """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...) and the
-    crop rule of the faces it was trained on (`fdf_builder.crop`), which the anonymizer then uses."""
+    crop rule of the faces it was trained on (`fdf_builder.crop`), which the anonymizer then uses.
+
+    `resolution`: export the model at a resolution its training has already finished stabilizing,
+    below the one it is at (a run continued to 128x128 also holds a finished 64x64 model, cheaper per
+    face); the progress recorded is then that resolution at alpha 1. None: where training is.
+    """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     prefix = "generator_ema."
     state = {k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     hp = ckpt["hyper_parameters"]
+    progress = dict(ckpt["progress"])
+    if resolution is not None:
+        progress = _at_resolution(progress, int(resolution), checkpoint)
     exported = {"format": EXPORT_FORMAT, "generator_ema": state,
                 "hyper_parameters": {"network": hp["network"], "schedule": hp["schedule"]},
-                "progress": ckpt["progress"], "crop_rule": crop_rule, "card": dict(card)}
+                "progress": progress, "crop_rule": crop_rule, "card": dict(card)}
     buf = io.BytesIO()
     torch.save(exported, buf)
     atomic_write_bytes(output, buf.getvalue())
     return Path(output)
+
+
+def _at_resolution(progress: dict, resolution: int, checkpoint: str | Path) -> dict:
+    """`progress` moved back to `resolution` at alpha 1, refused unless that resolution is finished:
+    the checkpoint is past it, or at it with the fade-in done."""
+    now, alpha = int(progress["resolution"]), float(progress["alpha"])
+    if resolution > now or (resolution == now and alpha < 1.0):
+        raise ValueError(f"{checkpoint}: training is at {now}x{now} (alpha {alpha:g}); it has not finished "
+                         f"{resolution}x{resolution}, so that model cannot be exported from it")
+    return {**progress, "resolution": resolution, "alpha": 1.0, "phase": f"stabilize{resolution}",
+            "training_phase": progress.get("phase"), "training_resolution": now, "training_alpha": alpha}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -46,11 +66,16 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--notes", default="", help="model card: anything else a user must know")
     p.add_argument("--crop_rule", default="fdf", choices=["fdf", "pad"],
                    help="the fdf-build --crop_rule of the training data (the anonymizer crops faces the same way)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="export at this resolution, one the checkpoint has finished (default: where it is)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file")
     card = {k: getattr(args, k) for k in ("name", "data", "license", "notes")}
-    out = export_generator(args.checkpoint, args.output, card, args.crop_rule)
+    try:
+        out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution)
+    except ValueError as e:
+        p.error(str(e))
     print(out)
     return out
 
