@@ -42,3 +42,23 @@ def test_bf16_generator_paints_the_fp32_faces_and_keeps_the_background_exactly()
     assert torch.equal(low[keep], p.condition[keep])  # the background is the condition, bit for bit
     diff = (low - ref).abs()[~keep]
     assert 0 < diff.mean() < 0.03 and np.isfinite(low.numpy()).all()  # bf16 ran, and paints the same face
+
+
+def test_fade_in_under_autocast_that_upsamples_in_fp32(monkeypatch):
+    """CUDA autocast runs upsampling (and may run other ops) in fp32 while convolutions give bf16;
+    the fade-in blends of both networks must accept that (a GPU lease found `torch.lerp` refusing
+    float and bf16 operands at the first fade-in). CPU autocast keeps upsampling in bf16, so the
+    CUDA behaviour is reproduced by making `upsample` and `downsample` return fp32."""
+    import training.networks as networks
+    from training.layers import downsample, upsample
+    monkeypatch.setattr(networks, "upsample", lambda x: upsample(x).float())
+    monkeypatch.setattr(networks, "downsample", lambda x, f: downsample(x, f).float())
+    g, d = networks.Generator(base_width=16, max_resolution=16), networks.Discriminator(base_width=16, max_resolution=16)
+    cond, mask = torch.zeros(4, 3, 16, 16), torch.ones(4, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 0
+    kp = torch.rand(4, 7, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fake = g(cond, mask, kp, torch.randn(g.z_shape(4)), alpha=0.5)
+        score = d(fake, cond, mask, kp, alpha=0.5)
+    assert fake.shape == (4, 3, 16, 16) and score.shape == (4,)
+    assert torch.isfinite(fake).all() and torch.isfinite(score.float()).all()

@@ -131,7 +131,7 @@ class Generator(_Progressive):
             skips[r] = x
             x = downsample(x, 2)
             if r == res and alpha < 1:
-                x = torch.lerp(self.from_rgb[str(r // 2)](downsample(x_in, 2)), x, alpha)
+                x = torch.lerp(self.from_rgb[str(r // 2)](downsample(x_in, 2)).to(x.dtype), x, alpha)
             r //= 2
         x = self.encoder["4"](x)
         if z is None:
@@ -145,7 +145,8 @@ class Generator(_Progressive):
             x = self.decoder[str(r)](torch.cat([x, skips[r], pose_maps(keypoints, r, x.dtype)], dim=1))
         rgb = self.to_rgb[str(res)](x)
         if old_rgb is not None:
-            rgb = torch.lerp(old_rgb, rgb, alpha)
+            # CUDA autocast runs upsampling in fp32 (CPU autocast does not): blend in one dtype
+            rgb = torch.lerp(old_rgb.to(rgb.dtype), rgb, alpha)
         return condition * mask + rgb.to(condition.dtype) * (1 - mask)
 
 
@@ -216,7 +217,7 @@ class Discriminator(_Progressive):
             x = self.blocks[str(r)](torch.cat([x, pose_maps(keypoints, r, x.dtype)], dim=1))
             x = downsample(x, 2)
             if r == res and alpha < 1:
-                x = torch.lerp(self.from_rgb[str(r // 2)](downsample(x_in, 2)), x, alpha)
+                x = torch.lerp(self.from_rgb[str(r // 2)](downsample(x_in, 2)).to(x.dtype), x, alpha)
             r //= 2
         x = torch.cat([x, pose_maps(keypoints, 4, x.dtype)], dim=1)
         if self.mbstd is not None:
