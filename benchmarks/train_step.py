@@ -160,7 +160,10 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
                 fake = g_nograd(p.condition, p.mask, p.keypoints, z, info.alpha)
             terms = discriminator_loss(critic(d_train)(p.real), critic(d_train)(fake),
                                        gradient_penalty(critic(d_gp), p.real, fake, rng), module.loss_cfg)
-        assert all(math.isfinite(v) for v in torch.stack(list(terms.values())).tolist())
+        values = dict(zip(terms, torch.stack([t.float() for t in terms.values()]).tolist()))
+        if not all(math.isfinite(v) for v in values.values()):  # name them: a GPU lease saw a bare AssertionError
+            raise FloatingPointError(f"critic step {start + i} ({info.phase.name}, alpha {info.alpha:.3f}, "
+                                     f"bf16 {bf16}): non-finite loss terms {values}")
         opt_d.zero_grad(set_to_none=True)
         terms["d"].backward()
         opt_d.step()
@@ -168,7 +171,8 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
         with autocast:
             z = torch.randn(g.z_shape(n), device=device, generator=rng)
             loss = generator_loss(critic(d_frozen)(g_train(p.condition, p.mask, p.keypoints, z, info.alpha)))
-        assert math.isfinite(loss.item())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"generator step {start + i} ({info.phase.name}, bf16 {bf16}): loss {loss.item()}")
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()

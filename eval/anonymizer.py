@@ -36,6 +36,7 @@ from fdf_core import precision as inference_precision
 from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, anonymize_boxes
+from eval.face_memory import TrackFaces
 from eval.paste import BLENDS, Composite, feather_width, pixel_extent
 from fdf_core.checkpoints import read_checkpoint
 from fdf_core.errors import ConfigError, InputError
@@ -110,6 +111,10 @@ class Faces:
     boxes: np.ndarray
     scores: np.ndarray
     keypoints: list[np.ndarray | None] = field(default_factory=list)
+    # video (eval.video, eval.face_memory): each face's track, and whether it is painted afresh in
+    # this frame (else its track's last painting is carried); None = paint every face
+    tracks: list[int] | None = None
+    paint: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -232,7 +237,10 @@ class Anonymizer:
             faces.keypoints = [None] * len(faces)
             return faces
         t0 = time.perf_counter()
-        faces.keypoints = list(self.keypoint_model.keypoints_for_faces(image, faces.boxes, faces.scores))
+        wanted = np.ones(len(faces), bool) if faces.paint is None else np.asarray(faces.paint, bool)
+        found = iter(self.keypoint_model.keypoints_for_faces(image, faces.boxes[wanted], faces.scores[wanted])
+                     if wanted.any() else [])
+        faces.keypoints = [next(found) if w else None for w in wanted]  # a carried face needs no pose
         self.timings["keypoints"] += time.perf_counter() - t0
         return faces
 
@@ -256,8 +264,13 @@ class Anonymizer:
         faces = None if boxes is None else [self.faces_from_boxes(boxes)]
         return self.anonymize([image], faces)[0]
 
-    def anonymize(self, images: list[np.ndarray], faces: list[Faces] | None = None) -> list[np.ndarray]:
-        """Copies of the images with every face replaced; faces detected unless given."""
+    def anonymize(self, images: list[np.ndarray], faces: list[Faces] | None = None,
+                  memory: TrackFaces | None = None) -> list[np.ndarray]:
+        """Copies of the images with every face replaced; faces detected unless given.
+
+        `memory` (video, with `Faces.tracks` and `Faces.paint` set, images in frame order): faces
+        planned for painting are painted and blended into their track's memory, the others carry
+        their track's last painting (eval.face_memory)."""
         for i, im in enumerate(images):
             if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
                 desc = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
@@ -269,7 +282,7 @@ class Anonymizer:
         if self.cfg.method != "generator":
             return [anonymize_boxes(im, f.boxes, self.cfg.method) for im, f in zip(images, faces)]
         faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
-        jobs = []  # (image index, face index, pixel extent, crop)
+        jobs = []  # (image index, face index, pixel extent, crop, painted afresh)
         t0 = time.perf_counter()
         samples = []
         for i, (im, f) in enumerate(zip(images, faces)):
@@ -279,15 +292,27 @@ class Anonymizer:
                     continue  # an empty box covers no pixel
                 # The crop is taken around every pixel the box touches, so none escapes the mask.
                 crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2], rule=self.crop_rule)
-                jobs.append((i, j, extent, crop))
-                samples.append(self._sample(im, extent, f.keypoints[j], crop))
+                fresh = memory is None or f.paint is None or f.paint[j]
+                jobs.append((i, j, extent, crop, fresh))
+                if fresh:
+                    samples.append(self._sample(im, extent, f.keypoints[j], crop))
         self.timings["crop_paste"] += time.perf_counter() - t0
-        generated = self._generate(samples)
+        generated = iter(self._generate(samples))
         t0 = time.perf_counter()
+        painted = []
+        for i, j, extent, crop, fresh in jobs:  # frame order: a carried face is its track's latest painting
+            face = next(generated) if fresh else None
+            if memory is not None:
+                track = faces[i].tracks[j]
+                face = memory.painted(track, face) if fresh else memory.carried(track)
+                if face is None:  # its planned painting had an empty box: paint it now
+                    face = memory.painted(track, self._generate([self._sample(
+                        images[i], extent, faces[i].keypoints[j], crop)])[0])
+            painted.append(face)
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
-        generated = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, generated)]
+        painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
         outputs = [Composite(im, self.cfg.blend) for im in images]
-        for (i, j, extent, crop), face in zip(jobs, generated):
+        for (i, j, extent, crop, _), face in zip(jobs, painted):
             outputs[i].add(face, extent, crop, feather_width(faces[i].boxes[j], self.cfg.feather))
         result = [o.result() for o in outputs]
         self.timings["crop_paste"] += time.perf_counter() - t0

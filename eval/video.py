@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.anonymizer import Anonymizer, Faces
+from eval.face_memory import TrackFaces
 from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -70,6 +71,9 @@ class VideoOptions:
         crf: libx264 quality (lower = better)
         preset: libx264 speed preset
         audio_codec: None = the container's default encoder (always works); "copy" keeps the stream bit-exact
+        paint_every: the generator paints a track's face on its first frame and every this many frames;
+            in between the last painting is carried with the box (generator only, eval.face_memory)
+        temporal_keep: weight of a track's previous painting when a new one is blended in (0 = none)
     """
 
     lookahead: int = 12
@@ -83,6 +87,8 @@ class VideoOptions:
     crf: int = 18
     preset: str = "veryfast"
     audio_codec: str | None = None
+    paint_every: int = 1
+    temporal_keep: float = 0.0
 
 
 def ffmpeg_exe() -> str:
@@ -441,6 +447,8 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
     tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin,
                           opts.grow)
     smoother = _KeypointSmoother(opts.keypoint_smoothing)
+    generator = anonymizer.cfg.method == "generator"
+    memory = TrackFaces(opts.paint_every, opts.temporal_keep) if generator else None
     batch = anonymizer.cfg.batch_size
     writer: FFmpegWriter | None = None
     pending: deque[tuple[int, np.ndarray]] = deque()
@@ -455,15 +463,21 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         found, ids = [], []
         for t, image in ready:
             boxes, scores, tracks = tracker.boxes(t, w, h)
-            found.append(Faces(boxes, scores))
+            f = Faces(boxes, scores, tracks=list(tracks))
+            if memory is not None:  # frame order: which faces are painted afresh in this frame
+                f.paint = [memory.plan(k) for k in tracks]
+            found.append(f)
             ids.append(tracks)
-        if anonymizer.cfg.method == "generator":
+        if generator:
             for (t, image), f, tracks in zip(ready, found, ids):
-                anonymizer.add_keypoints(image, f)
+                anonymizer.add_keypoints(image, f)  # only for the faces painted afresh
                 f.keypoints = [smoother(k, b, kp) for k, b, kp in zip(tracks, f.boxes, f.keypoints)]
-            smoother.forget({k for tracks in ids for k in tracks} | set(tracker.tracks))
-        for out in anonymizer.anonymize([image for _, image in ready], found):
+            live = {k for tracks in ids for k in tracks} | set(tracker.tracks)
+            smoother.forget(live)
+        for out in anonymizer.anonymize([image for _, image in ready], found, memory):
             writer.write(out)
+        if memory is not None:
+            memory.forget(live)
         for t, _ in ready:
             tracker.forget(t)
         frames += len(ready)

@@ -1,0 +1,57 @@
+"""One face per track in a video: what the generator painted for a track, carried and blended in
+the track's own crop coordinates.
+
+Painting every frame independently makes a face shimmer (the generator answers each frame's
+slightly different condition and pose with slightly different pixels) and costs a generator call
+(and a keypoint call) per face per frame. The video path (eval.video) therefore keeps, per track,
+the last painted face as an (r, r, 3) crop in the FDF crop of the track's smoothed box, which moves
+and scales with the head:
+- `paint_every` k: a track is painted on its first frame and then every k-th frame; in between its
+  crop is carried (resized into the current crop by the paste), so the generator and the keypoint
+  model run on 1/k of the face-frames;
+- `keep` β: each new painting is blended with the track's previous one, face = β·previous +
+  (1-β)·new, so the face changes gradually instead of at every painting.
+Only generated pixels enter the memory (never a photo pixel), and the paste puts them inside the
+current frame's box only, with that frame's surroundings as the boundary (eval.paste), so a
+carried face covers the box exactly as a freshly painted one does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class TrackFaces:
+    """The painted face of every live track (see the module docstring)."""
+
+    def __init__(self, paint_every: int = 1, keep: float = 0.0):
+        if paint_every < 1 or not 0.0 <= keep < 1.0:
+            raise ValueError(f"need paint_every >= 1 (got {paint_every}) and 0 <= keep < 1 (got {keep})")
+        self.paint_every, self.keep = paint_every, keep
+        self.faces: dict[int, np.ndarray] = {}  # float32 (r, r, 3), the blended painting
+        self._since: dict[int, int] = {}  # frames since the track's last planned painting
+
+    def plan(self, track: int) -> bool:
+        """Whether the track's face is painted in this frame; call once per face and frame, in frame order."""
+        since = self._since.get(track)
+        paint = since is None or since + 1 >= self.paint_every
+        self._since[track] = 0 if paint else since + 1
+        return paint
+
+    def painted(self, track: int, face: np.ndarray) -> np.ndarray:
+        """A new painting of the track: blended with the previous one, remembered, returned as uint8."""
+        new = face.astype(np.float32)
+        previous = self.faces.get(track)
+        if previous is not None and previous.shape == new.shape and self.keep:
+            new = self.keep * previous + (1.0 - self.keep) * new
+        self.faces[track] = new
+        return np.clip(new + 0.5, 0, 255).astype(np.uint8)
+
+    def carried(self, track: int) -> np.ndarray | None:
+        """The track's face as last painted (None if it has none yet)."""
+        face = self.faces.get(track)
+        return None if face is None else np.clip(face + 0.5, 0, 255).astype(np.uint8)
+
+    def forget(self, live: set[int]) -> None:
+        for track in [t for t in self._since if t not in live]:
+            self._since.pop(track, None)
+            self.faces.pop(track, None)
