@@ -130,8 +130,19 @@ def total(rows: list[dict]) -> dict:
             "identity": {"checked": sum(d["checked"] for d in identity),
                          "leaked": {b: sum(d["leaked"][b] for d in identity) for b in BINS},
                          "distance_min": min(distances) if distances else None},
+            "identity_stability": _stability([r["identity_stability"] for r in rows]),
+            "flicker_ratio_worst_clip": max((r["flicker_ratio"] for r in rows if r["flicker_ratio"] is not None),
+                                            default=None),
             "all_kept": not failed and all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"]
                                            for r in rows)}
+
+
+def _stability(per_clip: list[dict]) -> dict:
+    """Identity stability over clips: tracks judged, tracks that stayed one identity, the worst track."""
+    worst = [c["max_distance_worst_track"] for c in per_clip if c["max_distance_worst_track"] is not None]
+    return {"tracks": sum(c["tracks"] for c in per_clip),
+            "tracks_one_identity": sum(c["tracks_one_identity"] for c in per_clip),
+            "max_distance_worst_track": max(worst) if worst else None}
 
 
 def _sum_sources(per_clip: list[dict]) -> dict:
@@ -167,14 +178,19 @@ def main(argv: list[str] | None = None) -> dict:
                         "detail test alone): about 0.2 s a face-frame on an idle core, far more on a busy machine")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--paint_every", type=int, default=VideoOptions.paint_every,
+                   help="the generator paints a track every N frames and carries it between (eval.face_memory)")
+    p.add_argument("--temporal_keep", type=float, default=VideoOptions.temporal_keep,
+                   help="weight of a track's previous painting when a new one is blended in")
     args = p.parse_args(argv)
+    video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") + (list(MUST_LEAK + MUST_NOT_LEAK) if args.calibrate else [])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         result: dict = {"device": "cpu", "threads": args.threads, "quick": args.quick, "clips": {}, "total": {},
-                        "video_options": VideoOptions().__dict__, "identity_every": args.identity_every}
+                        "video_options": video_options.__dict__, "identity_every": args.identity_every}
         ours: dict[str, Anonymizer] = {}
         base = Anonymizer(AnonymizerConfig(method=BLUR, batch_size=args.batch_size))
         if "generator" in methods:
@@ -216,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "frames_per_s_wall": round(src_info.frames / wall, 3)}
                 else:
                     ours[method].timings.clear()
-                    stats = anonymize_video(ours[method], src, out, VideoOptions(), progress=False)
+                    stats = anonymize_video(ours[method], src, out, video_options, progress=False)
                     run = {"seconds": stats["seconds"], "frames": stats["frames"], "boxes_anonymized": stats["faces"],
                            "time_fractions": {k: round(v / stats["seconds"], 3)
                                               for k, v in ours[method].timings.items()}}
@@ -244,6 +260,12 @@ def _goals(result: dict, methods: list[str]) -> dict:
         goals[f"{m}_no_leaks_ge24"] = t[m]["leaked_face_frames"]["ge24"] == 0
     for m in [m for m in methods if m != "deface" and m not in MUST_LEAK + MUST_NOT_LEAK]:
         goals[f"{m}_zero_leaks_ge24_every_clip"] = t[m]["clips_with_leaks_ge24"] == 0 == t[m]["clips_not_judged"]
+        if m == "generator":
+            goals["generator_flicker_ratio_le_1.2_every_clip"] = (t[m]["flicker_ratio_worst_clip"] or 99) <= 1.2
+            st = t[m]["identity_stability"]
+            goals["generator_every_track_one_identity"] = st["tracks"] > 0 and st["tracks_one_identity"] == st["tracks"]
+            if "deface" in t:
+                goals["generator_at_least_deface_speed"] = (t[m]["frames_per_s"] or 0) >= t["deface"]["frames_per_s"]
         if "deface" in t:
             goals[f"{m}_fewer_leaks_than_deface_every_bin"] = all(
                 t[m]["leaked_face_frames"][b] <= t["deface"]["leaked_face_frames"][b] for b in BINS)

@@ -160,6 +160,7 @@ class IdentityCheck:
         shape, source = found
         out = np.asarray(self.faces.embedder.compute_face_descriptor(
             np.ascontiguousarray(output_bgr[..., ::-1]), shape), np.float64)
+        self.last_output = out  # the output face's embedding, for the identity stability of its track
         return float(np.linalg.norm(out - source))
 
 
@@ -244,6 +245,21 @@ class ClipScore:
     leaked_by_identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BINS, 0))
     identity_distances: list[float] = field(default_factory=list)
     by_source: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # source → faces/leaked per bin
+    track_embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # face id → its output embeddings
+
+    def stability(self) -> dict:
+        """Identity stability: per ground-truth face (one person along the clip) with at least two
+        output faces the recognizer embedded, the largest embedding distance between two of its
+        frames; a track that stays one identity keeps it below IDENTITY_MATCH."""
+        worst = {}
+        for fid, embs in self.track_embeddings.items():
+            if len(embs) >= 2:
+                e = np.stack(embs)
+                worst[fid] = float(np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1)).max())
+        values = sorted(worst.values())
+        return {"tracks": len(values), "tracks_one_identity": sum(v < IDENTITY_MATCH for v in values),
+                "max_distance_worst_track": round(values[-1], 3) if values else None,
+                "max_distance_median_track": round(float(np.median(values)), 3) if values else None}
 
     def count_source(self, sources: list[str], k: str, leaked: bool) -> None:
         """Per ground-truth source, and `NOT_OURS` for a face no source `ours` (or hand label) has."""
@@ -264,7 +280,8 @@ class ClipScore:
                 "by_source": self.by_source,
                 "identity": {"every_nth_frame": self.identity_every, "checked": self.identity_checked, "leaked": dict(self.leaked_by_identity),
                              "distance_min": round(min(d), 3) if (d := self.identity_distances) else None,
-                             "distance_median": round(float(np.median(d)), 3) if d else None}}
+                             "distance_median": round(float(np.median(d)), 3) if d else None},
+                "identity_stability": self.stability()}
 
 
 def _frames(path: Path):
@@ -302,13 +319,16 @@ def _paired_frames(source: Path, output: Path, expected: int, truth_name: str):
 
 
 def _leaked(score: ClipScore, identity: IdentityCheck | None, key: tuple, src: np.ndarray, out: np.ndarray,
-            ys: np.ndarray, yo: np.ndarray, box: np.ndarray, k: str) -> bool:
-    """The detail test, then (only where it found no leak) the recognizer, counted apart."""
+            ys: np.ndarray, yo: np.ndarray, box: np.ndarray, k: str, fid: str | None = None) -> bool:
+    """The detail test, then (only where it found no leak) the recognizer, counted apart; the
+    recognizer's embedding of the output face is kept per ground-truth face `fid` (stability)."""
     if detail_kept(ys, yo, box) >= LEAK_DETAIL:
         return True
     d = identity.distance(src, out, box, key) if identity is not None else None
     if d is None:
         return False
+    if fid is not None:
+        score.track_embeddings.setdefault(str(fid), []).append(identity.last_output)
     score.identity_checked += 1
     score.identity_distances.append(d)
     if d < IDENTITY_MATCH:
@@ -353,7 +373,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
             k = size_bin(width)
             score.faces[k] += 1
             judge = identity if i % identity_every == 0 else None
-            leaked = _leaked(score, judge, (*source_id, i, fid), src, out, ys, yo, box, k)
+            leaked = _leaked(score, judge, (*source_id, i, fid), src, out, ys, yo, box, k, fid)
             score.count_source(sources.get(fid, []), k, leaked)
             if leaked:
                 score.leaked[k] += 1

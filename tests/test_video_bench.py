@@ -260,3 +260,16 @@ def test_a_face_only_an_independent_detector_finds_counts(assets, tmp_path):
     assert ours["faces"]["lt24"] + ours["faces"]["ge24"] > 400 and others["faces"]["ge24"] > 0
     assert ours["leaked"]["ge24"] == 0 and others["leaked"]["ge24"] > 0, score["by_source"]
     assert score["leaked_face_frames"]["ge24"] == others["leaked"]["ge24"]
+
+
+def test_identity_stability_is_the_largest_distance_within_a_track():
+    from eval.video_metrics import ClipScore
+    score = ClipScore()
+    a, b = np.zeros(128), np.zeros(128)
+    b[0] = 0.5  # within one identity
+    far = np.zeros(128)
+    far[0] = 0.9  # 0.9 from `a`: two people
+    score.track_embeddings = {"steady": [a, b, a], "changes": [a, b, far], "once": [a]}
+    st = score.as_dict()["identity_stability"]
+    assert st["tracks"] == 2 and st["tracks_one_identity"] == 1  # a single frame says nothing
+    assert st["max_distance_worst_track"] == pytest.approx(0.9) and st["max_distance_median_track"] == pytest.approx(0.7)
