@@ -216,7 +216,9 @@ def baselines(r: Run, args) -> dict:
     from eval.baselines import BASELINES
     from eval.identity import DlibFaces
     from eval.memorization import training_embeddings
-    out = {"training_faces_embedded": len(training_embeddings(DlibFaces(), _data(r.work), r.work / "fid_cache"))}
+    out = {}
+    if args.memorization:
+        out["training_faces_embedded"] = len(training_embeddings(DlibFaces(), _data(r.work), r.work / "fid_cache"))
     out["fid_rows"] = baseline_rows(r, args.num_images)
     if args.num_pairs != 0:
         out["identity"] = identity(r, args, list(BASELINES))
@@ -261,9 +263,10 @@ def evaluate(r: Run, args) -> dict:
         plot(PlotConfig(run_dir=str(run_dir), output=str(curve)))
         out["figures"] = [str(curve), str(grid(work, model, samples)),
                           str(before_after(model, figures / f"{r.name}_before_after.png"))]
-    g = load_generator_at(model)
-    g.precision = "auto"
-    out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
+    if args.memorization:
+        g = load_generator_at(model)
+        g.precision = "auto"
+        out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
     return out
 
 
@@ -279,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baselines", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="evaluate: also compute the baselines' FID and identity (false: use the rows the "
                         "baselines stage has cached, e.g. while it runs beside)")
+    p.add_argument("--memorization", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="embed the training faces (baselines) and measure whether painted faces are training "
+                        "people (evaluate); dlib on every training face, the slowest part on a CPU")
     p.add_argument("--figures", default=None, help="folder for the FID-curve PNG and the sample grid")
     args = p.parse_args(argv)
     stages = [s.strip(" '\"") for s in args.stages.strip("[]").split(",") if s.strip()]
