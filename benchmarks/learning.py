@@ -225,6 +225,23 @@ def baselines(r: Run, args) -> dict:
     return out
 
 
+def grid(work: Path, model: Path, output: Path, count: int = 10, size: int = 96) -> Path:
+    """Rows: condition, generated (z = 0), real, for the first `count` held-out faces."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+    from eval.anonymizer import load_generator_at
+    from training.conditioning import prepare
+    g = load_generator_at(model)
+    b = next(_data(work).iter_val(count, count))
+    p = prepare(b["images"], b["bbox"], b["keypoints"], g.resolution)
+    with torch.inference_mode():
+        rows = torch.cat([p.condition, g(p.condition, p.mask, p.keypoints), p.real])
+    rows = F.interpolate(rows, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.add(1).div(2).clamp(0, 1), output, nrow=count, padding=2, pad_value=1.0)
+    return output
+
+
 BEFORE_AFTER = ("face_recognition__examples_knn_examples_test_obama_and_biden.jpg", (690, 220, 1420, 700),
                 "ageitgey/face_recognition, examples/knn_examples/test/obama_and_biden.jpg (MIT repository; the "
                 "photo keeps its own copyright)")

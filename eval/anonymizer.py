@@ -45,9 +45,8 @@ from fdf_core.keypoints import KEYPOINT_NAMES
 from fdf_builder import crop as fdfcrop
 from fdf_builder.face_models import FaceModelsConfig, load_detector, load_keypoint_model
 from training.conditioning import prepare
-from training.datamodule import decode_sample
-from training.module import load_generator
-from training.networks import GeneratorAt
+from training.samples import decode_sample
+from training.networks import GeneratorAt, load_generator
 
 log = logging.getLogger(__name__)
 METHODS = ("generator", *BASELINES)

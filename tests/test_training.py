@@ -22,7 +22,8 @@ from training.datamodule import FDFDataModule, ShardStream, list_shards
 from fdf_core.fid import RandomConvFeatures
 from training.fid import generator_fid
 from training.networks import GeneratorAt
-from training.module import NonFiniteLossError, load_generator
+from training.module import NonFiniteLossError
+from training.networks import load_generator
 from training.schedule import Schedule
 
 REPO = Path(__file__).resolve().parents[1]

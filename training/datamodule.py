@@ -13,7 +13,6 @@ split's `.beton` with FFCV instead (training.ffcv_stream, same batches per step,
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -21,15 +20,13 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fdf_core.tario import iter_samples
 from fdf_core.errors import InputError, MissingInputError, NothingToDoError
-from fdf_core.keypoints import KEYPOINT_NAMES
+from training.samples import decode_sample  # noqa: F401 (FORMAT.md §2, also for importers of this module)
 from training.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -51,30 +48,6 @@ def list_shards(root: str | Path, split: str) -> tuple[list[str], list[int]]:
             known[rel] = sum(1 for _ in iter_samples(shard))
         sizes.append(int(known[rel]))
     return [str(s) for s in shards], sizes
-
-
-def decode_sample(shard: str, key: str, members: dict[str, bytes],
-                  keypoint_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 image (3,S,S), box (4,), keypoints (K,2) with missing/low-score ones at (-1, -1))."""
-    where = f"{shard}: sample {key!r}"
-    for ext in ("jpg", "json"):
-        if ext not in members:
-            raise ValueError(f"{where} has no .{ext} member (FORMAT.md §2)")
-    try:
-        meta = json.loads(members["json"])
-        bbox, points, names = meta["bbox"], meta["keypoints"], meta["keypoint_names"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{where}.json: {type(e).__name__}: {e}") from None
-    if list(names) != list(KEYPOINT_NAMES):
-        raise ValueError(f"{where}.json: keypoint_names {names} != expected {list(KEYPOINT_NAMES)}")
-    image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
-    if image.shape[0] != image.shape[1]:
-        raise ValueError(f"{where}.jpg is {image.shape[1]}x{image.shape[0]}, expected a square crop")
-    kp = torch.tensor(points, dtype=torch.float32).reshape(len(names), -1)
-    xy = kp[:, :2].clone()
-    if kp.shape[1] > 2:
-        xy[kp[:, 2] < keypoint_threshold] = -1
-    return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.tensor(bbox, dtype=torch.float32), xy
 
 
 def collate(decoded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:

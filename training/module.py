@@ -13,7 +13,7 @@ import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -25,29 +25,8 @@ from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
 from training.conditioning import Prepared, prepare
 from training.ema import ema_beta, update_ema
 from training.loss import LossConfig, discriminator_loss, generator_loss, gradient_penalty
-from training.networks import Discriminator, Generator, count_parameters
+from training.networks import Discriminator, NetworkConfig, build_generator, count_parameters
 from training.schedule import Phase, Schedule, StepInfo
-
-
-@dataclass
-class NetworkConfig:
-    """Generator and critic sizes (training.networks).
-
-    Args:
-        base_width: S: 256 = the "12M" model, 512 = "46M"
-        discriminator: wide or deep critic (the paper's two variants)
-        discriminator_width: S of the critic; None = base_width
-        mbstd_group_size: minibatch-stddev group; 0 = off (as the paper code)
-        z_channels: channels of the generator's latent code
-        num_keypoints: keypoints of the pose condition
-    """
-
-    base_width: int = 256
-    discriminator: Literal["wide", "deep"] = "wide"
-    discriminator_width: int | None = None
-    mbstd_group_size: int = 4
-    z_channels: int = 32
-    num_keypoints: int = 7
 
 
 @dataclass
@@ -63,11 +42,6 @@ class NonFiniteLossError(FloatingPointError):
 
 def _as(cls, value):
     return cls(**value) if isinstance(value, dict) else value
-
-
-def build_generator(network: NetworkConfig, schedule: Schedule) -> Generator:
-    return Generator(network.base_width, schedule.max_resolution, schedule.start_resolution,
-                     network.num_keypoints, network.z_channels)
 
 
 class ProgressiveGAN(pl.LightningModule):
@@ -276,20 +250,3 @@ class ProgressiveGAN(pl.LightningModule):
         np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                              n["cached_gaussian"]))
         random.setstate(rng["python"])
-
-
-def load_generator(path: str, ema: bool = True, map_location: str | torch.device = "cpu") -> Generator:
-    """The (EMA) generator of a training checkpoint or of an exported model (`training.export`), in
-    eval mode, loaded with weights_only=True."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt["hyper_parameters"]
-    generator = build_generator(NetworkConfig(**hp["network"]), Schedule(**hp["schedule"]))
-    if "generator_ema" in ckpt:  # an export holds the EMA weights only
-        if not ema:
-            raise ValueError(f"{path}: an exported model holds the EMA generator only")
-        state = ckpt["generator_ema"]
-    else:
-        prefix = "generator_ema." if ema else "generator."
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    generator.load_state_dict(state)
-    return generator.to(map_location).eval().requires_grad_(False)

@@ -13,6 +13,7 @@ training.networks` prints the parameter counts of both against the published one
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -22,6 +23,7 @@ from fdf_core.errors import ConfigError
 from fdf_core import precision as inference_precision
 from training.layers import (ConvAct, EqualizedConv2d, EqualizedLinear, MinibatchStd, downsample,
                              pose_maps, upsample)
+from training.schedule import Schedule
 
 IMAGE_CHANNELS = 3
 MASK_CHANNELS = 1
@@ -262,6 +264,49 @@ PUBLISHED_MILLIONS = {  # docs/reference.md, Model: parameter counts at 128x128
     256: {"generator": 11.74, "wide": 11.41, "deep": 11.17},
     512: {"generator": 46.93, "wide": 45.53, "deep": 44.65},
 }
+
+
+@dataclass
+class NetworkConfig:
+    """Generator and critic sizes (training.networks).
+
+    Args:
+        base_width: S: 256 = the "12M" model, 512 = "46M"
+        discriminator: wide or deep critic (the paper's two variants)
+        discriminator_width: S of the critic; None = base_width
+        mbstd_group_size: minibatch-stddev group; 0 = off (as the paper code)
+        z_channels: channels of the generator's latent code
+        num_keypoints: keypoints of the pose condition
+    """
+
+    base_width: int = 256
+    discriminator: Literal["wide", "deep"] = "wide"
+    discriminator_width: int | None = None
+    mbstd_group_size: int = 4
+    z_channels: int = 32
+    num_keypoints: int = 7
+
+
+def build_generator(network: NetworkConfig, schedule: Schedule) -> Generator:
+    return Generator(network.base_width, schedule.max_resolution, schedule.start_resolution,
+                     network.num_keypoints, network.z_channels)
+
+
+def load_generator(path: str, ema: bool = True, map_location: str | torch.device = "cpu") -> Generator:
+    """The (EMA) generator of a training checkpoint or of an exported model (`training.export`), in
+    eval mode, loaded with weights_only=True."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    generator = build_generator(NetworkConfig(**hp["network"]), Schedule(**hp["schedule"]))
+    if "generator_ema" in ckpt:  # an export holds the EMA weights only
+        if not ema:
+            raise ValueError(f"{path}: an exported model holds the EMA generator only")
+        state = ckpt["generator_ema"]
+    else:
+        prefix = "generator_ema." if ema else "generator."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    generator.load_state_dict(state)
+    return generator.to(map_location).eval().requires_grad_(False)
 
 
 def main() -> None:
