@@ -96,3 +96,13 @@ def test_the_checker_finds_each_kind_of_violation(path, source, expected):
 ])
 def test_the_checker_allows_what_the_rules_allow(path, source):
     assert violations(path, source) == []
+
+
+def test_the_anonymizer_does_not_import_lightning():
+    """PyTorch Lightning is most of `anonymize`'s start-up (tens of seconds on a busy machine):
+    painting faces needs the networks and the sample decoder only (training.networks, training.samples)."""
+    import subprocess
+    import sys
+    code = "import sys, eval.cli, eval.anonymize, eval.video; print(sorted(m for m in sys.modules if 'lightning' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
