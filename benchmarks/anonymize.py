@@ -15,6 +15,7 @@ JPEG round trip of the FDF sample, paste-back, decoding, encoding).
 
     python benchmarks/anonymize.py                       # all settings, all photos
     python benchmarks/anonymize.py --compare '[before, shipped]' --frames 0
+    python benchmarks/anonymize.py --versus_deface .venv-deface/bin/deface   # + both commands, start-up included
 """
 from __future__ import annotations
 
@@ -120,6 +121,42 @@ def video_throughput(anonymizer: Anonymizer, frames: int, tmp: Path) -> dict:
             **_fractions(anonymizer.timings, wall)}
 
 
+def versus_deface(photos: list[Path], deface: Path, tmp: Path, rounds: int = 2) -> dict:
+    """What a user times: the `anonymize` command (generator, defaults) and the `deface` command on
+    the same folder of photos, wall time with start-up (importing, loading models), alternated
+    `rounds` times so that a busy machine slows both alike; the median round of each."""
+    import shutil
+    import statistics
+    import sys
+    folder = tmp / "vs_deface" / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    ours_cmd = [str(Path(sys.executable).parent / "anonymize"), str(folder), str(tmp / "vs_deface" / "ours"),
+                "--progress", "false"]
+    walls: dict[str, list[float]] = {"ours": [], "deface": []}
+    for r in range(rounds):
+        for name in walls:
+            if name == "deface":  # it writes <name>_anonymized.<ext> beside each input: a fresh copy per round
+                work = tmp / "vs_deface" / f"deface{r}"
+                shutil.copytree(folder, work)
+                cmd = [str(deface), *sorted(str(f) for f in work.iterdir())]
+            else:
+                cmd = ours_cmd[:2] + [ours_cmd[2] + str(r)] + ours_cmd[3:]
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            walls[name].append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cmd[0]} failed (exit {done.returncode}): {done.stderr[-1500:]}")
+    wall = {k: statistics.median(v) for k, v in walls.items()}
+    return {"photos": len(photos), "rounds": rounds,
+            "ours_over_deface": round(wall["deface"] / wall["ours"], 3),
+            "ours": {"command": "anonymize FOLDER OUT (defaults: shipped generator, bf16 where the CPU has it)",
+                     "wall_s": round(wall["ours"], 2), "photos_per_s": round(len(photos) / wall["ours"], 3)},
+            "deface": {"command": "deface FILES... (defaults)", "wall_s": round(wall["deface"], 2),
+                       "photos_per_s": round(len(photos) / wall["deface"], 3)}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=None, help="the first N corpus photos (default: all)")
@@ -128,6 +165,9 @@ def main() -> None:
     p.add_argument("--before_checkpoint", default=None, help=f"the earlier model (default: git show {BEFORE[0]}:{BEFORE[1]})")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--versus_deface", default=None, metavar="DEFACE",
+                   help="also time the anonymize and deface commands on the same photos, start-up included "
+                        "(the deface executable, e.g. .venv-deface/bin/deface from benchmarks/deface_env.sh)")
     args = p.parse_args()
     settings = [s.strip(" '\"") for s in args.compare.strip("[]").split(",") if s.strip()]
     if set(settings) - set(SETTINGS):
@@ -147,6 +187,8 @@ def main() -> None:
         if args.frames:
             video = by_setting.get("shipped") or next(iter(by_setting.values()))
             result["video"] = video_throughput(video, args.frames, tmp)
+        if args.versus_deface:
+            result["versus_deface"] = versus_deface(photos, Path(args.versus_deface), tmp)
     print(json.dumps(result))
 
 
