@@ -87,8 +87,8 @@ class VideoOptions:
     crf: int = 18
     preset: str = "veryfast"
     audio_codec: str | None = None
-    paint_every: int = 1
-    temporal_keep: float = 0.0
+    paint_every: int = 3
+    temporal_keep: float = 0.5
 
 
 def ffmpeg_exe() -> str:
