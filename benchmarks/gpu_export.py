@@ -22,13 +22,20 @@ from fdf_core.checkpoints import LAST, checkpoints_dir, read_progress  # noqa: E
 from training.export import export_generator  # noqa: E402
 
 
-def card(width: int, resolution: int, kimg: float, wall_s: float, device: str, note: str) -> dict:
+def run_precision(run_dir: Path) -> str:
+    """The trainer precision the run was started with (its config.yaml): a lease may fall back to fp32."""
+    import yaml
+    config = run_dir / "config.yaml"
+    return str(yaml.safe_load(config.read_text())["trainer"]["precision"]) if config.is_file() else "unknown"
+
+
+def card(width: int, resolution: int, kimg: float, wall_s: float, device: str, note: str, precision: str) -> dict:
     return {
         "name": f"fdf-utkface{resolution} (DeepPrivacy U-Net, base width {width}, {resolution}x{resolution}, "
                 f"GPU-trained)",
         "data": CARD_DATA,
         "license": CARD_LICENSE,
-        "precision": "bf16-mixed",
+        "precision": precision,
         "kimg": round(kimg, 1),
         "wall_time_hours": round(wall_s / 3600, 3),
         "notes": f"Trained {kimg:g} kimg in {wall_s / 60:.1f} min of wall time on one {device} with "
@@ -63,14 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
         result["error"] = f"{last}: no checkpoint"
         print(json.dumps(result))
         return result
-    progress = read_progress(last)
+    progress, precision = read_progress(last), run_precision(run_dir)
     kimg, wall = progress["images_shown"] / 1000, last.stat().st_mtime - args.started
     res, alpha = int(progress["resolution"]), float(progress["alpha"])
     final_res = res if alpha >= 1.0 else res // 2  # in a fade-in: the resolution it has finished
     at = None if final_res == res else final_res
     name = out / f"fdf_utkface{final_res}_w{args.width}_ema.pt"
     export_generator(last, name, card(args.width, final_res, kimg, wall, args.device,
-                                      f"Stopped in {progress['phase']} (alpha {alpha:.3f})."),
+                                      f"Stopped in {progress['phase']} (alpha {alpha:.3f}).", precision),
                      crop_rule="pad", resolution=at)
     result["last"] = {"file": name.name, "kimg": round(kimg, 1), "phase": progress["phase"], "alpha": alpha,
                       "wall_s": round(wall, 1)}
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
             name64 = out / f"fdf_utkface64_w{args.width}_ema.pt"
             export_generator(past, name64, card(args.width, 64, k64, past.stat().st_mtime - args.started, args.device,
                                                 "The same run's 64x64 model: its first snapshot past stabilize64 "
-                                                f"({pp['phase']}, alpha {float(pp['alpha']):.4f}), exported at 64x64."),
+                                                f"({pp['phase']}, alpha {float(pp['alpha']):.4f}), exported at 64x64.",
+                                                precision),
                              crop_rule="pad", resolution=64)
             result["model64"] = {"file": name64.name, "kimg": round(k64, 1), "from": past.name}
     result["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
