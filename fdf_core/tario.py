@@ -9,22 +9,35 @@ the same bytes.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
+import re
+import socket
 import tarfile
 from pathlib import Path
 from typing import Iterator
 
 
+def _writer_tag() -> str:
+    """`<host>.<pid>`: which process writes a temporary file. The host is part of it because SLURM
+    tasks on several nodes write into one shared folder, where a pid alone says nothing."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+    return f"{host}.{os.getpid()}"
+
+
+_TAG = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)")
+
+
 def temporary_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
-    """Where `path` is written before it is renamed into place: `<name>.tmp-<pid>` beside it, which
-    :func:`remove_partial` finds. `keep_suffix` gives `.<stem>.tmp-<pid><suffix>` instead, for
-    writers that choose the format by the extension (ffmpeg)."""
+    """Where `path` is written before it is renamed into place: `<name>.tmp-<host>.<pid>` beside it,
+    which :func:`remove_partial` finds. `keep_suffix` gives `.<stem>.tmp-<host>.<pid><suffix>`
+    instead, for writers that choose the format by the extension (ffmpeg)."""
     path = Path(path)
     if keep_suffix:
-        return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        return path.with_name(f".{path.stem}.tmp-{_writer_tag()}{path.suffix}")
+    return path.with_name(f"{path.name}.tmp-{_writer_tag()}")
 
 
 def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -43,9 +56,15 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
     """`with atomic_path(out) as tmp: write(tmp)`: the file appears at `out` only when the block
-    finishes; on an exception the temporary file is removed and `out` is untouched."""
+    finishes; on an exception the temporary file is removed and `out` is untouched. Temporaries of
+    `out` that killed processes of this host left are removed first (a rerun leaves nothing behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    pattern = (f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}" if keep_suffix
+               else f"{glob.escape(path.name)}.tmp-*")
+    for stale in path.parent.glob(pattern):
+        if _writer_is_dead(stale.name):  # not another task's file that is being written now
+            stale.unlink(missing_ok=True)
     tmp = temporary_path(path, keep_suffix)
     try:
         yield tmp
@@ -64,9 +83,25 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def remove_partial(directory: str | os.PathLike, name_glob: str) -> None:
-    """Delete the temporary files a killed writer left for targets matching `name_glob`."""
+    """Delete the temporary files a killed writer left for targets matching `name_glob`; only for
+    a caller that is the targets' one writer (one shard's task). Files that every task writes go
+    through :func:`atomic_path`, which removes only dead writers' leftovers."""
     for stale in Path(directory).glob(f"{name_glob}.tmp-*"):
         stale.unlink(missing_ok=True)
+
+
+def _writer_is_dead(name: str) -> bool:
+    """True if the temporary file `name` was written by a process of this host that no longer runs."""
+    tag = _TAG.search(name)
+    if tag is None or tag["host"] != _writer_tag().split(".")[0]:
+        return False  # another node's (or an older naming's): not ours to judge
+    try:
+        os.kill(int(tag["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def json_bytes(obj) -> bytes:

@@ -17,7 +17,7 @@ from PIL import Image
 from data_prep.download import DownloadConfig
 from data_prep.download import run as download
 from data_prep.sample import corpus_records, write_yfcc_metadata
-from fdf_core.tario import AtomicTarWriter, iter_samples, json_bytes
+from fdf_core.tario import AtomicTarWriter, atomic_write_json, iter_samples, json_bytes, temporary_path
 from fdf_builder.build import BuildConfig, run as build
 from fdf_builder.shards import split_of
 from fdf_pipeline.pipeline import PipelineConfig, run as pipeline
@@ -146,6 +146,25 @@ def test_sigkill_anywhere_then_rerun_gives_identical_shards(tmp_path, reference,
         assert got[name] == want[name], f"{name} differs after kill + rerun"
     leftovers = [p for p in work.rglob("*") if ".tmp-" in p.name]
     assert not leftovers, leftovers
+
+
+def test_atomic_write_clears_only_dead_writers_leftovers(tmp_path):
+    """A rerun's write of a file every task writes (options.json, plan.json) removes what a killed
+    process of this host left for it, never the temporary file of a live writer or another node."""
+    target = tmp_path / "options.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    host = temporary_path(target).name.split(".tmp-")[1].rsplit(".", 1)[0]
+    left = {"dead": tmp_path / f"options.json.tmp-{host}.{dead}",
+            "live": tmp_path / f"options.json.tmp-{host}.{os.getppid()}",  # a running process
+            "other node": tmp_path / f"options.json.tmp-{host}x.{dead}",
+            "other target": tmp_path / f"plan.json.tmp-{host}.{dead}"}
+    for path in left.values():
+        path.write_text("partial")
+    atomic_write_json(target, {"ok": 1})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert {name: path.exists() for name, path in left.items()} == {
+        "dead": False, "live": True, "other node": True, "other target": True}
 
 
 def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
