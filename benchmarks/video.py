@@ -181,8 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the generator paints a track every N frames and carries it between (eval.face_memory)")
     p.add_argument("--temporal_keep", type=float, default=VideoOptions.temporal_keep,
                    help="weight of a track's previous painting when a new one is blended in")
+    p.add_argument("--seam_keep", type=float, default=VideoOptions.seam_keep,
+                   help="weight of a track's previous seam correction when this frame's is blended in")
+    p.add_argument("--detect_every", type=int, default=VideoOptions.detect_every,
+                   help="the detector runs on every N-th frame; the boxes between come from both sides")
     args = p.parse_args(argv)
-    video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep)
+    video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep,
+                                 seam_keep=args.seam_keep, detect_every=args.detect_every)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") + (list(MUST_LEAK + MUST_NOT_LEAK) if args.calibrate else [])
     with tempfile.TemporaryDirectory() as tmp:

@@ -310,12 +310,22 @@ class Anonymizer:
             painted.append(face)
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
-        outputs = [Composite(im, self.cfg.blend) for im in images]
-        for (i, j, extent, crop, _), face in zip(jobs, painted):
-            outputs[i].add(face, extent, crop, feather_width(faces[i].boxes[j], self.cfg.feather))
+        seams = None if memory is None else memory.seams
+        outputs = [Composite(im, self.cfg.blend, seams) for im in images]
+        for (i, j, extent, crop, _), face in zip(jobs, painted):  # frame order: seams blend over time
+            box, track = faces[i].boxes[j], None if memory is None else faces[i].tracks[j]
+            outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track)
         result = [o.result() for o in outputs]
         self.timings["crop_paste"] += time.perf_counter() - t0
         return result
+
+    def _place(self, box: np.ndarray, crop: fdfcrop.Crop) -> tuple[float, float, float] | None:
+        """Where the painted crop lies to a fraction of a pixel: the padded square of the box as the
+        pixels it touches see it (half a pixel wider on every side, as `pixel_extent` on average),
+        without rounding; None (the rounded crop) for an FDF-rule crop shifted inside the photo."""
+        if self.crop_rule != "pad" and not crop.padded:
+            return None
+        return fdfcrop.exact_square(np.asarray(box, np.float64) + [-0.5, -0.5, 0.5, 0.5])
 
     def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
                 crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

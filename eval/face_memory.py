@@ -10,7 +10,9 @@ and scales with the head:
   crop is carried (resized into the current crop by the paste), so the generator and the keypoint
   model run on 1/k of the face-frames;
 - `keep` β: each new painting is blended with the track's previous one, face = β·previous +
-  (1-β)·new, so the face changes gradually instead of at every painting.
+  (1-β)·new, so the face changes gradually instead of at every painting;
+- `seam_keep`: the same for the colour correction that fits the face to the pixels around its box
+  (eval.paste.SeamMemory), which otherwise changes every frame as the box slides over the scene.
 Only generated pixels enter the memory (never a photo pixel), and the paste puts them inside the
 current frame's box only, with that frame's surroundings as the boundary (eval.paste), so a
 carried face covers the box exactly as a freshly painted one does.
@@ -19,14 +21,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from eval.paste import SeamMemory
+
 
 class TrackFaces:
     """The painted face of every live track (see the module docstring)."""
 
-    def __init__(self, paint_every: int = 1, keep: float = 0.0):
+    def __init__(self, paint_every: int = 1, keep: float = 0.0, seam_keep: float = 0.0):
         if paint_every < 1 or not 0.0 <= keep < 1.0:
             raise ValueError(f"need paint_every >= 1 (got {paint_every}) and 0 <= keep < 1 (got {keep})")
         self.paint_every, self.keep = paint_every, keep
+        self.seams = SeamMemory(seam_keep)  # each track's seam with the frame around it (eval.paste)
         self.faces: dict[int, np.ndarray] = {}  # float32 (r, r, 3), the blended painting
         self._since: dict[int, int] = {}  # frames since the track's last planned painting
 
@@ -55,3 +60,4 @@ class TrackFaces:
         for track in [t for t in self._since if t not in live]:
             self._since.pop(track, None)
             self.faces.pop(track, None)
+        self.seams.forget(live)

@@ -20,7 +20,9 @@ Two blends, `--blend`:
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -93,7 +95,44 @@ def _frame_difference(source: np.ndarray, target: np.ndarray, size: tuple[int, i
     return out
 
 
-def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GRID) -> np.ndarray:
+class SeamMemory:
+    """The seam of every live video track, blended over frames.
+
+    The Poisson correction is the colour difference between a painted face's edge and the pixels
+    just outside its box. In a video those pixels change every frame as the box slides over hair,
+    collars and other faces, and a correction solved per frame makes the whole face brighten and
+    darken from frame to frame: most of the flicker of a carried face. Per track the difference is
+    kept, resampled along each side to `SEAM_POINTS` (independent of the box size), and each frame's
+    is blended with it: seam = `keep`·previous + (1 - `keep`)·this frame's."""
+
+    SEAM_POINTS = 33
+
+    def __init__(self, keep: float = 0.0):
+        if not 0.0 <= keep < 1.0:
+            raise ValueError(f"need 0 <= seam keep < 1, got {keep}")
+        self.keep = keep
+        self.sides: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, track: int, frame: np.ndarray) -> np.ndarray:
+        """This frame's (h, w, c) frame difference of `track` (inside 0), blended with the track's."""
+        h, w = frame.shape[:2]
+        sides = [_resize_line(line, self.SEAM_POINTS) for line in (frame[0], frame[-1], frame[:, 0], frame[:, -1])]
+        previous = self.sides.get(track)
+        if previous is not None and self.keep:
+            sides = [self.keep * p + (1.0 - self.keep) * n for p, n in zip(previous, sides)]
+        self.sides[track] = sides
+        out = np.zeros_like(frame)
+        out[0], out[-1] = _resize_line(sides[0], w), _resize_line(sides[1], w)
+        out[:, 0], out[:, -1] = _resize_line(sides[2], h), _resize_line(sides[3], h)
+        return out
+
+    def forget(self, live: set[int]) -> None:
+        for track in [t for t in self.sides if t not in live]:
+            del self.sides[track]
+
+
+def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GRID,
+                  seam: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """`source`'s gradients inside, `target`'s values on the one-pixel frame (same-shape uint8 RGB).
 
     The solution of Poisson's equation with the source's Laplacian inside and the target on the frame
@@ -109,27 +148,51 @@ def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GR
     if h < 3 or w < 3:
         return source
     size = (min(h, grid), min(w, grid))
-    correction = harmonic_fill(_frame_difference(source, target, size)).astype(np.float32)
+    frame = _frame_difference(source, target, size)
+    if seam is not None:  # video: this track's seam, blended over frames (SeamMemory)
+        frame = seam(frame)
+    correction = harmonic_fill(frame).astype(np.float32)
     if size != (h, w):
         correction = cv2.resize(correction, (w, h), interpolation=cv2.INTER_LINEAR)
     return np.clip(np.rint(source + correction), 0, 255).astype(np.uint8)
 
 
+def _onto_crop(face: np.ndarray, crop: fdfcrop.Crop, place: tuple[float, float, float] | None) -> np.ndarray:
+    """The (r, r, 3) painted crop resampled onto the pixels of `crop`, lying at `place` (default:
+    exactly on `crop`). Linear interpolation up, area averaging down (then a sub-pixel warp)."""
+    side = crop.side
+    if place is None:
+        interp = cv2.INTER_LINEAR if side >= face.shape[0] else cv2.INTER_AREA
+        return cv2.resize(face, (side, side), interpolation=interp)
+    x0, y0, exact = place
+    if exact < face.shape[0]:  # average down to whole pixels first: a warp would alias
+        n = max(1, round(exact))
+        face = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA)
+    s = exact / face.shape[0]
+    # pixel centres: face pixel u lies at x0 + (u + 0.5) s in the photo, crop pixel i at crop x0 + i + 0.5
+    matrix = np.array([[s, 0.0, x0 - crop.box[0] + 0.5 * s - 0.5], [0.0, s, y0 - crop.box[1] + 0.5 * s - 0.5]])
+    return cv2.warpAffine(face, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 class Composite:
     """Pastes generated crops into one image (`add` per face, then `result`)."""
 
-    def __init__(self, image: np.ndarray, blend: str = "poisson"):
+    def __init__(self, image: np.ndarray, blend: str = "poisson", seams: SeamMemory | None = None):
         if blend not in BLENDS:
             raise ValueError(f"blend {blend!r}: choose from {', '.join(BLENDS)}")
-        self.image, self.blend = image, blend
+        self.image, self.blend, self.seams = image, blend, seams
         self.faces: list[tuple[tuple[int, int, int, int], int, np.ndarray, tuple[int, int, int, int]]] = []
+        self.tracks: list[int | None] = []
 
-    def add(self, face: np.ndarray, extent: tuple[int, int, int, int], crop: fdfcrop.Crop, band: int) -> None:
+    def add(self, face: np.ndarray, extent: tuple[int, int, int, int], crop: fdfcrop.Crop, band: int,
+            place: tuple[float, float, float] | None = None, track: int | None = None) -> None:
         """A generated (r, r, 3) crop of the face whose box covers `extent`, cut as `crop`; `band`:
-        the feather band in pixels (the feather blend only)."""
-        side = crop.side
-        interp = cv2.INTER_LINEAR if side >= face.shape[0] else cv2.INTER_AREA
-        self.faces.append((extent, band, cv2.resize(face, (side, side), interpolation=interp), crop.box))
+        the feather band in pixels (the feather blend only). `place` (x0, y0, side), the crop
+        before rounding (fdf_builder.crop.exact_square): the face is resampled there to a fraction
+        of a pixel instead of onto the rounded crop (video: no whole-pixel jumps between frames).
+        `track`: the face's video track, whose seam `seams` blends over frames."""
+        self.faces.append((extent, band, _onto_crop(face, crop, place), crop.box))
+        self.tracks.append(track)
 
     def _window(self, extent: tuple[int, int, int, int], grow: int,
                 crop_box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -177,7 +240,9 @@ class Composite:
         out = base.copy()
         for k, (extent, _, full, crop_box) in enumerate(self.faces):
             wx0, wy0, wx1, wy1 = window = self._window(extent, 1, crop_box)
-            solved = poisson_blend(self._cut(full, window, crop_box), base[wy0:wy1, wx0:wx1])
+            track = self.tracks[k]
+            seam = None if self.seams is None or track is None else functools.partial(self.seams, track)
+            solved = poisson_blend(self._cut(full, window, crop_box), base[wy0:wy1, wx0:wx1], seam=seam)
             mine = owner[wy0:wy1, wx0:wx1] == k
             out[wy0:wy1, wx0:wx1][mine] = solved[mine]
         return out

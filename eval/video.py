@@ -26,7 +26,14 @@ the detector only just found are its noisiest. Boxes that were not detected are 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
 background around the box, moves smoothly), and keypoints smoothed per track in box coordinates.
-Faces of all the frames of a batch go through the generator together.
+Faces of all the frames of a batch go through the generator together. A track keeps one painted
+face (eval.face_memory), placed to a fraction of a pixel (eval.paste: no whole-pixel jumps) and
+fitted to its surroundings with a seam correction blended over frames (eval.paste.SeamMemory).
+
+`detect_every` k > 1 runs the detector on every k-th frame of a shot only (and on the first frame
+after a cut); a frame in between is not a miss: its boxes are interpolated from the detected frames
+on either side, without the miss margin. Detection is most of the time of a video, so k = 2 about
+halves it; a face visible for less than k frames could go unseen, hence the default 1.
 """
 from __future__ import annotations
 
@@ -74,6 +81,10 @@ class VideoOptions:
         paint_every: the generator paints a track's face on its first frame and every this many frames;
             in between the last painting is carried with the box (generator only, eval.face_memory)
         temporal_keep: weight of a track's previous painting when a new one is blended in (0 = none)
+        detect_every: the detector runs on every this many frames (and on the first frame after every
+            cut); a frame in between takes its faces' boxes from the detected frames on either side
+        seam_keep: weight of a track's previous seam correction (the Poisson blend's colour fit to
+            the pixels around the box) in this frame's (generator only, eval.paste.SeamMemory)
     """
 
     lookahead: int = 12
@@ -89,6 +100,8 @@ class VideoOptions:
     audio_codec: str | None = None
     paint_every: int = 3
     temporal_keep: float = 0.5
+    seam_keep: float = 0.8
+    detect_every: int = 1
 
 
 def ffmpeg_exe() -> str:
@@ -168,18 +181,24 @@ class FaceTracker:
         self.lookahead, self.max_missing, self.iou = lookahead, max_missing, iou
         self.smooth_radius, self.margin, self.grow = smooth_radius, margin, grow
         self.frames = 0  # frames pushed
+        self.unseen: set[int] = set()  # frames pushed without detection (VideoOptions.detect_every)
         self.shot = 0
         self.shot_of: dict[int, int] = {}
         self.tracks: dict[int, _Track] = {}
         self._next_id = 0
 
-    def push(self, boxes: np.ndarray, scores: np.ndarray, cut: bool = False) -> int:
-        """Detections of the next frame (after a hard cut if `cut`); returns its index."""
+    def push(self, boxes: np.ndarray | None, scores: np.ndarray | None, cut: bool = False) -> int:
+        """Detections of the next frame (after a hard cut if `cut`); returns its index. `boxes`
+        None: the frame was not run through the detector (its boxes come from the detected frames
+        on either side, like a miss, but not grown: nothing was missed)."""
         t = self.frames
         self.frames += 1
         if cut and t > 0:
             self.shot += 1
         self.shot_of[t] = self.shot
+        if boxes is None:
+            self.unseen.add(t)
+            return t
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
         reach = self.max_missing + self.lookahead  # a gap this long can still be bridged
@@ -225,8 +244,11 @@ class FaceTracker:
         prev, nxt = (max(before) if before else None), (min(after) if after else None)
         if prev is not None and nxt is not None:
             u = (t - prev) / (nxt - prev)
+            score = max(tr.obs[prev][1], tr.obs[nxt][1])
+            if all(f in self.unseen for f in range(prev + 1, nxt)):  # skipped, not missed: as detected
+                return (1 - u) * self._box_at(tr, prev)[0] + u * self._box_at(tr, nxt)[0], score
             box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
-            return self._grow(box, min(t - prev, nxt - t)), max(tr.obs[prev][1], tr.obs[nxt][1])
+            return self._grow(box, min(t - prev, nxt - t)), score
         if prev is not None and t - prev <= self.max_missing:
             return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
@@ -306,6 +328,7 @@ class FaceTracker:
                 del self.tracks[k]
         for f in [f for f in self.shot_of if f < keep_from - 1]:
             del self.shot_of[f]
+        self.unseen = {f for f in self.unseen if f >= keep_from - 1 - self.max_missing - self.lookahead}
 
 
 class _KeypointSmoother:
@@ -443,12 +466,14 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
     later frames are known, the faces of `batch_size` frames per generator call. Returns counts
     and speed. The progress bar shows frames/s and the faces anonymized so far.
     """
+    if opts.detect_every < 1:
+        raise ValueError(f"detect_every must be >= 1, got {opts.detect_every}")
     cap, info = open_video(src)
     tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin,
                           opts.grow)
     smoother = _KeypointSmoother(opts.keypoint_smoothing)
     generator = anonymizer.cfg.method == "generator"
-    memory = TrackFaces(opts.paint_every, opts.temporal_keep) if generator else None
+    memory = TrackFaces(opts.paint_every, opts.temporal_keep, opts.seam_keep) if generator else None
     batch = anonymizer.cfg.batch_size
     writer: FFmpegWriter | None = None
     pending: deque[tuple[int, np.ndarray]] = deque()
@@ -485,6 +510,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         bar.set_postfix(faces=faces, refresh=False)
         bar.update(len(ready))
 
+    since_detection = opts.detect_every  # the first frame is detected
     try:
         ended = False
         while not ended:
@@ -501,9 +527,18 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
                 h, w = chunk[0][0].shape[:2]
                 writer = FFmpegWriter(dst, VideoInfo(w, h, info.fps, info.frames), src, opts)
                 size = max(anonymizer.cfg.detect_max_size, min(max(h, w), opts.video_detect_max_size))
-            dets = anonymizer.detect([image for image, _ in chunk], size) if chunk else []
-            for (image, cut), det in zip(chunk, dets):
-                pending.append((tracker.push(det.boxes, det.scores, cut), image))
+            looked = []
+            for _, cut in chunk:  # every detect_every-th frame of a shot, counted from its first
+                since_detection = 0 if cut or since_detection + 1 >= opts.detect_every else since_detection + 1
+                looked.append(since_detection == 0)
+            dets = iter(anonymizer.detect([image for (image, _), w in zip(chunk, looked) if w], size)
+                        if any(looked) else [])
+            for (image, cut), w in zip(chunk, looked):
+                if w:
+                    det = next(dets)
+                    pending.append((tracker.push(det.boxes, det.scores, cut), image))
+                else:
+                    pending.append((tracker.push(None, None, cut), image))
             for ready in ready_batches(pending, tracker.frames, opts.lookahead, batch, ended):
                 write(ready)
         if writer is None:

@@ -58,6 +58,18 @@ def crop_box(face_box: np.ndarray, image_hw: tuple[int, int], expansion: float =
     return Crop((cx0, cy0, cx0 + full, cy0 + full), padded=False)
 
 
+def exact_square(face_box: np.ndarray, expansion: float = EXPANSION) -> tuple[float, float, float]:
+    """The padded crop of `face_box` before its rounding to whole pixels: (x0, y0, side) in photo
+    pixels (the crop of `rule="pad"`, and the fallback of FDF's rule).
+
+    Video pastes a painted face there rather than on the rounded crop: a face that moves by a
+    fraction of a pixel per frame would otherwise jump a whole pixel at a time, which reads as
+    shimmer on a painted face (eval.paste)."""
+    x0, y0, x1, y1 = (float(v) for v in face_box)
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * expansion)
+    return (x0 + x1) / 2 - side / 2, (y0 + y1) / 2 - side / 2, side
+
+
 def _padded_crop(face_box: np.ndarray, expansion: float) -> Crop:
     x0, y0, x1, y1 = (float(v) for v in face_box)
     full = int(round(max(x1 - x0, y1 - y0) * (1 + 2 * expansion)))

@@ -229,6 +229,25 @@ def test_tracker_fills_misses_from_both_sides_and_follows_fast_motion():
     assert len(tracker.boxes(18)[0]) == 0  # max_missing after the last detection: dropped
 
 
+def test_frames_between_detections_take_the_detected_boxes_on_either_side_not_a_miss():
+    """detect_every 2: a frame the detector did not look at is not a miss. Its box is the mean of
+    the detected frames' boxes on either side (a face moving 7 px a frame is covered, without the
+    miss margin that made the box, and the face painted into it, pulse every other frame)."""
+    tracker = FaceTracker(lookahead=4, max_missing=3, smooth_radius=0)
+    for t in range(12):
+        if t % 2:
+            tracker.push(None, None)
+        else:
+            tracker.push(_moving(t, 7.0)[None], np.array([0.9]))
+    tracker.push(np.zeros((0, 4)), np.zeros(0))  # frame 12: looked at, nothing found: a miss
+    tracker.push(_moving(13, 7.0)[None], np.array([0.9]))
+    for t in range(1, 11):
+        boxes, _, ids = tracker.boxes(t)
+        assert ids == [0] and np.allclose(boxes[0], _moving(t, 7.0)), (t, boxes)  # exactly the face
+    missed = tracker.boxes(12)[0][0]
+    assert missed[0] < _moving(12, 7.0)[0] - 5 and missed[2] > _moving(12, 7.0)[2] + 5  # grown: unsure
+
+
 def test_tracker_does_not_carry_tracks_across_a_cut():
     tracker = FaceTracker(lookahead=4, max_missing=5)
     for t in range(6):

@@ -71,3 +71,22 @@ def test_carried_faces_cover_every_frame_with_a_third_of_the_paintings_and_flick
             if t:  # frame-to-frame change of the face, the pan's 1 px shift undone
                 box_changes[name].append(np.abs(out[t][y0:y1, x0:x1] - out[t - 1][y0:y1, x0 + 1:x1 + 1]).mean())
     assert np.mean(box_changes["steady"]) < np.mean(box_changes["every"])
+
+
+def test_detect_every_runs_the_detector_on_every_other_frame_and_still_covers_every_face(tmp_path):
+    src = tmp_path / "pan.mp4"
+    source = _pan(src, frames=12)
+    anonymizer = Anonymizer(AnonymizerConfig(method="blackout", batch_size=8))
+    looked = []
+    detect = anonymizer.detect
+    anonymizer.detect = lambda images, size=None: looked.append(len(images)) or detect(images, size)
+    stats = anonymize_video(anonymizer, src, tmp_path / "half.mp4", VideoOptions(detect_every=2), progress=False)
+    assert sum(looked) == 6 and stats["frames"] == 12 and stats["faces"] >= 12
+    cap, detector = cv2.VideoCapture(str(tmp_path / "half.mp4")), anonymizer.detector
+    for frame in source:
+        out = cap.read()[1]
+        (det,) = detector.detect([cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)])
+        x0, y0, x1, y1 = det.boxes[0].astype(int)
+        assert out[y0:y1, x0:x1].mean() < 12  # blacked out in every frame, looked at or not
+    with pytest.raises(ValueError, match="detect_every"):
+        anonymize_video(anonymizer, src, tmp_path / "x.mp4", VideoOptions(detect_every=0), progress=False)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at, resolve_checkpoint
-from eval.paste import feather_width, harmonic_fill, pixel_extent, poisson_blend, seam_figures
+from eval.paste import (Composite, SeamMemory, feather_width, harmonic_fill, pixel_extent, poisson_blend,
+                        seam_figures)
+from fdf_builder import crop as fdfcrop
 from fdf_core.assets import assets_dir
 
 PHOTO = assets_dir() / "corpus" / "photos" / "deep_privacy2__media_regjeringen.jpg"  # 19 faces on a blue wall
@@ -67,3 +69,41 @@ def test_poisson_paste_replaces_every_box_without_a_seam_or_a_halo(painted):
     assert poisson["seam_step"] < poisson["photo_step"] + 2, figures
     # and no fringe or halo around it: outside the boxes the photo is kept (but where another box lies)
     assert poisson["outside_change"] < 0.1 * feather["outside_change"], figures
+
+
+def _centroid_x(image: np.ndarray) -> float:
+    weight = image[..., 0].astype(np.float64)
+    return float((weight.sum(axis=0) * np.arange(image.shape[1])).sum() / weight.sum())
+
+
+def test_a_face_moving_a_fraction_of_a_pixel_moves_smoothly_not_in_whole_pixel_jumps():
+    """Video pastes each painting at its exact square (fdf_builder.crop.exact_square): a face
+    drifting 0.25 px per frame must move 0.25 px per frame; the rounded crop moved 0, 0, 0, 1."""
+    face = np.zeros((32, 32, 3), np.uint8)
+    cv2.circle(face, (16, 16), 6, (255, 255, 255), -1)
+    steps = []
+    for k in range(8):
+        box = np.array([100.25 + 0.25 * k, 80.0, 140.25 + 0.25 * k, 120.0])
+        extent = pixel_extent(box, 240, 320)
+        crop = fdfcrop.crop_box(np.asarray(extent, np.float64), (240, 320), rule="pad")
+        composite = Composite(np.zeros((240, 320, 3), np.uint8), "feather")
+        composite.add(face, extent, crop, 0, fdfcrop.exact_square(box))
+        steps.append(_centroid_x(composite.result()))
+    moves = np.diff(steps)
+    assert np.allclose(moves, 0.25, atol=0.05), moves
+
+
+def test_seam_memory_steadies_a_correction_that_flickers_and_forgets_ended_tracks():
+    """A box edge whose surroundings alternate bright/dark every frame: solved per frame the whole
+    face follows (the flicker of a carried face); with the track's seam kept at 0.8 it barely moves."""
+    source = np.full((40, 40, 3), 100, np.uint8)
+    centre = {}
+    for keep in (0.0, 0.8):
+        seams, values = SeamMemory(keep), []
+        for frame in range(12):
+            target = np.full((40, 40, 3), 120 if frame % 2 else 80, np.uint8)
+            values.append(float(poisson_blend(source, target, seam=lambda d: seams(7, d))[20, 20, 0]))
+        centre[keep] = np.ptp(values[6:])
+        seams.forget({3})
+        assert not seams.sides
+    assert centre[0.0] > 15 and centre[0.8] < 0.3 * centre[0.0], centre
