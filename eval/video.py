@@ -32,7 +32,8 @@ fitted to its surroundings with a seam correction blended over frames (eval.past
 
 `detect_every` k > 1 runs the detector on every k-th frame of a shot only (and on the first frame
 after a cut); a frame in between is not a miss: its boxes are interpolated from the detected frames
-on either side, without the miss margin. Detection is most of the time of a video, so k = 2 about
+on either side (after a shot's last detected frame: carried by the track's motion), without the
+miss margin. Detection is most of the time of a video, so k = 2 about
 halves it; a face visible for less than k frames could go unseen, hence the default 1.
 """
 from __future__ import annotations
@@ -250,7 +251,10 @@ class FaceTracker:
             box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
             return self._grow(box, min(t - prev, nxt - t)), score
         if prev is not None and t - prev <= self.max_missing:
-            return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
+            box = tr.obs[prev][0] + tr.velocity * (t - prev)
+            if all(f in self.unseen for f in range(prev + 1, t + 1)):  # skipped at a shot's end: not a miss
+                return self._box_at(tr, prev)[0] + tr.velocity * (t - prev), tr.obs[prev][1]
+            return self._grow(box, t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
             v = self._backfill_velocity(tr)
             return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]

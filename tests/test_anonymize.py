@@ -246,6 +246,8 @@ def test_frames_between_detections_take_the_detected_boxes_on_either_side_not_a_
         assert ids == [0] and np.allclose(boxes[0], _moving(t, 7.0)), (t, boxes)  # exactly the face
     missed = tracker.boxes(12)[0][0]
     assert missed[0] < _moving(12, 7.0)[0] - 5 and missed[2] > _moving(12, 7.0)[2] + 5  # grown: unsure
+    tracker.push(None, None)  # frame 14, the video's last, not looked at: carried by the track's motion
+    assert np.allclose(tracker.boxes(14)[0][0], _moving(14, 7.0), atol=1.0)
 
 
 def test_tracker_does_not_carry_tracks_across_a_cut():
