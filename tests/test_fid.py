@@ -4,6 +4,8 @@ import io
 import os
 import shutil
 import socket
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -128,12 +130,19 @@ def _rank_worker(rank: int, world: int, port: int, files, batches, cache_dir, ou
                                   feature=fid.RandomConvFeatures(dim=32), cache_dir=cache_dir,
                                   data_files=files) for _ in range(2)]
         torch.save(torch.tensor(values, dtype=torch.float64), os.path.join(out_dir, f"rank{rank}.pt"))
-        # both ranks out of their last collective before either tears gloo down: rank 0 hosts the
-        # store, and a rank still inside gloo when it goes aborts ("terminate called without an
-        # active exception", seen once on CI)
         torch.distributed.barrier()
     finally:
-        torch.distributed.destroy_process_group()
+        # Rank 0 hosts the TCP store: it tears gloo down last, once every other rank has. A rank
+        # whose gloo threads still reach the store when it goes aborts ("terminate called without
+        # an active exception": seen on CI twice, once after a barrier alone).
+        if rank:
+            torch.distributed.destroy_process_group()
+            Path(out_dir, f"gone{rank}").touch()
+        else:
+            deadline = time.monotonic() + 60
+            while not all(Path(out_dir, f"gone{r}").exists() for r in range(1, world)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow  # two processes
