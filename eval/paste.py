@@ -85,14 +85,23 @@ def _resize_line(line: np.ndarray, length: int) -> np.ndarray:
     return cv2.resize(line[None].astype(np.float32), (length, 1), interpolation=interp)[0]
 
 
+def _sides(frame: np.ndarray) -> list[np.ndarray]:
+    """Top, bottom, left and right lines of an (h, w, c) array."""
+    return [frame[0], frame[-1], frame[:, 0], frame[:, -1]]
+
+
+def _frame(sides: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """An (h, w, c) array, 0 inside, whose one-pixel frame is `sides` resampled to `size`."""
+    h, w = size
+    out = np.zeros((h, w, sides[0].shape[-1]), np.float32)
+    out[0], out[-1] = _resize_line(sides[0], w), _resize_line(sides[1], w)
+    out[:, 0], out[:, -1] = _resize_line(sides[2], h), _resize_line(sides[3], h)
+    return out
+
+
 def _frame_difference(source: np.ndarray, target: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """target - source on the frame, resampled along each side to a (sh, sw) frame (inside 0)."""
-    sh, sw = size
-    diff = target.astype(np.float32) - source
-    out = np.zeros((sh, sw, source.shape[2]), np.float32)
-    out[0], out[-1] = _resize_line(diff[0], sw), _resize_line(diff[-1], sw)
-    out[:, 0], out[:, -1] = _resize_line(diff[:, 0], sh), _resize_line(diff[:, -1], sh)
-    return out
+    return _frame(_sides(target.astype(np.float32) - source), size)
 
 
 class SeamMemory:
@@ -115,16 +124,12 @@ class SeamMemory:
 
     def __call__(self, track: int, frame: np.ndarray) -> np.ndarray:
         """This frame's (h, w, c) frame difference of `track` (inside 0), blended with the track's."""
-        h, w = frame.shape[:2]
-        sides = [_resize_line(line, self.SEAM_POINTS) for line in (frame[0], frame[-1], frame[:, 0], frame[:, -1])]
+        sides = [_resize_line(line, self.SEAM_POINTS) for line in _sides(frame)]
         previous = self.sides.get(track)
         if previous is not None and self.keep:
             sides = [self.keep * p + (1.0 - self.keep) * n for p, n in zip(previous, sides)]
         self.sides[track] = sides
-        out = np.zeros_like(frame)
-        out[0], out[-1] = _resize_line(sides[0], w), _resize_line(sides[1], w)
-        out[:, 0], out[:, -1] = _resize_line(sides[2], h), _resize_line(sides[3], h)
-        return out
+        return _frame(sides, frame.shape[:2])
 
     def forget(self, live: set[int]) -> None:
         for track in [t for t in self.sides if t not in live]:

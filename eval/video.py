@@ -33,8 +33,8 @@ fitted to its surroundings with a seam correction blended over frames (eval.past
 `detect_every` k > 1 runs the detector on every k-th frame of a shot only (and on the first frame
 after a cut); a frame in between is not a miss: its boxes are interpolated from the detected frames
 on either side (after a shot's last detected frame: carried by the track's motion), without the
-miss margin. Detection is most of the time of a video, so k = 2 about
-halves it; a face visible for less than k frames could go unseen, hence the default 1.
+miss margin. Detection is most of the time of a video, so k = 2 about halves it; a face visible
+for less than k frames could go unseen, hence the default 1.
 """
 from __future__ import annotations
 
@@ -246,19 +246,22 @@ class FaceTracker:
         if prev is not None and nxt is not None:
             u = (t - prev) / (nxt - prev)
             score = max(tr.obs[prev][1], tr.obs[nxt][1])
-            if all(f in self.unseen for f in range(prev + 1, nxt)):  # skipped, not missed: as detected
+            if self._skipped(prev + 1, nxt - 1):  # not missed: as detected
                 return (1 - u) * self._box_at(tr, prev)[0] + u * self._box_at(tr, nxt)[0], score
             box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
             return self._grow(box, min(t - prev, nxt - t)), score
         if prev is not None and t - prev <= self.max_missing:
-            box = tr.obs[prev][0] + tr.velocity * (t - prev)
-            if all(f in self.unseen for f in range(prev + 1, t + 1)):  # skipped at a shot's end: not a miss
+            if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
                 return self._box_at(tr, prev)[0] + tr.velocity * (t - prev), tr.obs[prev][1]
-            return self._grow(box, t - prev), tr.obs[prev][1]
+            return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
             v = self._backfill_velocity(tr)
             return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]
         return None
+
+    def _skipped(self, first: int, last: int) -> bool:
+        """Whether frames first..last were all left out by `detect_every` (not looked at, so not missed)."""
+        return all(f in self.unseen for f in range(first, last + 1))
 
     def _backfill_velocity(self, tr: _Track) -> np.ndarray:
         """The velocity that carries `tr` back from its first detection, kept only once final.
