@@ -20,24 +20,30 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _writer_tag() -> str:
-    """`<host>.<pid>`: which process writes a temporary file. The host is part of it because SLURM
-    tasks on several nodes write into one shared folder, where a pid alone says nothing."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
-    return f"{host}.{os.getpid()}"
+def _host() -> str:
+    """This machine's short name, as it appears in temporary file names."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
 _TAG = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)")
 
 
+def _temporary_name(path: Path, keep_suffix: bool, tag: str, escape=lambda part: part) -> str:
+    """The one naming of temporary files: `<name>.tmp-<tag>`, or `.<stem>.tmp-<tag><suffix>`;
+    `escape` applies to the target's own parts (glob.escape: a pattern for every writer's tag)."""
+    if keep_suffix:
+        return f".{escape(path.stem)}.tmp-{tag}{escape(path.suffix)}"
+    return f"{escape(path.name)}.tmp-{tag}"
+
+
 def temporary_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
     """Where `path` is written before it is renamed into place: `<name>.tmp-<host>.<pid>` beside it,
     which :func:`remove_partial` finds. `keep_suffix` gives `.<stem>.tmp-<host>.<pid><suffix>`
-    instead, for writers that choose the format by the extension (ffmpeg)."""
+    instead, for writers that choose the format by the extension (ffmpeg). The host is part of the
+    name because SLURM tasks on several nodes write into one shared folder, where a pid alone says
+    nothing."""
     path = Path(path)
-    if keep_suffix:
-        return path.with_name(f".{path.stem}.tmp-{_writer_tag()}{path.suffix}")
-    return path.with_name(f"{path.name}.tmp-{_writer_tag()}")
+    return path.with_name(_temporary_name(path, keep_suffix, f"{_host()}.{os.getpid()}"))
 
 
 def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -60,9 +66,7 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
     `out` that killed processes of this host left are removed first (a rerun leaves nothing behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pattern = (f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}" if keep_suffix
-               else f"{glob.escape(path.name)}.tmp-*")
-    for stale in path.parent.glob(pattern):
+    for stale in path.parent.glob(_temporary_name(path, keep_suffix, "*", glob.escape)):
         if _writer_is_dead(stale.name):  # not another task's file that is being written now
             stale.unlink(missing_ok=True)
     tmp = temporary_path(path, keep_suffix)
@@ -93,7 +97,7 @@ def remove_partial(directory: str | os.PathLike, name_glob: str) -> None:
 def _writer_is_dead(name: str) -> bool:
     """True if the temporary file `name` was written by a process of this host that no longer runs."""
     tag = _TAG.search(name)
-    if tag is None or tag["host"] != _writer_tag().split(".")[0]:
+    if tag is None or tag["host"] != _host():
         return False  # another node's (or an older naming's): not ours to judge
     try:
         os.kill(int(tag["pid"]), 0)
