@@ -115,9 +115,10 @@ def train(run: Run) -> dict:
 
 
 def export(run: Run) -> dict:
-    from training.export import export_generator
-    out = export_generator(run.checkpoint, run.model, run.card(), crop_rule="pad")
-    return {"model": str(out), "bytes": out.stat().st_size}
+    from training.export import export_generator, measure_context
+    margins = measure_context(run.work / "fdf")  # tight crops: the anonymizer shows the model this band only
+    out = export_generator(run.checkpoint, run.model, run.card(), crop_rule="pad", context_margins=margins)
+    return {"model": str(out), "bytes": out.stat().st_size, "context_margins": margins}
 
 
 def mlflow_run(run_dir: Path, checkpoint: Path | None = None):

@@ -61,10 +61,12 @@ def saved_options(cfg: AnonymizeConfig, anonymizer: Anonymizer) -> dict:
     """The options to save: the config with the model it left to defaults resolved, so the file says
     what painted the faces. `checkpoint` is the model file used (the shipped model or
     $FDF_GENERATOR_CHECKPOINT when --checkpoint was not given), `model_name` its card's name (None for
-    a baseline) and `crop_rule` the rule faces were cut by (the model's unless overridden)."""
+    a baseline), `crop_rule` the rule faces were cut by (the model's unless overridden) and
+    `context_margins` the band of photo the generator was shown around each box (None: the whole crop)."""
     options = {**asdict(cfg), "model_name": anonymizer.model_name}
     if anonymizer.generator is not None:
-        options.update(checkpoint=str(anonymizer.checkpoint), crop_rule=anonymizer.crop_rule)
+        options.update(checkpoint=str(anonymizer.checkpoint), crop_rule=anonymizer.crop_rule,
+                       context_margins=anonymizer.context_margins)
     return options
 
 

@@ -53,6 +53,7 @@ METHODS = ("generator", *BASELINES)
 CHECKPOINT_ENV = "FDF_GENERATOR_CHECKPOINT"
 CHECKPOINT_FLAG = "--checkpoint"
 SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "fdf_utkface32_ema.pt"  # see eval/weights/README.md
+CONTEXTS = ("auto", "full")
 JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator sees its training inputs
 
 
@@ -74,6 +75,10 @@ class AnonymizerConfig(FaceModelsConfig):
             step at the box edge) or feather (plain alpha blend over the band); see eval.paste
         crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule
             of the generator's training faces (recorded in exported models; fdf for training checkpoints)
+        context: how much photo around the box the generator sees: auto (the band its training crops
+            showed, which an exported model records as `context_margins`; the whole crop if it records
+            none) or full (the whole crop). A model trained on tight crops paints a featureless patch
+            when shown a whole photo (fdf_builder.crop)
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
@@ -87,6 +92,7 @@ class AnonymizerConfig(FaceModelsConfig):
     feather: float = 0.1
     blend: str = "poisson"
     crop_rule: str | None = None
+    context: str = "auto"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -100,6 +106,8 @@ class AnonymizerConfig(FaceModelsConfig):
             raise ConfigError(f"--blend {self.blend!r}: choose from {', '.join(BLENDS)}")
         if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
             raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
+        if self.context not in CONTEXTS:
+            raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}, not {self.context!r}")
 
 
 @dataclass
@@ -129,9 +137,10 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
 
     It carries what its file says about it, so that whoever is handed the generator (an
     `Anonymizer`, the benchmarks) uses it as it was trained: `.checkpoint` (the file), `.card` (an
-    export's model card, FORMAT.md §3; {} for a training checkpoint) and `.crop_rule` (the crop
+    export's model card, FORMAT.md §3; {} for a training checkpoint), `.crop_rule` (the crop
     rule of its training faces: an export's `crop_rule`; "fdf" for a training checkpoint, which
-    records none).
+    records none) and `.context_margins` (the band of photo its training crops showed around the
+    box; None: whole crops, also for a training checkpoint).
     """
     saved = read_checkpoint(checkpoint)
     progress = saved.get("progress")
@@ -142,7 +151,20 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
         g = GeneratorAt(generator, int(progress["resolution"]), float(progress["alpha"]))
     g.checkpoint, g.card = Path(checkpoint), dict(saved.get("card") or {})
     g.crop_rule = _crop_rule_of(checkpoint, saved)
+    g.context_margins = _context_margins_of(checkpoint, saved)
     return g
+
+
+def _context_margins_of(checkpoint: str | Path, saved: dict) -> list[float] | None:
+    """The `context_margins` a model file records (None when it has none), checked: four fractions
+    of the box side, each >= 0."""
+    margins = saved.get("context_margins")
+    if margins is None:
+        return None
+    if (not isinstance(margins, (list, tuple)) or len(margins) != 4
+            or not all(isinstance(v, (int, float)) and 0 <= v < 10 for v in margins)):
+        raise InputError(f"{checkpoint}: context_margins {margins!r} must be four fractions of the box side >= 0")
+    return [float(v) for v in margins]
 
 
 def _crop_rule_of(checkpoint: str | Path, saved: dict) -> str:
@@ -190,7 +212,8 @@ class Anonymizer:
         """`checkpoint` and `model_name` say which model file paints (None for a generator built in
         code, or a baseline). Faces are cut by the crop rule of the generator's training faces,
         whoever loaded it (`load_generator_at` records it; "fdf" for a generator built in code),
-        unless `cfg.crop_rule` overrides it."""
+        unless `cfg.crop_rule` overrides it; likewise the band of photo around the box it is shown
+        (`context_margins`, unless `cfg.context` is full)."""
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.timings: dict[str, float] = defaultdict(float)
@@ -199,17 +222,19 @@ class Anonymizer:
         if keypoint_model is not None:
             self.keypoint_model = keypoint_model
         self.generator, self.generator_name, self.checkpoint, self.model_name = None, None, None, None
-        trained_rule = "fdf"
+        trained_rule, trained_context = "fdf", None
         if cfg.method == "generator":
             if generator is None:
                 generator = load_generator_at(resolve_checkpoint(cfg.checkpoint), self.device)
             trained_rule = getattr(generator, "crop_rule", "fdf")  # the model's, also when handed in ready-made
+            trained_context = getattr(generator, "context_margins", None)
             self.checkpoint = getattr(generator, "checkpoint", None)
             self.model_name, self.generator_name = generator_info(generator)
             log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
             self.generator.precision = cfg.precision
         self.crop_rule = cfg.crop_rule or trained_rule
+        self.context_margins = trained_context if cfg.context == "auto" else None
 
     @cached_property
     def detector(self):
@@ -328,9 +353,15 @@ class Anonymizer:
         return fdfcrop.exact_square(np.asarray(box, np.float64) + [-0.5, -0.5, 0.5, 0.5])
 
     def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
-                crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The face as an FDF sample (FORMAT.md §2), decoded by training's `decode_sample`."""
-        pixels = fdfcrop.resize(fdfcrop.cut(image, crop.box), self.generator.resolution)
+                crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """The face as an FDF sample (FORMAT.md §2), decoded by training's `decode_sample`, cut back to
+        the band of photo the generator was trained with; and the whole crop at the generator's
+        resolution when it was cut back (None otherwise), which the painted crop keeps around the box."""
+        x0, y0 = crop.box[:2]
+        whole = fdfcrop.cut(image, crop.box)
+        limited = fdfcrop.limit_context(whole, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0),
+                                        self.context_margins)
+        pixels = fdfcrop.resize(limited, self.generator.resolution)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
         if keypoints is None:
@@ -339,12 +370,17 @@ class Anonymizer:
             points = fdfcrop.to_crop_coords(keypoints, crop).tolist()
         meta = {"bbox": fdfcrop.to_crop_coords(np.asarray(box, np.float64).reshape(2, 2), crop).reshape(4).tolist(),
                 "keypoints": points, "keypoint_names": list(KEYPOINT_NAMES)}
-        return decode_sample("anonymizer", "face", {"jpg": buf.getvalue(), "json": json_bytes(meta)},
-                             self.cfg.keypoint_threshold)
+        sample = decode_sample("anonymizer", "face", {"jpg": buf.getvalue(), "json": json_bytes(meta)},
+                               self.cfg.keypoint_threshold)
+        around = None if limited is whole else fdfcrop.resize(whole, self.generator.resolution)
+        return (*sample, around)
 
     @torch.inference_mode()
-    def _generate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[np.ndarray]:
-        """EMA generator (z = 0) on the faces in batches: (r, r, 3) uint8 crops."""
+    def _generate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]]
+                  ) -> list[np.ndarray]:
+        """EMA generator (z = 0) on the faces in batches: (r, r, 3) uint8 crops, the photo around the
+        box where the sample carries it (the generator only saw a band of it: the paste blends the
+        painted box against the photo, not against the zeros beyond that band)."""
         g, out = self.generator, []
         for start in range(0, len(samples), self.cfg.batch_size):
             chunk = samples[start:start + self.cfg.batch_size]
@@ -355,7 +391,12 @@ class Anonymizer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.timings["generation"] += time.perf_counter() - t0
-            out.extend(to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy())
+            painted = to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy()
+            keep = p.mask[:, 0].bool().cpu().numpy()
+            for face, kept, (*_, around) in zip(painted, keep, chunk):
+                if around is not None:
+                    face[kept] = around[kept]
+                out.append(face)
         return out
 
 

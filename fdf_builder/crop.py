@@ -7,6 +7,12 @@ squared face box does not fit does it fall back to a centred 1.7x square padded 
 `rule="pad"` always takes that centred 1.7x square (zeros past the border): for photo sets of tight
 face crops (UTKFace, aligned-face sets) FDF's rule caps the growth at the border, leaving a crop that
 is almost all face box and no context; padding keeps every face at FDF's usual share of its crop.
+
+Context: a generator trained on such crops has only ever seen a thin band of photo around the box
+(UTKFace: about 0.09 of the box side left and right, under 0.01 above, 0.05 below) and zeros beyond.
+Shown a whole real photo around a face it paints a featureless patch; shown the band it was trained
+with, a face. `context_margins` measures the band of a set of training crops, `limit_context` cuts an
+inference crop back to it (the anonymizer does, from the margins an exported model records).
 """
 from __future__ import annotations
 
@@ -86,6 +92,51 @@ def cut(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if ix1 > ix0 and iy1 > iy0:
         out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
+    return out
+
+
+def visible_margins(crop: np.ndarray, bbox: np.ndarray, dark: int = 8) -> np.ndarray:
+    """How far the photo reaches past each side of the face box in one stored crop (HxWx3 uint8 with
+    zero padding, `bbox` normalized): (left, top, right, bottom) as fractions of the box side,
+    0 where padding starts at the box. A row or column counts as photo when most of its pixels are
+    brighter than `dark` (JPEG leaves a few grey levels in the padding)."""
+    gray = crop.mean(axis=2) if crop.ndim == 3 else crop
+    live = gray > dark
+    rows, cols = np.flatnonzero(live.mean(axis=1) > 0.5), np.flatnonzero(live.mean(axis=0) > 0.5)
+    size = gray.shape[0]
+    x0, y0, x1, y1 = (float(v) * size for v in bbox)
+    side = max(x1 - x0, y1 - y0, 1e-6)
+    if not len(rows) or not len(cols):
+        return np.zeros(4)
+    reach = np.array([x0 - cols[0], y0 - rows[0], cols[-1] + 1 - x1, rows[-1] + 1 - y1]) / side
+    return np.clip(reach, 0.0, None)
+
+
+def context_margins(margins: np.ndarray, mirrored: bool = True) -> list[float]:
+    """The band of photo a set of training crops shows around the box: the median of
+    `visible_margins` over the crops (N x 4), left and right averaged when training mirrors faces."""
+    m = np.median(np.asarray(margins, np.float64).reshape(-1, 4), axis=0)
+    if mirrored:
+        m[0] = m[2] = (m[0] + m[2]) / 2
+    return [round(float(v), 4) for v in m]
+
+
+def limit_context(crop: np.ndarray, box: tuple[float, float, float, float],
+                  margins: list[float] | None) -> np.ndarray:
+    """`crop` with every pixel farther than `margins` (left, top, right, bottom, fractions of the box
+    side) from the face box set to zero, the padding of the training crops; `box` is in the crop's
+    pixels. None: the whole crop (the generator was trained with full context)."""
+    if margins is None:
+        return crop
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+    keep = (int(np.floor(x0 - margins[0] * side)), int(np.floor(y0 - margins[1] * side)),
+            int(np.ceil(x1 + margins[2] * side)), int(np.ceil(y1 + margins[3] * side)))
+    h, w = crop.shape[:2]
+    kx0, ky0, kx1, ky1 = max(keep[0], 0), max(keep[1], 0), min(keep[2], w), min(keep[3], h)
+    out = np.zeros_like(crop)
+    if kx1 > kx0 and ky1 > ky0:
+        out[ky0:ky1, kx0:kx1] = crop[ky0:ky1, kx0:kx1]
     return out
 
 

@@ -70,3 +70,41 @@ def test_an_unknown_crop_rule_in_a_model_file_is_an_error_naming_it(tmp_path):
     torch.save({**saved, "crop_rule": "tight"}, bad)
     with pytest.raises(InputError, match=f"{bad}: crop_rule 'tight' is not one of fdf, pad"):
         load_generator_at(bad)
+
+
+def test_the_generator_sees_only_the_band_of_photo_its_training_crops_showed(monkeypatch):
+    """The shipped model records the band of photo around the box its UTKFace crops held; with
+    `--context auto` (the default) nothing beyond that band reaches the generator: repainting the
+    photo there leaves the painted face exactly as it was. `--context full` shows the whole crop,
+    so the same change alters the face."""
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    margins = read_checkpoint(SHIPPED_MODEL)["context_margins"]
+    assert len(margins) == 4 and margins[0] == margins[2] > 0.05 and margins[1] < 0.02  # thin, none above
+    image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
+    x0, y0, x1, y1 = FACE_BOX
+    side = max(x1 - x0, y1 - y0)
+    changed = image.copy()
+    changed[:, :int(x0 - 0.2 * side)] = [0, 255, 0]  # beyond the left band, inside the 1.7x crop
+    faces = [Faces(np.array([FACE_BOX]), np.ones(1), [None])]
+    box = (slice(int(y0), int(y1)), slice(int(x0), int(x1)))
+    for context, same in (("auto", True), ("full", False)):
+        a = Anonymizer(AnonymizerConfig(context=context, blend="feather", feather=0.0))
+        assert a.context_margins == (margins if context == "auto" else None)
+        before, after = (a.anonymize([im], faces)[0][box] for im in (image, changed))
+        assert np.array_equal(before, after) == same, context
+    # the generator saw zeros beyond the band, but the feather band above the box blends the painted
+    # crop with the photo, not with those zeros (rows past the generator's pixels that touch the box)
+    a = Anonymizer(AnonymizerConfig(blend="feather", feather=0.1))
+    touching = 1.7 * side / a.generator.resolution
+    band = (slice(int(y0 - 0.1 * side), int(y0 - touching) - 1), slice(int(x0), int(x1)))
+    out = a.anonymize([image], faces)[0]
+    assert np.abs(out[band].astype(float) - image[band]).mean() < 6
+
+
+def test_malformed_context_margins_in_a_model_file_are_an_error_naming_it(tmp_path):
+    import torch
+    saved = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({**saved, "context_margins": [0.1, -0.1]}, bad)
+    with pytest.raises(InputError, match=f"{bad}: context_margins .* must be four fractions"):
+        load_generator_at(bad)

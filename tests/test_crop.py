@@ -64,3 +64,28 @@ def test_resize_area_downsamples_to_resolution():
     out = fc.resize(crop, 128)
     assert out.shape == (128, 128, 3)
     assert out[:, :64].max() == 0 and out[:, 64:].min() == 255
+
+
+def test_visible_margins_of_a_padded_crop_measure_the_band_of_photo_around_the_box():
+    """A 200x200 face photo whose box nearly fills it, cut by the pad rule and resized as the
+    builder does: the photo reaches exactly as far past each box side as the geometry says."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(60, 200, (200, 200, 3), dtype=np.uint8)
+    box = np.array([20.0, 2.0, 180.0, 170.0])  # 160x168: 20 px left/right, 2 above, 30 below
+    c = fc.crop_box(box, photo.shape[:2], rule="pad")
+    stored = fc.resize(fc.cut(photo, c.box), 128)
+    bbox = fc.to_crop_coords(box.reshape(2, 2), c).reshape(4)
+    side = 168.0
+    expected = np.array([20, 2, 20, 30]) / side
+    assert np.allclose(fc.visible_margins(stored, bbox), expected, atol=2.5 / 128 * c.side / side)
+    assert fc.context_margins([[0.1, 0.0, 0.2, 0.05], [0.3, 0.02, 0.0, 0.07], [0.1, 0.01, 0.1, 0.06]]) \
+        == [0.1, 0.01, 0.1, 0.06]  # medians, left/right averaged (training mirrors faces)
+
+
+def test_limit_context_keeps_the_box_and_its_band_and_zeros_the_rest():
+    crop = np.full((100, 100, 3), 7, np.uint8)
+    out = fc.limit_context(crop, (30.0, 20.0, 70.0, 60.0), [0.25, 0.0, 0.5, 0.1])  # side 40
+    kept = np.argwhere(out[..., 0] == 7)
+    assert kept.min(0).tolist() == [20, 20] and kept.max(0).tolist() == [63, 89]  # rows 20..63, cols 20..89
+    assert (out[out[..., 0] != 7] == 0).all()
+    assert fc.limit_context(crop, (30.0, 20.0, 70.0, 60.0), None) is crop

@@ -17,6 +17,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from eval.anonymizer import load_generator_at
+from training.export import main as export_main, measure_context
 from training.cli import main
 from training.datamodule import FDFDataModule, ShardStream, list_shards
 from fdf_core.fid import RandomConvFeatures
@@ -119,6 +121,13 @@ def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
 
     g = load_generator(str(final))
     assert torch.equal(g.to_rgb["32"].weight, state["generator_ema.to_rgb.32.weight"])
+    # the export records the band of photo the training crops showed; the anonymizer's generator carries it
+    model = export_main(["--checkpoint", str(final), "--output", str(tmp_path / "model.pt"), "--name", "tiny",
+                         "--data", "test shards", "--license", "test", "--context_from", str(fdf_shards)])
+    margins = measure_context(fdf_shards)
+    assert len(margins) == 4 and margins[0] == margins[2] and all(m >= 0 for m in margins)
+    exported = load_generator_at(model)
+    assert exported.context_margins == margins and exported.resolution == 32
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
     run = client.get_run(ckpt["mlflow_run_id"])

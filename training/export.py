@@ -22,9 +22,11 @@ EXPORT_FORMAT = "fdf-generator-ema/1"
 
 
 def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str = "fdf",
-                     resolution: int | None = None) -> Path:
-    """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...) and the
-    crop rule of the faces it was trained on (`fdf_builder.crop`), which the anonymizer then uses.
+                     resolution: int | None = None, context_margins: list[float] | None = None) -> Path:
+    """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...), the
+    crop rule of the faces it was trained on (`fdf_builder.crop`) and the band of photo those crops
+    showed around the box (`context_margins`, from `measure_context`; None: full crops), which the
+    anonymizer then uses.
 
     `resolution`: export the model at a resolution its training has already finished stabilizing,
     below the one it is at (a run continued to 128x128 also holds a finished 64x64 model, cheaper per
@@ -40,10 +42,28 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     exported = {"format": EXPORT_FORMAT, "generator_ema": state,
                 "hyper_parameters": {"network": hp["network"], "schedule": hp["schedule"]},
                 "progress": progress, "crop_rule": crop_rule, "card": dict(card)}
+    if context_margins is not None:
+        exported["context_margins"] = [float(v) for v in context_margins]
     buf = io.BytesIO()
     torch.save(exported, buf)
     atomic_write_bytes(output, buf.getvalue())
     return Path(output)
+
+
+def measure_context(data_root: str | Path, num_faces: int = 1000) -> list[float]:
+    """The band of photo around the face box in the first `num_faces` training crops of a build
+    (`fdf_builder.crop.context_margins`: left, top, right, bottom as fractions of the box side,
+    left and right averaged since training mirrors faces)."""
+    from fdf_builder.crop import context_margins, visible_margins
+    from training.datamodule import FDFDataModule
+    data = FDFDataModule(str(data_root))
+    data.setup("validate")
+    margins = [visible_margins(image.permute(1, 2, 0).numpy(), box.numpy())
+               for batch in data.iter_split("train", 100, num_faces)
+               for image, box in zip(batch["images"], batch["bbox"])]
+    if not margins:
+        raise ValueError(f"{data_root}: no training faces to measure the context of")
+    return context_margins(margins)
 
 
 def _at_resolution(progress: dict, resolution: int, checkpoint: str | Path) -> dict:
@@ -66,6 +86,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--notes", default="", help="model card: anything else a user must know")
     p.add_argument("--crop_rule", default="fdf", choices=["fdf", "pad"],
                    help="the fdf-build --crop_rule of the training data (the anonymizer crops faces the same way)")
+    p.add_argument("--context_from", default=None,
+                   help="the fdf-build output folder of the training data: records the band of photo its crops show "
+                        "around the box (needed for builds of tight crops, e.g. --crop_rule pad; default: full crops)")
     p.add_argument("--resolution", type=int, default=None,
                    help="export at this resolution, one the checkpoint has finished (default: where it is)")
     args = p.parse_args(argv)
@@ -73,7 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
         p.error(f"--checkpoint {args.checkpoint}: no such file")
     card = {k: getattr(args, k) for k in ("name", "data", "license", "notes")}
     try:
-        out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution)
+        margins = None if args.context_from is None else measure_context(args.context_from)
+        out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution, margins)
     except ValueError as e:
         p.error(str(e))
     print(out)
