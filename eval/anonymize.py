@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from fdf_core.tario import atomic_write_json
@@ -104,7 +105,8 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
     A photo that cannot be read is skipped and appended to `skipped` (file, reason); the others are
     written whatever happens to it.
     """
-    stats = {"images": 0, "images_with_faces": 0, "faces": 0, "faces_without_pose": 0, "copied_unchanged": 0}
+    stats = {"images": 0, "images_with_faces": 0, "faces": 0, "faces_without_pose": 0, "small_faces": 0,
+             "copied_unchanged": 0}
     skipped = [] if skipped is None else skipped
     step = anonymizer.cfg.batch_size
     with tqdm(total=len(pairs), unit="img", desc="photos", disable=not progress) as bar:
@@ -126,7 +128,11 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
             stats["images"] += len(chunk)
             stats["images_with_faces"] += len(with_faces)
             stats["faces"] += sum(len(f) for f in faces)
-            stats["faces_without_pose"] += sum(f.num_without_pose for f in faces)
+            small = [anonymizer.small(f.boxes) if anonymizer.generator is not None else np.zeros(len(f), bool)
+                     for f in faces]
+            stats["small_faces"] += int(sum(s.sum() for s in small))  # not painted: small_face_method
+            stats["faces_without_pose"] += sum(k is None for f, s in zip(faces, small)
+                                               for k, tiny in zip(f.keypoints, s) if not tiny)
             stats["copied_unchanged"] += len(chunk) - len(with_faces)
             bar.update(len(chunk))
     return stats

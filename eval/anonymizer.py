@@ -79,6 +79,12 @@ class AnonymizerConfig(FaceModelsConfig):
             showed, which an exported model records as `context_margins`; the whole crop if it records
             none) or full (the whole crop). A model trained on tight crops paints a featureless patch
             when shown a whole photo (fdf_builder.crop)
+        small_face_size: faces whose box is smaller than this many pixels (longer side) are not painted
+            but replaced by `small_face_method`: at that size a painted face shows no feature a viewer
+            could see, while a crowd of them costs most of the generator's and the keypoint model's
+            time (the quick crowd clip: about 500 faces a frame). 0: paint every face
+        small_face_method: the baseline of eval.baselines for those faces (heavy_blur: judged not to
+            leak by the video benchmark's calibration)
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
@@ -93,6 +99,8 @@ class AnonymizerConfig(FaceModelsConfig):
     blend: str = "poisson"
     crop_rule: str | None = None
     context: str = "auto"
+    small_face_size: int = 20
+    small_face_method: str = "heavy_blur"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -106,6 +114,10 @@ class AnonymizerConfig(FaceModelsConfig):
             raise ConfigError(f"--blend {self.blend!r}: choose from {', '.join(BLENDS)}")
         if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
             raise ConfigError(f"--crop_rule must be one of {', '.join(fdfcrop.CROP_RULES)}, not {self.crop_rule!r}")
+        if self.small_face_size < 0:
+            raise ConfigError(f"--small_face_size ({self.small_face_size}) must be >= 0")
+        if self.small_face_method not in BASELINES:
+            raise ConfigError(f"--small_face_method {self.small_face_method!r}: choose from {', '.join(BASELINES)}")
         if self.context not in CONTEXTS:
             raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}, not {self.context!r}")
 
@@ -204,7 +216,8 @@ class Anonymizer:
 
     `generator` (a `GeneratorAt`), `detector` and `keypoint_model` may be given ready-made (tests,
     benchmarks); otherwise they come from the config. `timings` accumulates seconds per stage:
-    detection, keypoints, generation (network calls), crop_paste (everything else per face).
+    detection, keypoints, generation (network calls), crop_paste (everything else per face);
+    `counts` the faces the generator replaced (painted or carried) and the small faces it left to `small_face_method`.
     """
 
     def __init__(self, cfg: AnonymizerConfig, generator: GeneratorAt | None = None,
@@ -217,6 +230,7 @@ class Anonymizer:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.timings: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)  # generated_faces, small_faces (the generator's cases)
         if detector is not None:
             self.detector = detector
         if keypoint_model is not None:
@@ -262,11 +276,17 @@ class Anonymizer:
             return faces
         t0 = time.perf_counter()
         wanted = np.ones(len(faces), bool) if faces.paint is None else np.asarray(faces.paint, bool)
+        wanted &= ~self.small(faces.boxes)  # not painted: no pose needed
         found = iter(self.keypoint_model.keypoints_for_faces(image, faces.boxes[wanted], faces.scores[wanted])
                      if wanted.any() else [])
         faces.keypoints = [next(found) if w else None for w in wanted]  # a carried face needs no pose
         self.timings["keypoints"] += time.perf_counter() - t0
         return faces
+
+    def small(self, boxes: np.ndarray) -> np.ndarray:
+        """Which boxes (N, 4) are below `small_face_size` and take `small_face_method`, not the generator."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) < self.cfg.small_face_size
 
     def find_faces(self, images: list[np.ndarray]) -> list[Faces]:
         return [self.add_keypoints(im, f) for im, f in zip(images, self.detect(images))]
@@ -306,14 +326,22 @@ class Anonymizer:
         if self.cfg.method != "generator":
             return [anonymize_boxes(im, f.boxes, self.cfg.method) for im, f in zip(images, faces)]
         faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
-        jobs = []  # (image index, face index, pixel extent, crop, painted afresh)
         t0 = time.perf_counter()
+        small = [self.small(f.boxes) for f in faces]
+        self.counts["small_faces"] += int(sum(s.sum() for s in small))
+        # small faces first, so that a painted face's seam meets them replaced, never the original
+        images = [anonymize_boxes(im, f.boxes[s], self.cfg.small_face_method) if s.any() else im
+                  for im, f, s in zip(images, faces, small)]
+        jobs = []  # (image index, face index, pixel extent, crop, painted afresh)
         samples = []
         for i, (im, f) in enumerate(zip(images, faces)):
             for j, box in enumerate(f.boxes):
+                if small[i][j]:
+                    continue
                 extent = pixel_extent(box, *im.shape[:2])
                 if extent is None:
                     continue  # an empty box covers no pixel
+                self.counts["generated_faces"] += 1
                 # The crop is taken around every pixel the box touches, so none escapes the mask.
                 crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2], rule=self.crop_rule)
                 fresh = memory is None or f.paint is None or f.paint[j]

@@ -487,6 +487,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
     frames = faces = 0
     histogram = size = None
     bar = tqdm(total=info.frames or None, unit="frame", desc=Path(src).name, disable=not progress)
+    small_before = anonymizer.counts["small_faces"]
     start = time.perf_counter()
 
     def write(ready: list[tuple[int, np.ndarray]]) -> None:
@@ -559,5 +560,5 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         cap.release()
         bar.close()
     elapsed = time.perf_counter() - start
-    return {"frames": frames, "faces": faces, "fps": float(info.fps), "seconds": elapsed,
-            "frames_per_s": frames / elapsed if elapsed else 0.0}
+    return {"frames": frames, "faces": faces, "small_faces": anonymizer.counts["small_faces"] - small_before,
+            "fps": float(info.fps), "seconds": elapsed, "frames_per_s": frames / elapsed if elapsed else 0.0}

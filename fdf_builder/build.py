@@ -100,7 +100,7 @@ class ShardStats:
 def options_hash(cfg: BuildConfig) -> str:
     """Hash of the options that change shard content (not paths, ranges or UI)."""
     skip = {"input_dir", "output_dir", "shards", "progress", "ffcv", "batch_size", "processes", "device",
-            "allow_download", "allow_empty"}
+            "detector_runtime", "allow_download", "allow_empty"}
     content = {k: v for k, v in sorted(asdict(cfg).items()) if k not in skip}
     if content.get("crop_rule") == "fdf":  # the rule before the option existed: old builds keep their hash
         del content["crop_rule"]

