@@ -21,7 +21,8 @@ frames back) and after its last (up to `max_missing` frames on) it gets the box 
 predicts; backwards, that is the camera's motion when the shot has other faces (the median motion
 of the other tracks up to the new one's first detection), because the first detections of a face
 the detector only just found are its noisiest. Boxes that were not detected are grown by `margin`
-(more the further they are from a detection), because a leak costs more than a slightly larger mask.
+(more the further they are from a detection), because a leak costs more than a slightly larger mask;
+a miss between two detections, whose box is interpolated, much less (see `FaceTracker._grow`).
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
@@ -70,7 +71,8 @@ class VideoOptions:
         track_iou: IoU with a track's predicted box for a detection to continue that track
         smooth_radius: a detected box is the mean of its track's detections over ±this many frames
         margin: growth of a box that was not detected in that frame, as a fraction of its side
-            (doubled over `lookahead` frames from the nearest detection)
+            (doubled over `lookahead` frames from the nearest detection; for a miss between two
+            detections, rising from 0 to `margin` over `lookahead` frames)
         keypoint_smoothing: weight of the previous keypoints of a track (box coordinates, generator only)
         grow: every box grows by this fraction of its side on each side (detector boxes are tight, and
             a box a few pixels off leaves part of a small face)
@@ -229,8 +231,14 @@ class FaceTracker:
             tr.obs[t] = (boxes[d], float(scores[d]))
         return t
 
-    def _grow(self, box: np.ndarray, distance: int) -> np.ndarray:
-        f = self.margin * (1 + min(distance, max(self.lookahead, 1)) / max(self.lookahead, 1))
+    def _grow(self, box: np.ndarray, distance: int, between: bool = False) -> np.ndarray:
+        """The miss margin: `margin` × (1 + distance / lookahead) of the side for a box guessed from
+        one side (before a track's first detection, after its last); `margin` × distance /
+        lookahead for a miss between two detections, whose interpolated box is off by no more than
+        the face's change of speed over the gap: growing it as much made the face painted into it
+        jump in size for the missed frame (the video benchmark's flicker spikes)."""
+        reach = min(distance, max(self.lookahead, 1)) / max(self.lookahead, 1)
+        f = self.margin * (reach if between else 1 + reach)
         w, h = box[2] - box[0], box[3] - box[1]
         return box + f * np.array([-w, -h, w, h])
 
@@ -249,7 +257,7 @@ class FaceTracker:
             if self._skipped(prev + 1, nxt - 1):  # not missed: as detected
                 return (1 - u) * self._box_at(tr, prev)[0] + u * self._box_at(tr, nxt)[0], score
             box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
-            return self._grow(box, min(t - prev, nxt - t)), score
+            return self._grow(box, min(t - prev, nxt - t), between=True), score
         if prev is not None and t - prev <= self.max_missing:
             if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
                 return self._box_at(tr, prev)[0] + tr.velocity * (t - prev), tr.obs[prev][1]
