@@ -128,10 +128,12 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
             stats["images"] += len(chunk)
             stats["images_with_faces"] += len(with_faces)
             stats["faces"] += sum(len(f) for f in faces)
-            small = [anonymizer.small(f.boxes) if anonymizer.generator is not None else np.zeros(len(f), bool)
-                     for f in faces]
+            painting = anonymizer.generator is not None
+            small = [anonymizer.small(f.boxes) if painting else np.zeros(len(f), bool) for f in faces]
+            unposed = [anonymizer.small(f.boxes, anonymizer.cfg.pose_min_size) if painting else np.zeros(len(f), bool)
+                       for f in faces]
             stats["small_faces"] += int(sum(s.sum() for s in small))  # not painted: small_face_method
-            stats["faces_without_pose"] += sum(k is None for f, s in zip(faces, small)
+            stats["faces_without_pose"] += sum(k is None for f, s in zip(faces, unposed)  # pose sought, not found
                                                for k, tiny in zip(f.keypoints, s) if not tiny)
             stats["copied_unchanged"] += len(chunk) - len(with_faces)
             bar.update(len(chunk))

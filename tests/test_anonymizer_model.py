@@ -132,9 +132,13 @@ def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_
     assert keypoints.calls == [1] and dict(a.counts) == {"small_faces": 1, "generated_faces": 1}
     blurred = anonymize_boxes(image, np.array([small_box]), "heavy_blur")
     assert np.array_equal(out[60:76, 40:56], blurred[60:76, 40:56])
-    everything = Anonymizer(AnonymizerConfig(small_face_size=0), keypoint_model=keypoints)
+    everything = Anonymizer(AnonymizerConfig(small_face_size=0, pose_min_size=0), keypoint_model=keypoints)
     painted = everything.anonymize([image], [faces()])[0]
     assert keypoints.calls == [1, 2] and everything.counts["small_faces"] == 0
     assert not np.array_equal(painted[60:76, 40:56], blurred[60:76, 40:56])
+    # under pose_min_size (default 40 px): painted, without a keypoint call
+    unposed = Anonymizer(AnonymizerConfig(small_face_size=0), keypoint_model=keypoints)
+    assert np.array_equal(unposed.anonymize([image], [faces()])[0], painted)  # no pose either way here
+    assert keypoints.calls == [1, 2, 1] and unposed.counts["generated_faces"] == 2
     with pytest.raises(ValueError, match="--small_face_method 'sparkles': choose from"):
         AnonymizerConfig(small_face_method="sparkles")
