@@ -14,8 +14,8 @@ metadata (which may hold a location) is not copied. The ffmpeg binary is the one
 Tracking (:class:`FaceTracker`): detections are matched to tracks by IoU with the box the track's
 velocity predicts (so a box follows a fast pan), or, failing that, by centre distance; hard cuts
 (a jump of the colour histogram) end every track. The boxes of frame t are decided when frame
-t + lookahead is known: a detected face gets the mean of its detections over t ± `smooth_radius`,
-grown to cover this frame's detection (steady, never lagging behind the face); a missed face
+t + lookahead is known: a detected face gets a line fitted to its detections over t ± `smooth_radius`,
+grown to cover every detection of that window (steady, never lagging behind the face); a missed face
 between two detections gets the interpolated box; before its first detection (up to `lookahead`
 frames back) and after its last (up to `max_missing` frames on) it gets the box its velocity
 predicts; backwards, that is the camera's motion when the shot has other faces (the median motion
@@ -69,7 +69,8 @@ class VideoOptions:
             frames after a miss is filled in backwards (memory grows by this many frames)
         max_missing: frames a track is extrapolated after its last detection
         track_iou: IoU with a track's predicted box for a detection to continue that track
-        smooth_radius: a detected box is the mean of its track's detections over ±this many frames
+        smooth_radius: a detected box is a line fitted to its track's detections over ±this many frames,
+            grown to cover them (FaceTracker._smoothed)
         margin: growth of a box that was not detected in that frame, as a fraction of its side
             (doubled over `lookahead` frames from the nearest detection; for a miss between two
             detections, rising from 0 to `margin` over `lookahead` frames)
@@ -93,7 +94,7 @@ class VideoOptions:
     lookahead: int = 12
     max_missing: int = 12
     track_iou: float = 0.2
-    smooth_radius: int = 2
+    smooth_radius: int = 3
     margin: float = 0.15
     keypoint_smoothing: float = 0.6
     grow: float = 0.05
@@ -176,7 +177,7 @@ class FaceTracker:
     """Look-ahead tracking: `push` each frame's detections in order; `boxes(t)` is final once
     frame t + lookahead has been pushed (or the video ended). See the module docstring."""
 
-    def __init__(self, lookahead: int = 12, max_missing: int = 12, iou: float = 0.2, smooth_radius: int = 2,
+    def __init__(self, lookahead: int = 12, max_missing: int = 12, iou: float = 0.2, smooth_radius: int = 3,
                  margin: float = 0.15, grow: float = 0.0):
         if min(lookahead, max_missing, smooth_radius, margin, grow) < 0 or not 0 < iou <= 1:
             raise ValueError(f"need lookahead ({lookahead}), max_missing ({max_missing}), smooth_radius "
@@ -244,10 +245,7 @@ class FaceTracker:
 
     def _box_at(self, tr: _Track, t: int) -> tuple[np.ndarray, float] | None:
         if t in tr.obs:
-            r = self.smooth_radius
-            near = [tr.obs[f][0] for f in range(t - r, t + r + 1) if f in tr.obs]
-            mean, det = np.mean(near, axis=0), tr.obs[t][0]
-            return np.concatenate([np.minimum(mean[:2], det[:2]), np.maximum(mean[2:], det[2:])]), tr.obs[t][1]
+            return self._smoothed(tr, t), tr.obs[t][1]
         before = [f for f in tr.obs if f < t]
         after = [f for f in tr.obs if f > t]
         prev, nxt = (max(before) if before else None), (min(after) if after else None)
@@ -266,6 +264,25 @@ class FaceTracker:
             v = self._backfill_velocity(tr)
             return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]
         return None
+
+    def _smoothed(self, tr: _Track, t: int) -> np.ndarray:
+        """The box of a detected frame: a straight line fitted to the track's detections over
+        t ± `smooth_radius` (the mean where fewer than three), evaluated at t, then moved out by the
+        largest amount any detection of that window sticks out of its fitted box. It covers every
+        detection of the window, this frame's included, and changes only as the fit and the
+        window's extremes change: growing the mean by this frame's detection alone (the earlier
+        rule) passed the detector's frame-to-frame jitter of a pixel or two on to the painted face."""
+        r = self.smooth_radius
+        frames = np.array([f for f in range(t - r, t + r + 1) if f in tr.obs], np.float64)
+        boxes = np.array([tr.obs[int(f)][0] for f in frames], np.float64)
+        if len(frames) >= 3:
+            slope, intercept = np.polyfit(frames - t, boxes, 1)
+            fitted = intercept + np.outer(frames - t, slope)
+        else:
+            intercept = boxes.mean(axis=0)
+            fitted = np.broadcast_to(intercept, boxes.shape)
+        out = boxes - fitted
+        return intercept + np.concatenate([np.minimum(out[:, :2].min(axis=0), 0), np.maximum(out[:, 2:].max(axis=0), 0)])
 
     def _skipped(self, first: int, last: int) -> bool:
         """Whether frames first..last were all left out by `detect_every` (not looked at, so not missed)."""
