@@ -102,8 +102,8 @@ class VideoOptions:
     crf: int = 18
     preset: str = "veryfast"
     audio_codec: str | None = None
-    paint_every: int = 3
-    temporal_keep: float = 0.5
+    paint_every: int = 12
+    temporal_keep: float = 0.75
     seam_keep: float = 0.8
     detect_every: int = 1
 
