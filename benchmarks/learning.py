@@ -107,8 +107,30 @@ def build(work: Path) -> dict:
                            crop_rule="pad", processes=2, progress=False))  # tight crops: keep FDF's context
 
 
+CARRY = REPO / "training" / "carry"  # a CPU run's state committed between sessions: <config stem>/
+
+
+def seed_from_carry(run: Run) -> Path | None:
+    """Start `run` from the state a previous session committed (`training/carry/<config stem>/`:
+    checkpoints/last.ckpt, mlflow.db, config.yaml) when its run folder has no checkpoint yet. A
+    session's machine keeps nothing but the repository, so a CPU run longer than a session resumes
+    exactly from there (the build is deterministic: the same shards, the same data position)."""
+    import shutil
+    carried = CARRY / run.config.stem
+    if not (carried / "checkpoints" / "last.ckpt").is_file() or (checkpoints_dir(run.run_dir) / "last.ckpt").exists():
+        return None
+    checkpoints_dir(run.run_dir).mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoints/last.ckpt", "mlflow.db", "config.yaml"):
+        if (carried / name).is_file():
+            shutil.copy2(carried / name, run.run_dir / name)
+    return carried
+
+
 def train(run: Run) -> dict:
     from training.train import run as fdf_train
+    carried = seed_from_carry(run)
+    if carried:
+        print(f"learning.py: resuming from the committed state in {carried.relative_to(REPO)}", file=sys.stderr)
     fdf_train(["--config", str(run.config), "--data.root", str(run.work / "fdf"), "--run_dir", str(run.run_dir),
                "--trainer.enable_progress_bar", "false"])
     return {"run_dir": str(run.run_dir)}

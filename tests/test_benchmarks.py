@@ -89,3 +89,25 @@ def test_budget_exhausted_still_prints_the_json():
     assert len(runs) == 5 and all(r.startswith("skipped: budget") for r in runs)
     assert "best_12m_img_per_s" not in out["training"]
     assert "skipped" in proc.stderr
+
+
+def test_a_run_starts_from_the_state_a_previous_session_committed(tmp_path, monkeypatch):
+    """benchmarks/learning.py's train stage copies `training/carry/<config stem>/` into an empty run
+    folder (the machine keeps only the repository between sessions), and never over a run that has
+    its own checkpoint."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import learning
+    config = Path(learning.REPO) / "training" / "configs" / "utkface_cpu64_w32.yaml"
+    carry = tmp_path / "carry"
+    monkeypatch.setattr(learning, "CARRY", carry)
+    run = learning.Run(tmp_path / "work", config)
+    assert learning.seed_from_carry(run) is None  # nothing committed
+    (carry / config.stem / "checkpoints").mkdir(parents=True)
+    (carry / config.stem / "checkpoints" / "last.ckpt").write_bytes(b"state")
+    (carry / config.stem / "mlflow.db").write_bytes(b"db")
+    assert learning.seed_from_carry(run) == carry / config.stem
+    assert (run.run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"state"
+    assert (run.run_dir / "mlflow.db").read_bytes() == b"db"
+    (run.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"newer")
+    assert learning.seed_from_carry(run) is None
+    assert (run.run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"newer"
