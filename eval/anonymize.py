@@ -118,7 +118,9 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
             images = [rgb for rgb, _ in loaded]
             faces = anonymizer.find_faces(images)
             with_faces = [i for i, f in enumerate(faces) if len(f)]
+            small_before = anonymizer.counts["small_faces"]  # not painted: small_face_method (counted there)
             outputs = anonymizer.anonymize([images[i] for i in with_faces], [faces[i] for i in with_faces])
+            stats["small_faces"] += anonymizer.counts["small_faces"] - small_before
             for i, out in zip(with_faces, outputs):
                 write_image(chunk[i][1], out, loaded[i][1])
             for i, (src, dst) in enumerate(chunk):
@@ -128,11 +130,8 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
             stats["images"] += len(chunk)
             stats["images_with_faces"] += len(with_faces)
             stats["faces"] += sum(len(f) for f in faces)
-            painting = anonymizer.generator is not None
-            small = [anonymizer.small(f.boxes) if painting else np.zeros(len(f), bool) for f in faces]
-            unposed = [anonymizer.small(f.boxes, anonymizer.cfg.pose_min_size) if painting else np.zeros(len(f), bool)
-                       for f in faces]
-            stats["small_faces"] += int(sum(s.sum() for s in small))  # not painted: small_face_method
+            unposed = [anonymizer.small(f.boxes, anonymizer.cfg.pose_min_size) if anonymizer.generator is not None
+                       else np.zeros(len(f), bool) for f in faces]
             stats["faces_without_pose"] += sum(k is None for f, s in zip(faces, unposed)  # pose sought, not found
                                                for k, tiny in zip(f.keypoints, s) if not tiny)
             stats["copied_unchanged"] += len(chunk) - len(with_faces)
