@@ -52,6 +52,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from eval import face_motion
 from eval.anonymizer import Anonymizer, Faces
 from eval.face_memory import TrackFaces
 from fdf_core.tario import replace_durably, temporary_path
@@ -71,6 +72,9 @@ class VideoOptions:
         track_iou: IoU with a track's predicted box for a detection to continue that track
         smooth_radius: a detected box is a line fitted to its track's detections over ±this many frames,
             grown to cover the detections of this frame and its neighbours (FaceTracker._smoothed)
+        motion_radius: a detected box is the mean of its track's detections over ±this many frames, each
+            moved into the frame by the face's measured motion (eval.face_motion); where that cannot be
+            measured, the line fit of `smooth_radius` is used
         margin: growth of a box that was not detected in that frame, as a fraction of its side
             (doubled over `lookahead` frames from the nearest detection; for a miss between two
             detections, rising from 0 to `margin` over `lookahead` frames)
@@ -95,6 +99,7 @@ class VideoOptions:
     max_missing: int = 12
     track_iou: float = 0.2
     smooth_radius: int = 3
+    motion_radius: int = 6
     margin: float = 0.15
     keypoint_smoothing: float = 0.6
     grow: float = 0.05
@@ -155,6 +160,7 @@ class _Track:
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
     backfill_velocity: np.ndarray | None = None  # kept once no later frame can change it
+    steps: dict[int, np.ndarray] = field(default_factory=dict)  # frame t → the face's motion t-1 → t (eval.face_motion)
 
     @property
     def first(self) -> int:
@@ -178,12 +184,17 @@ class FaceTracker:
     frame t + lookahead has been pushed (or the video ended). See the module docstring."""
 
     def __init__(self, lookahead: int = 12, max_missing: int = 12, iou: float = 0.2, smooth_radius: int = 3,
-                 margin: float = 0.15, grow: float = 0.0):
-        if min(lookahead, max_missing, smooth_radius, margin, grow) < 0 or not 0 < iou <= 1:
+                 margin: float = 0.15, grow: float = 0.0, motion_radius: int = 6):
+        if min(lookahead, max_missing, smooth_radius, margin, grow, motion_radius) < 0 or not 0 < iou <= 1:
             raise ValueError(f"need lookahead ({lookahead}), max_missing ({max_missing}), smooth_radius "
-                             f"({smooth_radius}), margin ({margin}), grow ({grow}) >= 0 and 0 < track_iou ({iou}) <= 1")
+                             f"({smooth_radius}), motion_radius ({motion_radius}), margin ({margin}), grow ({grow}) "
+                             f">= 0 and 0 < track_iou ({iou}) <= 1")
         self.lookahead, self.max_missing, self.iou = lookahead, max_missing, iou
         self.smooth_radius, self.margin, self.grow = smooth_radius, margin, grow
+        self.motion_radius = motion_radius
+        self._previous: np.ndarray | None = None  # the last frame pushed (motion is measured against it)
+        self.size: tuple[int, int] | None = None  # (width, height) of the pushed frames
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=lookahead + 1)  # for a new track's past
         self.frames = 0  # frames pushed
         self.unseen: set[int] = set()  # frames pushed without detection (VideoOptions.detect_every)
         self.shot = 0
@@ -191,15 +202,24 @@ class FaceTracker:
         self.tracks: dict[int, _Track] = {}
         self._next_id = 0
 
-    def push(self, boxes: np.ndarray | None, scores: np.ndarray | None, cut: bool = False) -> int:
+    def push(self, boxes: np.ndarray | None, scores: np.ndarray | None, cut: bool = False,
+             frame: np.ndarray | None = None) -> int:
         """Detections of the next frame (after a hard cut if `cut`); returns its index. `boxes`
         None: the frame was not run through the detector (its boxes come from the detected frames
-        on either side, like a miss, but not grown: nothing was missed)."""
+        on either side, like a miss, but not grown: nothing was missed). `frame` (RGB): the image,
+        to measure how each track's face moved since the previous frame (eval.face_motion); without
+        frames a track's boxes are a line fitted to its detections."""
         t = self.frames
         self.frames += 1
         if cut and t > 0:
             self.shot += 1
         self.shot_of[t] = self.shot
+        if frame is not None:
+            self.size = (frame.shape[1], frame.shape[0])
+            if self._previous is not None and not (cut and t > 0):
+                self._measure(t, frame)
+            self._previous = frame
+            self._recent.append((t, frame))
         if boxes is None:
             self.unseen.add(t)
             return t
@@ -209,8 +229,7 @@ class FaceTracker:
         live = [k for k, tr in self.tracks.items() if tr.shot == self.shot and t - tr.last <= reach]
         track_of = np.full(len(boxes), -1)
         if live and len(boxes):
-            predicted = np.stack([self.tracks[k].obs[self.tracks[k].last][0]
-                                  + self.tracks[k].velocity * (t - self.tracks[k].last) for k in live])
+            predicted = np.stack([self._predicted(self.tracks[k], t) for k in live])
             aff = _affinity(predicted, boxes, self.iou)
             used = np.zeros(len(live), bool)
             for flat in np.argsort(-aff, axis=None, kind="stable"):
@@ -224,6 +243,7 @@ class FaceTracker:
                 k = self._next_id
                 self._next_id += 1
                 self.tracks[k] = _Track(self.shot)
+                self._measure_back(self.tracks[k], t, boxes[d])
             tr = self.tracks[k]
             if tr.obs:
                 last = tr.last
@@ -231,6 +251,92 @@ class FaceTracker:
                 tr.velocity = v if len(tr.obs) == 1 else 0.5 * tr.velocity + 0.5 * v
             tr.obs[t] = (boxes[d], float(scores[d]))
         return t
+
+    def _predicted(self, tr: _Track, t: int) -> np.ndarray:
+        """Where the track's last detection is in frame t: moved by the measured motion, else by its velocity."""
+        carried = self._carry(tr, tr.last, t)
+        last = tr.obs[tr.last][0]
+        return face_motion.apply(carried, last) if carried is not None else last + tr.velocity * (t - tr.last)
+
+    def _measure(self, t: int, frame: np.ndarray) -> None:
+        """Each live track's motion from frame t - 1 to t, from the box where it was in t - 1."""
+        reach = self.max_missing + self.lookahead
+        for tr in self.tracks.values():
+            if tr.shot != self.shot or not tr.obs or t - 1 - tr.last > reach or tr.last > t - 1:
+                continue
+            box = self._predicted(tr, t - 1)
+            previous = tr.steps.get(t - 1)
+            if previous is not None:  # the last measured motion: where this frame's flow starts
+                shift = face_motion.apply(previous, box) - box
+            else:
+                shift = tr.velocity
+            guess = (float(shift[0] + shift[2]) / 2, float(shift[1] + shift[3]) / 2)
+            step = face_motion.measure_step(self._previous, frame, box, guess)
+            if step is not None:
+                tr.steps[t] = step
+
+    def _measure_back(self, tr: _Track, t: int, box: np.ndarray) -> None:
+        """A track found in frame t: its face's motion over the up to `lookahead` frames before, where
+        it was not detected yet and is filled in backwards (as far as the flow holds, in this shot)."""
+        frames = dict(self._recent)
+        shift = (0.0, 0.0)
+        f = t
+        while t - f < self.lookahead and f - 1 in frames and self.shot_of.get(f - 1) == self.shot_of[t]:
+            back = face_motion.measure_step(frames[f], frames[f - 1], box, shift)
+            if back is None:
+                break
+            moved = face_motion.apply(back, box)
+            shift = (float(moved[0] + moved[2] - box[0] - box[2]) / 2, float(moved[1] + moved[3] - box[1] - box[3]) / 2)
+            tr.steps[f], box, f = face_motion.invert(back), moved, f - 1
+
+    def _carry(self, tr: _Track, a: int, b: int) -> np.ndarray | None:
+        """The measured motion of the track's face from frame a to frame b (None if a step is unknown)."""
+        step = face_motion.IDENTITY
+        for f in (range(a + 1, b + 1) if b >= a else range(a, b, -1)):
+            s = tr.steps.get(f)
+            if s is None:
+                return None
+            step = face_motion.compose(step, s if b >= a else face_motion.invert(s))
+        return step
+
+    def _fused(self, tr: _Track, t: int) -> np.ndarray | None:
+        """The mean of the track's detections over t ± `motion_radius`, each moved into frame t by
+        the measured motion; None where fewer than three can be moved (no frames pushed, or the flow
+        failed), and the line fit takes over.
+
+        A detection cut off by the frame edge says nothing about where that side of the face is
+        (a face leaving the frame keeps a detected edge of 0), so each side is the mean of the
+        detections that saw it; a side none of them saw is placed from the other side and the
+        face's size, and never inside the frame edge it was cut at."""
+        moved, seen = [], []
+        for f in range(t - self.motion_radius, t + self.motion_radius + 1):
+            if f in tr.obs:
+                step = self._carry(tr, f, t)
+                if step is not None:
+                    moved.append(face_motion.apply(step, tr.obs[f][0]))
+                    seen.append(self._uncut(tr.obs[f][0]))
+        if len(moved) < 3:
+            return None
+        moved, seen = np.array(moved), np.array(seen)
+        count = seen.sum(axis=0)
+        fused = (moved * seen).sum(axis=0) / np.maximum(count, 1)
+        for i in np.flatnonzero(count == 0):
+            j, sign = (i + 2) % 4, (-1.0 if i < 2 else 1.0)  # the opposite side; outward
+            both = seen[:, i % 2] & seen[:, i % 2 + 2]
+            if count[j] and both.any():
+                fused[i] = fused[j] + sign * (moved[both, i % 2 + 2] - moved[both, i % 2]).mean()
+            else:
+                fused[i] = moved[:, i].min() if i < 2 else moved[:, i].max()
+            edge = 0.0 if i < 2 else float(self.size[i % 2])
+            fused[i] = min(fused[i], edge) if i < 2 else max(fused[i], edge)
+        return fused
+
+    def _uncut(self, box: np.ndarray) -> np.ndarray:
+        """Which sides of a detection are not at the frame edge (all, when the frame size is unknown)."""
+        if self.size is None:
+            return np.ones(4, bool)
+        w, h = self.size
+        return np.array([box[0] > 0.5, box[1] > 0.5, box[2] < w - 0.5, box[3] < h - 0.5])
 
     def _grow(self, box: np.ndarray, distance: int, between: bool = False) -> np.ndarray:
         """The miss margin: `margin` × (1 + distance / lookahead) of the side for a box guessed from
@@ -254,13 +360,26 @@ class FaceTracker:
             score = max(tr.obs[prev][1], tr.obs[nxt][1])
             if self._skipped(prev + 1, nxt - 1):  # not missed: as detected
                 return (1 - u) * self._box_at(tr, prev)[0] + u * self._box_at(tr, nxt)[0], score
-            box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
+            box = self._fused(tr, t)
+            if box is None:
+                box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
             return self._grow(box, min(t - prev, nxt - t), between=True), score
         if prev is not None and t - prev <= self.max_missing:
+            carried = self._carry(tr, prev, t)
+            # the face's own motion since its last detection, else its velocity
+            box = face_motion.apply(carried, self._box_at(tr, prev)[0]) if carried is not None else None
             if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
-                return self._box_at(tr, prev)[0] + tr.velocity * (t - prev), tr.obs[prev][1]
-            return self._grow(tr.obs[prev][0] + tr.velocity * (t - prev), t - prev), tr.obs[prev][1]
+                if box is None:
+                    box = self._box_at(tr, prev)[0] + tr.velocity * (t - prev)
+                return box, tr.obs[prev][1]
+            if box is None:
+                box = tr.obs[prev][0] + tr.velocity * (t - prev)
+            return self._grow(box, t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
+            carried = self._carry(tr, nxt, t)
+            if carried is not None:  # the face's own motion before it was found: measured, so grown less
+                return self._grow(face_motion.apply(carried, self._box_at(tr, nxt)[0]), nxt - t, between=True), \
+                    tr.obs[nxt][1]
             v = self._backfill_velocity(tr)
             return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]
         return None
@@ -273,7 +392,14 @@ class FaceTracker:
         (the mean grown to this frame's detection alone), which passed the detector's jitter of a
         pixel or two on to the painted face. Covering every detection of the window instead was
         steadier on slow pans (quick pan clip flicker 1.75 against 2.14) but inflated the box on a
-        whip pan, whose acceleration a line does not follow (5.97 against 3.39)."""
+        whip pan, whose acceleration a line does not follow (5.97 against 3.39).
+
+        Where the frames were pushed, the mean of the window's detections moved into frame t by the
+        face's measured motion (`_fused`) replaces both: it follows acceleration exactly and averages
+        the detector's jitter out."""
+        fused = self._fused(tr, t)
+        if fused is not None:
+            return fused
         r = self.smooth_radius
         frames = np.array([f for f in range(t - r, t + r + 1) if f in tr.obs], np.float64)
         boxes = np.array([tr.obs[int(f)][0] for f in frames], np.float64)
@@ -350,12 +476,15 @@ class FaceTracker:
 
     def forget(self, t: int) -> None:
         """Frame t was written: drop what no later frame needs (bounded memory on long videos)."""
-        keep_from = t + 1 - self.smooth_radius
+        keep_from = t + 1 - max(self.smooth_radius, self.motion_radius)
         for k in list(self.tracks):
             tr = self.tracks[k]
             old = sorted(f for f in tr.obs if f < keep_from)
             for f in old[:-1]:  # the latest one stays: the start of an interpolation or a hold
                 del tr.obs[f]
+            oldest = min(tr.obs, default=keep_from)
+            for f in [f for f in tr.steps if f <= min(oldest, keep_from)]:
+                del tr.steps[f]
             held = tr.last + self.max_missing > t  # still extrapolated into an unwritten frame
             matchable = tr.shot == self.shot and self.frames - 1 - tr.last <= self.max_missing + self.lookahead
             if not held and not matchable:
@@ -504,7 +633,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         raise ValueError(f"detect_every must be >= 1, got {opts.detect_every}")
     cap, info = open_video(src)
     tracker = FaceTracker(opts.lookahead, opts.max_missing, opts.track_iou, opts.smooth_radius, opts.margin,
-                          opts.grow)
+                          opts.grow, opts.motion_radius)
     smoother = _KeypointSmoother(opts.keypoint_smoothing)
     generator = anonymizer.cfg.method == "generator"
     memory = TrackFaces(opts.paint_every, opts.temporal_keep, opts.seam_keep) if generator else None
@@ -571,9 +700,9 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             for (image, cut), w in zip(chunk, looked):
                 if w:
                     det = next(dets)
-                    pending.append((tracker.push(det.boxes, det.scores, cut), image))
+                    pending.append((tracker.push(det.boxes, det.scores, cut, image), image))
                 else:
-                    pending.append((tracker.push(None, None, cut), image))
+                    pending.append((tracker.push(None, None, cut, image), image))
             for ready in ready_batches(pending, tracker.frames, opts.lookahead, batch, ended):
                 write(ready)
         if writer is None:
