@@ -21,6 +21,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+MIN_SIDE = 16  # px: smaller faces have too few corners to follow (and are blurred, not painted)
 MIN_POINTS = 8  # corners that must agree on a step
 MAX_POINTS = 48
 FB_ERROR = 0.5  # px: a corner tracked forward and back must land this close to where it started
@@ -58,7 +59,7 @@ def measure_step(previous: np.ndarray, current: np.ndarray, box: np.ndarray,
     h, w = previous.shape[:2]
     x0, y0, x1, y1 = (float(v) for v in box)
     side = max(x1 - x0, y1 - y0)
-    if side < 12:
+    if side < MIN_SIDE:
         return None
     pad = 0.25 * side + abs(guess[0]) + abs(guess[1]) + 4
     rx0, ry0 = max(int(np.floor(x0 - pad)), 0), max(int(np.floor(y0 - pad)), 0)

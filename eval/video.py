@@ -12,16 +12,22 @@ metadata (which may hold a location) is not copied. The ffmpeg binary is the one
 `imageio-ffmpeg` package, else `ffmpeg` on PATH.
 
 Tracking (:class:`FaceTracker`): detections are matched to tracks by IoU with the box the track's
-velocity predicts (so a box follows a fast pan), or, failing that, by centre distance; hard cuts
-(a jump of the colour histogram) end every track. The boxes of frame t are decided when frame
-t + lookahead is known: a detected face gets a line fitted to its detections over t ± `smooth_radius`,
+measured motion (else its velocity) predicts (so a box follows a fast pan), or, failing that, by centre distance; hard cuts
+(a jump of the colour histogram) end every track. Each track's face motion from frame to frame is
+measured on the pixels (eval.face_motion: sparse optical flow, a similarity fitted with RANSAC), so
+a box can be moved from one frame to another exactly as the face moved. The boxes of frame t are
+decided when frame t + lookahead is known: a detected face gets the mean of its detections over
+t ± `motion_radius`, each moved into frame t by the measured motion (the detector's jitter averages
+out and the box follows acceleration; sides cut by the frame edge are left out); where the motion
+cannot be measured (a tiny or blurred face), a line fitted to its detections over t ± `smooth_radius`,
 grown to cover its detections of t ± 1 (steady, never lagging behind the face); a missed face
 between two detections gets the interpolated box; before its first detection (up to `lookahead`
 frames back) and after its last (up to `max_missing` frames on) it gets the box its velocity
-predicts; backwards, that is the camera's motion when the shot has other faces (the median motion
-of the other tracks up to the new one's first detection), because the first detections of a face
-the detector only just found are its noisiest. Boxes that were not detected are grown by `margin`
-(more the further they are from a detection), because a leak costs more than a slightly larger mask;
+predicts, or, where measured, the face's own motion (a new track's motion is measured backwards over
+the look-ahead frames when it is found); backwards without it, that is the camera's motion when the
+shot has other faces (the median motion of the other tracks up to the new one's first detection),
+because the first detections of a face the detector only just found are its noisiest. Boxes that
+were not detected are grown by `margin` (more the further they are from a detection), because a leak costs more than a slightly larger mask;
 a miss between two detections, whose box is interpolated, much less (see `FaceTracker._grow`).
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
@@ -309,11 +315,16 @@ class FaceTracker:
         detections that saw it; a side none of them saw is placed from the other side and the
         face's size, and never inside the frame edge it was cut at."""
         moved, seen = [], []
-        for f in range(t - self.motion_radius, t + self.motion_radius + 1):
-            if f in tr.obs:
-                step = self._carry(tr, f, t)
-                if step is not None:
-                    moved.append(face_motion.apply(step, tr.obs[f][0]))
+        for direction in (-1, 1):  # outwards from t, the motion to t built up one step at a time
+            to_t = face_motion.IDENTITY
+            for f in range(t if direction < 0 else t + 1, t + direction * (self.motion_radius + 1), direction):
+                if f != t:
+                    step = tr.steps.get(f + 1 if direction < 0 else f)
+                    if step is None:
+                        break
+                    to_t = face_motion.compose(step if direction < 0 else face_motion.invert(step), to_t)
+                if f in tr.obs:
+                    moved.append(face_motion.apply(to_t, tr.obs[f][0]))
                     seen.append(self._uncut(tr.obs[f][0]))
         if len(moved) < 3:
             return None
