@@ -64,6 +64,7 @@ from eval.face_memory import TrackFaces
 from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+SMALL_FACE, SMALL_GROW = 24, 0.1  # px, fraction of the side: boxes of smaller faces grow by this more
 CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive frames that is a cut
 
 
@@ -407,9 +408,14 @@ class FaceTracker:
 
         Where the frames were pushed, the mean of the window's detections moved into frame t by the
         face's measured motion (`_fused`) replaces both: it follows acceleration exactly and averages
-        the detector's jitter out."""
+        the detector's jitter out. A face under SMALL_FACE px grows by SMALL_GROW of its side on each
+        side: a pixel off is much of it (covering its own detection instead, as the line fit does,
+        brought the jitter back: crowd clip flicker 1.40 -> 1.92)."""
         fused = self._fused(tr, t)
         if fused is not None:
+            w, h = fused[2] - fused[0], fused[3] - fused[1]
+            if max(w, h) < SMALL_FACE:  # a pixel off is much of a small face: a steady extra margin
+                fused = fused + SMALL_GROW * np.array([-w, -h, w, h])
             return fused
         r = self.smooth_radius
         frames = np.array([f for f in range(t - r, t + r + 1) if f in tr.obs], np.float64)
