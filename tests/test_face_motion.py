@@ -93,3 +93,22 @@ def test_a_face_leaving_the_frame_keeps_its_box_on_the_face(assets):
         true = frames[t][1][fid]
         box = true + offsets[fid][t]
         assert box[0] <= 0.5 and abs(box[2] - true[2]) < 2.0 + 0.05 * (true[2] - true[0]), (fid, t, box, true)
+
+
+def test_measured_motion_stays_bounded_on_a_long_video():
+    """1,500 frames of a textured scene panning 1 px a frame, two faces, a cut every 500: the motion
+    the tracker keeps per track does not grow with the video."""
+    rng = np.random.default_rng(0)
+    scene = cv2.GaussianBlur(rng.integers(0, 255, (240, 900, 3), np.uint8), (0, 0), 1.5)
+    tracker = FaceTracker(lookahead=12, max_missing=12)
+    kept = []
+    for t in range(1500):
+        frame = np.ascontiguousarray(scene[:, t % 500: t % 500 + 320])
+        boxes = np.array([[100.0 - t % 500 + 200, 60, 160 - t % 500 + 200, 130], [40, 150, 90, 210]])
+        boxes = boxes[(boxes[:, 0] > 0) & (boxes[:, 2] < 320)]
+        tracker.push(boxes, np.full(len(boxes), 0.9), cut=t % 500 == 0, frame=frame)
+        if t >= 12:
+            tracker.boxes(t - 12)
+            tracker.forget(t - 12)
+        kept.append(sum(len(tr.steps) for tr in tracker.tracks.values()))
+    assert max(kept) > 0 and max(kept[750:]) <= max(kept[:750]) < 100
