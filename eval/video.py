@@ -114,7 +114,7 @@ class VideoOptions:
     crf: int = 18
     preset: str = "veryfast"
     audio_codec: str | None = None
-    paint_every: int = 12
+    paint_every: int = 24
     temporal_keep: float = 0.75
     seam_keep: float = 0.8
     detect_every: int = 1
