@@ -12,8 +12,8 @@ metadata (which may hold a location) is not copied. The ffmpeg binary is the one
 `imageio-ffmpeg` package, else `ffmpeg` on PATH.
 
 Tracking (:class:`FaceTracker`): detections are matched to tracks by IoU with the box the track's
-measured motion (else its velocity) predicts (so a box follows a fast pan), or, failing that, by centre distance; hard cuts
-(a jump of the colour histogram) end every track. Each track's face motion from frame to frame is
+measured motion (else its velocity) predicts (so a box follows a fast pan), or, failing that, by
+centre distance; hard cuts (a jump of the colour histogram) end every track. Each track's face motion from frame to frame is
 measured on the pixels (eval.face_motion: sparse optical flow, a similarity fitted with RANSAC), so
 a box can be moved from one frame to another exactly as the face moved. The boxes of frame t are
 decided when frame t + lookahead is known: a detected face gets the mean of its detections over
@@ -27,8 +27,9 @@ predicts, or, where measured, the face's own motion (a new track's motion is mea
 the look-ahead frames when it is found); backwards without it, that is the camera's motion when the
 shot has other faces (the median motion of the other tracks up to the new one's first detection),
 because the first detections of a face the detector only just found are its noisiest. Boxes that
-were not detected are grown by `margin` (more the further they are from a detection), because a leak costs more than a slightly larger mask;
-a miss between two detections, whose box is interpolated, much less (see `FaceTracker._grow`).
+were not detected are grown by `margin` (more the further they are from a detection), because a leak
+costs more than a slightly larger mask; a miss between two detections, whose box is interpolated,
+much less (see `FaceTracker._grow`).
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
@@ -167,7 +168,7 @@ class _Track:
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
     backfill_velocity: np.ndarray | None = None  # kept once no later frame can change it
-    steps: dict[int, np.ndarray] = field(default_factory=dict)  # frame t → the face's motion t-1 → t (eval.face_motion)
+    steps: dict[int, np.ndarray] = field(default_factory=dict)  # frame t → the face's motion t-1 → t
 
     @property
     def first(self) -> int:
