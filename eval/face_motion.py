@@ -36,6 +36,12 @@ def apply(step: np.ndarray, box: np.ndarray) -> np.ndarray:
     return s * np.asarray(box, np.float64) + np.array([dx, dy, dx, dy])
 
 
+def centre_shift(step: np.ndarray, box: np.ndarray) -> tuple[float, float]:
+    """How far `step` moves the centre of `box` (the `guess` for the next frame's flow)."""
+    moved = apply(step, box) - np.asarray(box, np.float64)
+    return float(moved[0] + moved[2]) / 2, float(moved[1] + moved[3]) / 2
+
+
 def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
     """The step that does `first`, then `then`."""
     s1, x1, y1 = first

@@ -275,10 +275,9 @@ class FaceTracker:
             box = self._predicted(tr, t - 1)
             previous = tr.steps.get(t - 1)
             if previous is not None:  # the last measured motion: where this frame's flow starts
-                shift = face_motion.apply(previous, box) - box
+                guess = face_motion.centre_shift(previous, box)
             else:
-                shift = tr.velocity
-            guess = (float(shift[0] + shift[2]) / 2, float(shift[1] + shift[3]) / 2)
+                guess = (float(tr.velocity[0] + tr.velocity[2]) / 2, float(tr.velocity[1] + tr.velocity[3]) / 2)
             step = face_motion.measure_step(self._previous, frame, box, guess)
             if step is not None:
                 tr.steps[t] = step
@@ -293,9 +292,8 @@ class FaceTracker:
             back = face_motion.measure_step(frames[f], frames[f - 1], box, shift)
             if back is None:
                 break
-            moved = face_motion.apply(back, box)
-            shift = (float(moved[0] + moved[2] - box[0] - box[2]) / 2, float(moved[1] + moved[3] - box[1] - box[3]) / 2)
-            tr.steps[f], box, f = face_motion.invert(back), moved, f - 1
+            shift = face_motion.centre_shift(back, box)
+            tr.steps[f], box, f = face_motion.invert(back), face_motion.apply(back, box), f - 1
 
     def _carry(self, tr: _Track, a: int, b: int) -> np.ndarray | None:
         """The measured motion of the track's face from frame a to frame b (None if a step is unknown)."""
