@@ -376,15 +376,15 @@ class FaceTracker:
                 box = (1 - u) * tr.obs[prev][0] + u * tr.obs[nxt][0]
             return self._grow(box, min(t - prev, nxt - t), between=True), score
         if prev is not None and t - prev <= self.max_missing:
-            carried = self._carry(tr, prev, t)
-            # the face's own motion since its last detection, else its velocity
-            box = face_motion.apply(carried, self._box_at(tr, prev)[0]) if carried is not None else None
-            if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
-                if box is None:
-                    box = self._box_at(tr, prev)[0] + tr.velocity * (t - prev)
-                return box, tr.obs[prev][1]
-            if box is None:
+            carried = self._carry(tr, prev, t)  # the face's own motion since its last detection
+            if carried is not None:
+                box = face_motion.apply(carried, self._box_at(tr, prev)[0])
+            elif self._skipped(prev + 1, t):
+                box = self._box_at(tr, prev)[0] + tr.velocity * (t - prev)
+            else:
                 box = tr.obs[prev][0] + tr.velocity * (t - prev)
+            if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
+                return box, tr.obs[prev][1]
             return self._grow(box, t - prev), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
             carried = self._carry(tr, nxt, t)
