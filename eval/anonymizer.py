@@ -35,7 +35,7 @@ from PIL import Image
 from fdf_core import precision as inference_precision
 from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
-from eval.baselines import BASELINES, anonymize_boxes
+from eval.baselines import BASELINES, SMALL_FACE_METHODS, anonymize_boxes
 from eval.face_memory import TrackFaces
 from eval.paste import BLENDS, Composite, feather_width, pixel_extent
 from fdf_core.checkpoints import read_checkpoint
@@ -88,8 +88,11 @@ class AnonymizerConfig(FaceModelsConfig):
             around it, most of a crowd's time, and the shipped generator hardly uses pose (96 corpus
             faces of 20-300 px: 2.6-3.0 of 255 grey levels mean difference in the box with and
             without keypoints). 0: pose for every painted face
-        small_face_method: the baseline of eval.baselines for those faces (heavy_blur: judged not to
-            leak by the video benchmark's calibration)
+        small_face_method: what those faces get, one of eval.baselines.SMALL_FACE_METHODS (soft_blur:
+            a Gaussian blur that follows the box to a fraction of a pixel, so a slowly moving crowd
+            face does not shimmer in a video as heavy_blur's whole-pixel kernel and edges make it;
+            quick crowd clip flicker 1.34 with heavy_blur, 1.27 with soft_blur, both with a track
+            keeping its method between paintings, eval.face_memory)
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
@@ -106,7 +109,7 @@ class AnonymizerConfig(FaceModelsConfig):
     context: str = "auto"
     small_face_size: int = 20
     pose_min_size: int = 40
-    small_face_method: str = "heavy_blur"
+    small_face_method: str = "soft_blur"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -123,8 +126,9 @@ class AnonymizerConfig(FaceModelsConfig):
         if self.small_face_size < 0 or self.pose_min_size < 0:
             raise ConfigError(f"--small_face_size ({self.small_face_size}) and --pose_min_size "
                               f"({self.pose_min_size}) must be >= 0")
-        if self.small_face_method not in BASELINES:
-            raise ConfigError(f"--small_face_method {self.small_face_method!r}: choose from {', '.join(BASELINES)}")
+        if self.small_face_method not in SMALL_FACE_METHODS:
+            raise ConfigError(f"--small_face_method {self.small_face_method!r}: choose from "
+                              f"{', '.join(SMALL_FACE_METHODS)}")
         if self.context not in CONTEXTS:
             raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}, not {self.context!r}")
 
@@ -141,6 +145,9 @@ class Faces:
     # this frame (else its track's last painting is carried); None = paint every face
     tracks: list[int] | None = None
     paint: list[bool] | None = None
+    # which faces take `small_face_method` instead of the generator; None = those under `small_face_size`
+    # (the video path decides it per track, eval.face_memory.TrackFaces.small)
+    small: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -284,6 +291,7 @@ class Anonymizer:
         t0 = time.perf_counter()
         wanted = np.ones(len(faces), bool) if faces.paint is None else np.asarray(faces.paint, bool)
         wanted &= ~self.small(faces.boxes, self.cfg.pose_min_size)  # not painted, or too small for pose to show
+        wanted &= ~self.small_faces(faces)
         found = iter(self.keypoint_model.keypoints_for_faces(image, faces.boxes[wanted], faces.scores[wanted])
                      if wanted.any() else [])
         faces.keypoints = [next(found) if w else None for w in wanted]  # a carried face needs no pose
@@ -296,6 +304,11 @@ class Anonymizer:
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         limit = self.cfg.small_face_size if size is None else size
         return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) < limit
+
+    def small_faces(self, faces: Faces) -> np.ndarray:
+        """Which of the faces take `small_face_method`: as `faces.small` says where it is set, else
+        those under `small_face_size`."""
+        return self.small(faces.boxes) if faces.small is None else np.asarray(faces.small, bool).reshape(-1)
 
     def find_faces(self, images: list[np.ndarray]) -> list[Faces]:
         return [self.add_keypoints(im, f) for im, f in zip(images, self.detect(images))]
@@ -336,7 +349,7 @@ class Anonymizer:
             return [anonymize_boxes(im, f.boxes, self.cfg.method) for im, f in zip(images, faces)]
         faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
         t0 = time.perf_counter()
-        small = [self.small(f.boxes) for f in faces]
+        small = [self.small_faces(f) for f in faces]
         self.counts["small_faces"] += int(sum(s.sum() for s in small))
         # small faces first, so that a painted face's seam meets them replaced, never the original
         images = [anonymize_boxes(im, f.boxes[s], self.cfg.small_face_method) if s.any() else im

@@ -9,6 +9,10 @@ method are recorded in :data:`BASELINES` so a result table can print exactly wha
 Boxes are `(N, 4)` `x0, y0, x1, y1` in pixels; the box covers pixel columns `floor(x0) ..
 ceil(x1) - 1` (clipped to the image), so a WIDER box `x, y, w, h` is `x, y, x + w, y + h`.
 Boxes are processed in order: where boxes overlap, a later box works on the earlier result.
+
+Beside the table's baselines, :data:`SMALL_FACE_METHODS` holds `soft_blur`, the anonymizer's method
+for faces too small to paint: a Gaussian blur whose strength and edges follow the box to a fraction
+of a pixel, so that a tracked face's blur does not step from frame to frame in a video.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class Baseline:
     fn: Callable[..., None] = field(repr=False, compare=False)  # fn(image, (x0, y0, x1, y1), **params)
     params: dict = field(default_factory=dict)  # exactly the keyword arguments of `fn`
     paper_ap: tuple[float, float, float] | None = None  # DSFD AP easy/medium/hard, DeepPrivacy table
+    subpixel: bool = False  # fn takes the box as given (floats), not the pixels it touches
 
 
 def _pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -80,6 +85,35 @@ def box_blur(image: np.ndarray, box: tuple[int, int, int, int], width_fraction: 
                        lambda a: cv2.blur(a, (k, k), borderType=cv2.BORDER_REFLECT_101))
 
 
+def soft_blur(image: np.ndarray, box: np.ndarray, sigma_fraction: float) -> None:
+    """Blend a Gaussian blur of sigma = `sigma_fraction` × the box's longer side into the box, each
+    pixel by the share of it the box covers.
+
+    Why not heavy_blur for a video's small faces: its kernel is a whole number of pixels (it steps
+    from 3 to 4 px as a 12 px face grows past 11.7 px) and its region is the pixels the box touches
+    (it jumps a column as the box slides by a tenth of a pixel), so a blurred face that moves or
+    grows slowly shimmers. Here the blur's strength and the blend are continuous in the box: a box
+    moved by a tenth of a pixel changes the output by about a tenth of what it changes at the edge.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = image.shape[:2]
+    sigma = max(0.5, sigma_fraction * max(x1 - x0, y1 - y0))
+    radius = math.ceil(3 * sigma) + 1
+    cx0, cy0 = max(0, math.floor(x0) - radius), max(0, math.floor(y0) - radius)
+    cx1, cy1 = min(w, math.ceil(x1) + radius), min(h, math.ceil(y1) + radius)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return
+    region = image[cy0:cy1, cx0:cx1].astype(np.float32)
+    blurred = cv2.GaussianBlur(region, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT_101)
+    cols = np.arange(cx0, cx1, dtype=np.float64)
+    rows = np.arange(cy0, cy1, dtype=np.float64)
+    cover_x = np.clip(np.minimum(cols + 1, x1) - np.maximum(cols, x0), 0, 1)  # pixel c spans [c, c + 1)
+    cover_y = np.clip(np.minimum(rows + 1, y1) - np.maximum(rows, y0), 0, 1)
+    weight = (cover_y[:, None] * cover_x[None, :]).astype(np.float32)[..., None]
+    mixed = region + weight * (blurred - region)
+    image[cy0:cy1, cx0:cx1] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
 BASELINES: dict[str, Baseline] = {b.name: b for b in [
     Baseline("blackout", "box filled with true black (0, 0, 0), not noise", blackout,
              {}, (24.9, 36.3, 54.8)),
@@ -93,23 +127,32 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
              {"width_fraction": 0.3}, (83.4, 86.3, 86.1)),
 ]}
 
+# The methods the anonymizer may give faces too small to paint: the baselines and soft_blur.
+SMALL_FACE_METHODS: dict[str, Baseline] = {**BASELINES, "soft_blur": Baseline(
+    "soft_blur", "Gaussian blur, sigma = 12% of the face's longer side, blended by pixel coverage of the box",
+    soft_blur, {"sigma_fraction": 0.12}, subpixel=True)}
+
 # The two reference rows of the same table (DSFD AP easy/medium/hard).
 PAPER_AP = {"original": (96.6, 95.7, 90.4), "deepprivacy": (95.9, 95.0, 89.8),
             **{name: b.paper_ap for name, b in BASELINES.items()}}
 
 def anonymize_boxes(image: np.ndarray, boxes: np.ndarray, method: str) -> np.ndarray:
-    """Return a copy of the `H×W×3` uint8 image with every box anonymized by `method`."""
-    if method not in BASELINES:
-        raise ValueError(f"unknown anonymizer {method!r}; choose from {sorted(BASELINES)}")
+    """Return a copy of the `H×W×3` uint8 image with every box anonymized by `method` (a baseline or
+    another of :data:`SMALL_FACE_METHODS`)."""
+    if method not in SMALL_FACE_METHODS:
+        raise ValueError(f"unknown anonymizer {method!r}; choose from {sorted(SMALL_FACE_METHODS)}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 uint8 RGB image, got {image.dtype} {image.shape}")
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
     if not np.isfinite(boxes).all():
         raise ValueError("face boxes contain non-finite values")
-    baseline = BASELINES[method]
+    baseline = SMALL_FACE_METHODS[method]
     out = image.copy()
     for box in boxes:
+        if baseline.subpixel:
+            baseline.fn(out, box, **baseline.params)
+            continue
         region = _pixel_box(box, *image.shape[:2])
         if region is not None:
             baseline.fn(out, region, **baseline.params)

@@ -11,6 +11,10 @@ and scales with the head:
   model run on 1/k of the face-frames;
 - `keep` β: each new painting is blended with the track's previous one, face = β·previous +
   (1-β)·new, so the face changes gradually instead of at every painting;
+- a track takes the small-face method (eval.anonymizer, `small_face_size`) or the generator as its
+  box's size says at its planned paintings, and keeps that choice in between: a face near the size
+  limit whose box grows and shrinks by a pixel would otherwise switch between a blur and a painted
+  face from one frame to the next (the quick crowd clip had such faces);
 - `seam_keep`: the same for the colour correction that fits the face to the pixels around its box
   (eval.paste.SeamMemory), which otherwise changes every frame as the box slides over the scene.
 Only generated pixels enter the memory (never a photo pixel), and the paste puts them inside the
@@ -34,6 +38,7 @@ class TrackFaces:
         self.seams = SeamMemory(seam_keep)  # each track's seam with the frame around it (eval.paste)
         self.faces: dict[int, np.ndarray] = {}  # float32 (r, r, 3), the blended painting
         self._since: dict[int, int] = {}  # frames since the track's last planned painting
+        self._small: dict[int, bool] = {}  # whether the track takes the small-face method until its next painting
 
     def plan(self, track: int) -> bool:
         """Whether the track's face is painted in this frame; call once per face and frame, in frame order."""
@@ -41,6 +46,14 @@ class TrackFaces:
         paint = since is None or since + 1 >= self.paint_every
         self._since[track] = 0 if paint else since + 1
         return paint
+
+    def small(self, track: int, small_now: bool, planned: bool) -> bool:
+        """Whether the track's face takes the small-face method in this frame: `small_now` (its box
+        is under the size limit in this frame) where the frame is one of its planned paintings
+        (`planned`, from :meth:`plan`) or it has no choice yet, else the choice made then."""
+        if planned or track not in self._small:
+            self._small[track] = bool(small_now)
+        return self._small[track]
 
     def painted(self, track: int, face: np.ndarray) -> np.ndarray:
         """A new painting of the track: blended with the previous one, remembered, returned as uint8."""
@@ -59,5 +72,6 @@ class TrackFaces:
     def forget(self, live: set[int]) -> None:
         for track in [t for t in self._since if t not in live]:
             self._since.pop(track, None)
+            self._small.pop(track, None)
             self.faces.pop(track, None)
         self.seams.forget(live)

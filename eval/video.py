@@ -29,7 +29,7 @@ shot has other faces (the median motion of the other tracks up to the new one's 
 because the first detections of a face the detector only just found are its noisiest. Boxes that
 were not detected are grown by `margin` (more the further they are from a detection), because a leak
 costs more than a slightly larger mask; a miss between two detections, whose box is interpolated,
-much less (see `FaceTracker._grow`).
+and a box carried by the face's measured motion much less (see `FaceTracker._grow`).
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
@@ -385,7 +385,10 @@ class FaceTracker:
                 box = tr.obs[prev][0] + tr.velocity * (t - prev)
             if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
                 return box, tr.obs[prev][1]
-            return self._grow(box, t - prev), tr.obs[prev][1]
+            # carried by the face's measured motion: grown as little as a box measured backwards is,
+            # from nothing at the detection on (the full margin at once made a box that lost its
+            # detection jump by a third of its side, a flicker spike on every crowd face it dropped)
+            return self._grow(box, t - prev, between=carried is not None), tr.obs[prev][1]
         if nxt is not None and nxt - t <= self.lookahead:
             carried = self._carry(tr, nxt, t)
             if carried is not None:  # the face's own motion before it was found: measured, so grown less
@@ -671,6 +674,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             f = Faces(boxes, scores, tracks=list(tracks))
             if memory is not None:  # frame order: which faces are painted afresh in this frame
                 f.paint = [memory.plan(k) for k in tracks]
+                f.small = [memory.small(k, now, p) for k, now, p in zip(tracks, anonymizer.small(boxes), f.paint)]
             found.append(f)
             ids.append(tracks)
         if generator:

@@ -111,7 +111,7 @@ def test_malformed_context_margins_in_a_model_file_are_an_error_naming_it(tmp_pa
 
 
 def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_generator():
-    """A 16 px face is blurred exactly as the heavy_blur baseline blurs it, gets no keypoints and no
+    """A 16 px face is blurred exactly as the small-face method (soft_blur) blurs it, gets no keypoints and no
     generator call; the large face beside it is painted as before, and its painting does not change
     with the small face's pixels (none of them reach it: the small face is replaced first)."""
     from eval.baselines import anonymize_boxes
@@ -130,7 +130,7 @@ def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_
     a = Anonymizer(AnonymizerConfig(small_face_size=20), keypoint_model=keypoints)
     out = a.anonymize([image], [faces()])[0]
     assert keypoints.calls == [1] and dict(a.counts) == {"small_faces": 1, "generated_faces": 1}
-    blurred = anonymize_boxes(image, np.array([small_box]), "heavy_blur")
+    blurred = anonymize_boxes(image, np.array([small_box]), "soft_blur")
     assert np.array_equal(out[60:76, 40:56], blurred[60:76, 40:56])
     everything = Anonymizer(AnonymizerConfig(small_face_size=0, pose_min_size=0), keypoint_model=keypoints)
     painted = everything.anonymize([image], [faces()])[0]
@@ -140,5 +140,13 @@ def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_
     unposed = Anonymizer(AnonymizerConfig(small_face_size=0), keypoint_model=keypoints)
     assert np.array_equal(unposed.anonymize([image], [faces()])[0], painted)  # no pose either way here
     assert keypoints.calls == [1, 2, 1] and unposed.counts["generated_faces"] == 2
+    # the video path decides per track (Faces.small): a 16 px face marked for the generator is painted,
+    # and the large face marked small takes the small-face method
+    chosen = Faces(np.array([FACE_BOX, small_box]), np.ones(2), small=[True, False])
+    swapped = Anonymizer(AnonymizerConfig(small_face_size=20), keypoint_model=keypoints).anonymize([image], [chosen])[0]
+    x0, y0, x1, y1 = np.asarray(FACE_BOX, int)
+    assert np.array_equal(swapped[y0 + 2:y1 - 2, x0 + 2:x1 - 2],
+                          anonymize_boxes(image, np.array([FACE_BOX]), "soft_blur")[y0 + 2:y1 - 2, x0 + 2:x1 - 2])
+    assert not np.array_equal(swapped[60:76, 40:56], blurred[60:76, 40:56])
     with pytest.raises(ValueError, match="--small_face_method 'sparkles': choose from"):
         AnonymizerConfig(small_face_method="sparkles")

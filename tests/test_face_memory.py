@@ -27,6 +27,17 @@ def test_plan_paints_the_first_frame_then_every_kth_and_blends():
         TrackFaces(paint_every=0)
 
 
+def test_a_track_keeps_the_small_face_method_or_the_generator_between_its_paintings():
+    """A face whose box is under the size limit in one frame and over it in the next takes one
+    method from one planned painting to the next, not a blur and a painted face by turns."""
+    memory = TrackFaces(paint_every=4)
+    under_limit = [True, False, True, False, False, True, False, True, True, False]
+    chosen = [memory.small(3, now, memory.plan(3)) for now in under_limit]
+    assert chosen == [True] * 4 + [False] * 4 + [True] * 2  # chosen at frames 0, 4 and 8
+    memory.forget(set())
+    assert memory.small(3, False, False) is False  # a forgotten track chooses afresh
+
+
 def _pan(path, frames: int = 24) -> list[np.ndarray]:
     photo = cv2.imread(str(PHOTO))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (384, 240))

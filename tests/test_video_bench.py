@@ -42,8 +42,8 @@ def test_leak_criterion_on_an_untouched_and_an_anonymized_face(assets):
     untouched = luma(_jpeg(bgr, 60))  # coarser than any video coding the benchmark uses
     assert detail_kept(source, untouched, box) > 0.7 and is_leaked(source, untouched, box)
     kept = {m: detail_kept(source, luma(anonymize_boxes(bgr, box[None], m)), box)
-            for m in ("heavy_blur", "blackout", "pixelation_8x8", "pixelation_16x16")}
-    assert kept["heavy_blur"] < 0.3 and kept["blackout"] < 0.3 and kept["pixelation_8x8"] < 0.3, kept
+            for m in ("heavy_blur", "soft_blur", "blackout", "pixelation_8x8", "pixelation_16x16")}
+    assert kept["heavy_blur"] < 0.3 and kept["soft_blur"] < 0.3 and kept["blackout"] < 0.3 and kept["pixelation_8x8"] < 0.3, kept
     # 16x16 cells on a 140 px face keep its coarse layout: the weakest method, below the line
     assert kept["pixelation_8x8"] < kept["pixelation_16x16"] < LEAK_DETAIL, kept
     x0, y0, x1, y1 = box
