@@ -112,3 +112,27 @@ def test_measured_motion_stays_bounded_on_a_long_video():
             tracker.forget(t - 12)
         kept.append(sum(len(tr.steps) for tr in tracker.tracks.values()))
     assert max(kept) > 0 and max(kept[750:]) <= max(kept[:750]) < 100
+
+
+def test_a_face_carried_past_its_last_detection_keeps_its_size_and_stays_covered(assets):
+    """One face of the zoom clip stops being detected: its box, carried by the face's measured
+    motion, covers the face in every frame after and starts at the face's size, growing by a share
+    of the miss margin per frame (the whole margin at once made the painted face jump by a third of
+    its side the frame the detection was lost)."""
+    frames = _frames("zoom_gov", 30, 52)
+    tracker = FaceTracker(lookahead=12, max_missing=12)
+    fid = max(frames[0][1], key=lambda f: frames[0][1][f][2] - frames[0][1][f][0])
+    last = 9
+    for t, (image, faces) in enumerate(frames):
+        dets = np.array([b for f, b in faces.items() if b[2] - b[0] >= 40 and (f != fid or t <= last)])
+        tracker.push(dets.reshape(-1, 4), np.full(len(dets), 0.9), frame=image)
+    sizes = []
+    for t in range(last, len(frames) - 1):
+        boxes, _, _ = tracker.boxes(t)
+        true = frames[t][1][fid]
+        box = boxes[int(np.argmin(np.abs(boxes - true).sum(axis=1)))]
+        side = true[2] - true[0]
+        assert (box[:2] <= true[:2] + 1).all() and (box[2:] >= true[2:] - 1).all(), (t, box, true)
+        sizes.append((box[2] - box[0]) / side)
+    assert sizes[1] < sizes[0] + 0.05 and max(sizes) < 1.7, sizes  # no jump at the first miss
+    assert all(b >= a - 0.01 for a, b in zip(sizes[1:], sizes[2:])), sizes
