@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 METHODS = ("generator", *BASELINES)
 CHECKPOINT_ENV = "FDF_GENERATOR_CHECKPOINT"
 CHECKPOINT_FLAG = "--checkpoint"
-SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "fdf_utkface32_ema.pt"  # see eval/weights/README.md
+SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "fdf_utkface64_ema.pt"  # see eval/weights/README.md
 CONTEXTS = ("auto", "full")
 JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator sees its training inputs
 

@@ -87,7 +87,7 @@ def test_band_weights_fall_from_one_to_zero():
 def test_generator_defaults_to_the_shipped_model(monkeypatch, tmp_path):
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     shipped = Anonymizer(AnonymizerConfig(method="generator"))
-    assert "shipped with fdf" in shipped.generator_name and shipped.generator.resolution == 32
+    assert "shipped with fdf" in shipped.generator_name and shipped.generator.resolution == 64
     assert shipped.crop_rule == "pad"  # the rule of its training faces, recorded in the export
     with pytest.raises(MissingAssetError, match=f"--checkpoint.*{CHECKPOINT_ENV}"):
         Anonymizer(AnonymizerConfig(method="generator", checkpoint=str(tmp_path / "missing.ckpt")))
@@ -102,7 +102,7 @@ def test_pipeline_on_a_fresh_workdir_paints_the_demo_photo_with_the_shipped_mode
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     out = pipeline(PipelineConfig(workdir=str(tmp_path), stages=["anonymize"], progress=False))
     summary = out["anonymize"]
-    assert "shipped with fdf" in summary["generator"] and "32x32 faces" in summary["generator"]
+    assert "shipped with fdf" in summary["generator"] and "64x64 faces" in summary["generator"]
     assert summary["written"] == 1 and summary["faces"] == 2
     photo = sample_corpus_dir() / "photos" / "face_recognition__examples_two_people.jpg"
     painted = cv2.imread(str(tmp_path / "anonymized" / photo.name))
