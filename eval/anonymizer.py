@@ -390,7 +390,9 @@ class Anonymizer:
         for (i, j, extent, crop, _), face in zip(jobs, painted):  # frame order: seams blend over time
             box, track = faces[i].boxes[j], None if memory is None else faces[i].tracks[j]
             outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track)
-        result = [o.result() for o in outputs]
+        # a grayscale photo stays grayscale to the last bit: the paste's float arithmetic per channel
+        # (and the small-face blur's) can round one channel of a pixel apart from the others
+        result = [_to_gray(o.result()) if i in gray else o.result() for i, o in enumerate(outputs)]
         self.timings["crop_paste"] += time.perf_counter() - t0
         return result
 
