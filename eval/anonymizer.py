@@ -93,6 +93,11 @@ class AnonymizerConfig(FaceModelsConfig):
             face does not shimmer in a video as heavy_blur's whole-pixel kernel and edges make it;
             quick crowd clip flicker 1.34 with heavy_blur, 1.27 with soft_blur, both with a track
             keeping its method between paintings, eval.face_memory)
+        rescan_below, rescan_scale: an image in which the detector finds a face narrower than
+            `rescan_below` px is detected again `rescan_scale` times finer, and the faces only that
+            pass finds are added (FaceDetector.rescan_small): a crowd's 10-16 px faces are below
+            RetinaFace's smallest anchor. Costs one larger detector call on such images only.
+            rescan_scale 1: off
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
@@ -110,6 +115,8 @@ class AnonymizerConfig(FaceModelsConfig):
     small_face_size: int = 20
     pose_min_size: int = 40
     small_face_method: str = "soft_blur"
+    rescan_below: int = 20
+    rescan_scale: float = 2.0
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -129,6 +136,9 @@ class AnonymizerConfig(FaceModelsConfig):
         if self.small_face_method not in SMALL_FACE_METHODS:
             raise ConfigError(f"--small_face_method {self.small_face_method!r}: choose from "
                               f"{', '.join(SMALL_FACE_METHODS)}")
+        if self.rescan_scale < 1 or self.rescan_below < 0:
+            raise ConfigError(f"--rescan_scale ({self.rescan_scale}) must be >= 1 and --rescan_below "
+                              f"({self.rescan_below}) >= 0")
         if self.context not in CONTEXTS:
             raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}, not {self.context!r}")
 
@@ -278,6 +288,8 @@ class Anonymizer:
         `detect_max_size` (video frames are detected at their own size, see eval.video)."""
         t0 = time.perf_counter()
         dets = self.detector.detect(images, max_size)
+        if self.cfg.rescan_scale > 1 and self.cfg.rescan_below > 0:
+            dets = self.detector.rescan_small(images, dets, self.cfg.rescan_below, self.cfg.rescan_scale, max_size)
         self.timings["detection"] += time.perf_counter() - t0
         return [Faces(d.boxes.astype(np.float64), d.scores.astype(np.float64)) for d in dets]
 
