@@ -10,7 +10,9 @@ and scales with the head:
   crop is carried (resized into the current crop by the paste), so the generator and the keypoint
   model run on 1/k of the face-frames;
 - `keep` β: each new painting is blended with the track's previous one, face = β·previous +
-  (1-β)·new, so the face changes gradually instead of at every painting;
+  (1-β)·new, so the face changes gradually instead of at every painting; and the face glides to
+  that blend over the frames until the next painting (1/k of the way per frame) instead of taking
+  it at once: a step at every painting was most of the flicker left on the zoom clip;
 - a track takes the small-face method (eval.anonymizer, `small_face_size`) or the generator as its
   box's size says at its planned paintings, and keeps that choice in between: a face near the size
   limit whose box grows and shrinks by a pixel would otherwise switch between a blur and a painted
@@ -36,7 +38,8 @@ class TrackFaces:
             raise ValueError(f"need paint_every >= 1 (got {paint_every}) and 0 <= keep < 1 (got {keep})")
         self.paint_every, self.keep = paint_every, keep
         self.seams = SeamMemory(seam_keep)  # each track's seam with the frame around it (eval.paste)
-        self.faces: dict[int, np.ndarray] = {}  # float32 (r, r, 3), the blended painting
+        self.faces: dict[int, np.ndarray] = {}  # float32 (r, r, 3), the face shown in the last frame
+        self._glide: dict[int, tuple[np.ndarray, int]] = {}  # the blended painting being reached, frames left
         self._since: dict[int, int] = {}  # frames since the track's last planned painting
         self._small: dict[int, bool] = {}  # whether the track takes the small-face method until its next painting
 
@@ -56,22 +59,41 @@ class TrackFaces:
         return self._small[track]
 
     def painted(self, track: int, face: np.ndarray) -> np.ndarray:
-        """A new painting of the track: blended with the previous one, remembered, returned as uint8."""
+        """A new painting of the track, as uint8: its first is shown at once; a later one is blended
+        with the face shown now and reached over the next `paint_every` frames (module docstring)."""
         new = face.astype(np.float32)
-        previous = self.faces.get(track)
-        if previous is not None and previous.shape == new.shape and self.keep:
-            new = self.keep * previous + (1.0 - self.keep) * new
-        self.faces[track] = new
-        return np.clip(new + 0.5, 0, 255).astype(np.uint8)
+        shown = self.faces.get(track)
+        if shown is None or shown.shape != new.shape:
+            self.faces[track] = new
+            self._glide.pop(track, None)
+            return np.clip(new + 0.5, 0, 255).astype(np.uint8)
+        target = self.keep * shown + (1.0 - self.keep) * new if self.keep else new
+        self._glide[track] = (target, self.paint_every)
+        return self._step(track)
 
     def carried(self, track: int) -> np.ndarray | None:
-        """The track's face as last painted (None if it has none yet)."""
-        face = self.faces.get(track)
-        return None if face is None else np.clip(face + 0.5, 0, 255).astype(np.uint8)
+        """The track's face in this frame, one step further on its glide (None if it has none yet);
+        call once per frame in which the track's face is not painted afresh."""
+        if track not in self.faces:
+            return None
+        return self._step(track)
+
+    def _step(self, track: int) -> np.ndarray:
+        shown = self.faces[track]
+        if track in self._glide:
+            target, left = self._glide[track]
+            shown = shown + (target - shown) / left
+            if left > 1:
+                self._glide[track] = (target, left - 1)
+            else:
+                del self._glide[track]
+            self.faces[track] = shown
+        return np.clip(shown + 0.5, 0, 255).astype(np.uint8)
 
     def forget(self, live: set[int]) -> None:
         for track in [t for t in self._since if t not in live]:
             self._since.pop(track, None)
             self._small.pop(track, None)
             self.faces.pop(track, None)
+            self._glide.pop(track, None)
         self.seams.forget(live)

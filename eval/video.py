@@ -100,7 +100,11 @@ class VideoOptions:
         detect_every: the detector runs on every this many frames (and on the first frame after every
             cut); a frame in between takes its faces' boxes from the detected frames on either side
         seam_keep: weight of a track's previous seam correction (the Poisson blend's colour fit to
-            the pixels around the box) in this frame's (generator only, eval.paste.SeamMemory)
+            the pixels around the box) in this frame's (generator only, eval.paste.SeamMemory). 0.95
+            (about 20 frames): with the 64x64 model the seam was the largest flicker left, quick
+            pan / zoom / whip clips 1.27 / 1.27 / 1.42 at 0.8, 1.17 / 1.20 / 1.30 at 0.9, 1.13 /
+            1.14 / 1.13 at 0.95 (each painting reached gradually, eval.face_memory); the price is
+            a seam that follows a change of the light around the face within about a second
     """
 
     lookahead: int = 12
@@ -117,7 +121,7 @@ class VideoOptions:
     audio_codec: str | None = None
     paint_every: int = 24
     temporal_keep: float = 0.75
-    seam_keep: float = 0.8
+    seam_keep: float = 0.95
     detect_every: int = 1
 
 

@@ -19,8 +19,11 @@ def test_plan_paints_the_first_frame_then_every_kth_and_blends():
     assert memory.plan(8)  # a new track is painted at once
     assert memory.carried(7) is None
     first = memory.painted(7, np.full((4, 4, 3), 100, np.uint8))
-    second = memory.painted(7, np.full((4, 4, 3), 200, np.uint8))
-    assert (first == 100).all() and (second == 150).all() and (memory.carried(7) == 150).all()
+    assert (first == 100).all() and (memory.carried(7) == 100).all()  # the first painting at once
+    # a later one is blended with the face shown (0.5 of 200 on 100: 150) and reached in 3 equal
+    # steps, one per frame, so the face never jumps at a painting; then it stays
+    shown = [memory.painted(7, np.full((4, 4, 3), 200, np.uint8))] + [memory.carried(7) for _ in range(3)]
+    assert [int(f[0, 0, 0]) for f in shown] == [117, 133, 150, 150]
     memory.forget({8})
     assert memory.carried(7) is None and memory.plan(7)
     with pytest.raises(ValueError, match="paint_every"):
