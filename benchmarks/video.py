@@ -129,6 +129,7 @@ def total(rows: list[dict]) -> dict:
             "by_source": _sum_sources([r["by_source"] for r in rows]),
             "identity": {"checked": sum(d["checked"] for d in identity),
                          "leaked": {b: sum(d["leaked"][b] for d in identity) for b in BINS},
+                         "under_0_6": sum(d.get("under_0_6", 0) for d in identity),
                          "distance_min": min(distances) if distances else None},
             "identity_stability": _stability([r["identity_stability"] for r in rows]),
             "flicker_ratio_worst_clip": max((r["flicker_ratio"] for r in rows if r["flicker_ratio"] is not None),
