@@ -420,9 +420,13 @@ class Anonymizer:
                 crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
         """The face as an FDF sample (FORMAT.md §2), decoded by training's `decode_sample`, cut back to
         the band of photo the generator was trained with; and the whole crop at the generator's
-        resolution when it was cut back (None otherwise), which the painted crop keeps around the box."""
+        resolution when it was cut back (None otherwise), which the painted crop keeps around the box.
+        Where the crop passes the image border, the border pixels are repeated, not zeros: shown
+        black beside a face entering a video frame, the shipped model painted it ~40 grey levels
+        darker than once the face was inside, and the change showed as flicker (full-length pan
+        clip: flicker ratio 1.77 with zeros, 1.46 with the border repeated)."""
         x0, y0 = crop.box[:2]
-        whole = fdfcrop.cut(image, crop.box)
+        whole = fdfcrop.cut(image, crop.box, edge=True)
         limited = fdfcrop.limit_context(whole, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0),
                                         self.context_margins)
         pixels = fdfcrop.resize(limited, self.generator.resolution)

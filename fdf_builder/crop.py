@@ -84,12 +84,16 @@ def _padded_crop(face_box: np.ndarray, expansion: float) -> Crop:
     return Crop((cx0, cy0, cx0 + full, cy0 + full), padded=True)
 
 
-def cut(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """The pixels of `box` from an HxWxC image, zeros where the box passes the border."""
+def cut(image: np.ndarray, box: tuple[int, int, int, int], edge: bool = False) -> np.ndarray:
+    """The pixels of `box` from an HxWxC image; where the box passes the border, zeros (FDF's
+    padding), or with `edge` the nearest border pixel repeated (the anonymizer: see Anonymizer._sample)."""
     x0, y0, x1, y1 = box
     h, w = image.shape[:2]
-    out = np.zeros((y1 - y0, x1 - x0) + image.shape[2:], dtype=image.dtype)
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if edge and ix1 > ix0 and iy1 > iy0:
+        pad = ((iy0 - y0, y1 - iy1), (ix0 - x0, x1 - ix1)) + ((0, 0),) * (image.ndim - 2)
+        return np.pad(image[iy0:iy1, ix0:ix1], pad, mode="edge")
+    out = np.zeros((y1 - y0, x1 - x0) + image.shape[2:], dtype=image.dtype)
     if ix1 > ix0 and iy1 > iy0:
         out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
     return out

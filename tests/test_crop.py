@@ -41,6 +41,20 @@ def test_fallback_pads_with_zeros_when_face_larger_than_photo():
     assert (pixels[c.side // 2, c.side // 2] == 200).all()
 
 
+def test_edge_fill_repeats_the_nearest_photo_pixel_past_the_border():
+    """The anonymizer's cut (Anonymizer._sample): past the photo's border the nearest border pixel
+    is repeated instead of zeros, so a face entering a video frame is not shown black beside it;
+    inside the photo both cuts are the photo."""
+    image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    box = (-2, 3, 5, 9)  # 2 px left of the photo, 3 px below it
+    zeros, edge = fc.cut(image, box), fc.cut(image, box, edge=True)
+    assert zeros.shape == edge.shape == (6, 7, 3)
+    assert (edge[:3, 2:] == image[3:6, 0:5]).all() and (zeros[:3, 2:] == edge[:3, 2:]).all()
+    assert (edge[:3, 0] == image[3:6, 0]).all() and (edge[3:, 2:] == image[5, 0:5]).all()
+    assert (edge[5, 0] == image[5, 0]).all() and not zeros[:, :2].any() and not zeros[3:].any()
+    assert not fc.cut(image, (10, 10, 12, 12), edge=True).any()  # no photo pixel in the box: zeros
+
+
 def test_pad_rule_keeps_fdf_context_for_tight_face_crops():
     box = np.array([10, 10, 90, 90], float)  # a face filling a 100 px photo, as in UTKFace
     capped, padded = fc.crop_box(box, (100, 100)), fc.crop_box(box, (100, 100), rule="pad")
