@@ -93,11 +93,11 @@ class AnonymizerConfig(FaceModelsConfig):
             face does not shimmer in a video as heavy_blur's whole-pixel kernel and edges make it;
             quick crowd clip flicker 1.34 with heavy_blur, 1.27 with soft_blur, both with a track
             keeping its method between paintings, eval.face_memory)
-        rescan_below, rescan_scale: an image in which the detector finds a face narrower than
-            `rescan_below` px is detected again `rescan_scale` times finer, and the faces only that
-            pass finds are added (FaceDetector.rescan_small): a crowd's 10-16 px faces are below
-            RetinaFace's smallest anchor. Costs one larger detector call on such images only.
-            rescan_scale 1: off
+        rescan_below: an image in which the detector finds a face narrower than this many pixels is
+            detected again `rescan_scale` times finer, and the faces only that pass finds are added
+            (FaceDetector.rescan_small): a crowd's 10-16 px faces are below RetinaFace's smallest
+            anchor. Costs one larger detector call on such images only. 0: off
+        rescan_scale: how much finer the second look is (1: off)
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
     """
