@@ -31,9 +31,6 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from eval.identity import DlibFaces, impostor_distances, photo_pairs, read_image, threshold_at_far  # noqa: E402
 from fdf_core.assets import assets_dir  # noqa: E402
 
-FULL = 0  # width 0: the photo as it is
-
-
 def embed_at(faces: DlibFaces, image: np.ndarray, box: np.ndarray, width: int) -> np.ndarray:
     """The face's embedding with the photo shrunk (area averaging) so the box is `width` px wide."""
     if width:

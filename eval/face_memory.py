@@ -11,8 +11,8 @@ and scales with the head:
   model run on 1/k of the face-frames;
 - `keep` β: each new painting is blended with the track's previous one, face = β·previous +
   (1-β)·new, so the face changes gradually instead of at every painting; and the face glides to
-  that blend over the frames until the next painting (1/k of the way per frame) instead of taking
-  it at once: a step at every painting was most of the flicker left on the zoom clip;
+  that blend in k equal steps over the frames until the next painting instead of taking it at
+  once: a step at every painting was most of the flicker left on the zoom clip;
 - a track takes the small-face method (eval.anonymizer, `small_face_size`) or the generator as its
   box's size says at its planned paintings, and keeps that choice in between: a face near the size
   limit whose box grows and shrinks by a pixel would otherwise switch between a blur and a painted

@@ -36,8 +36,7 @@ from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import box_iou
-from torchvision.ops import nms as nms_op
+from torchvision.ops import box_iou, nms as nms_op
 
 from fdf_core.assets import MissingAssetError, resolve_file
 from fdf_builder.face_models import (DETECTOR_RUNTIMES, DETECTORS, PAD_MULTIPLE, check_detector_options,
@@ -281,12 +280,12 @@ class FaceDetector:
         """A second look, `scale` times finer, at each image in which `first` (the pass at `max_size`)
         found a face narrower than `below` px. There, a first-pass face under `below` px that a
         face of the finer pass overlaps (IoU >= the NMS threshold) takes that face's box (placed
-        at twice the resolution: a crowd face of 11 px was 4 px off in the first pass and half
-        its detail escaped the mask), and the finer pass's faces no remaining first-pass face
-        overlaps are added. Why: RetinaFace's smallest anchors are 16 px at stride
-        8, so faces of 10-16 px, the bulk of a crowd, are found at a fraction of their rate (a crowd
-        frame of the video benchmark: 196 of 236 faces under 24 px that only CenterFace had found,
-        236 at 2x), and where one such face is, others usually are."""
+        at the finer resolution: a crowd face of 11 px was 4 px off in the first pass and half its
+        detail escaped the mask), and the finer pass's faces no remaining first-pass face overlaps
+        are added. Why: RetinaFace's smallest anchors are 16 px at stride 8, so faces of 10-16 px,
+        the bulk of a crowd, are found at a fraction of their rate (three crowd frames of the video
+        benchmark: 196 of 236 faces under 24 px that only CenterFace had found, 236 at 2x), and
+        where one such face is, others usually are."""
         wanted = [i for i, d in enumerate(first) if len(d) and float((d.boxes[:, 2] - d.boxes[:, 0]).min()) < below]
         if not wanted or scale <= 1:
             return first
