@@ -288,8 +288,7 @@ class Anonymizer:
         `detect_max_size` (video frames are detected at their own size, see eval.video)."""
         t0 = time.perf_counter()
         dets = self.detector.detect(images, max_size)
-        if self.cfg.rescan_scale > 1 and self.cfg.rescan_below > 0:
-            dets = self.detector.rescan_small(images, dets, self.cfg.rescan_below, self.cfg.rescan_scale, max_size)
+        dets = self.detector.rescan_small(images, dets, self.cfg.rescan_below, self.cfg.rescan_scale, max_size)
         self.timings["detection"] += time.perf_counter() - t0
         return [Faces(d.boxes.astype(np.float64), d.scores.astype(np.float64)) for d in dets]
 

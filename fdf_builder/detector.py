@@ -353,16 +353,11 @@ def _merge(first: Detections, second: Detections, rescale: float, iou: float, be
     if not len(second):
         return first
     boxes = second.boxes * rescale
-    if len(first):
-        small = (first.boxes[:, 2] - first.boxes[:, 0]) < below
-        covered = box_iou(torch.from_numpy(first.boxes), torch.from_numpy(boxes)).amax(dim=1).numpy() >= iou
-        keep = ~(small & covered)
-        first = Detections(boxes=first.boxes[keep], scores=first.scores[keep], landmarks=first.landmarks[keep])
-    if len(first):
-        overlap = box_iou(torch.from_numpy(boxes), torch.from_numpy(first.boxes)).amax(dim=1).numpy()
-        new = overlap < iou
-    else:
-        new = np.ones(len(boxes), bool)
+    overlaps = box_iou(torch.from_numpy(first.boxes), torch.from_numpy(boxes)).numpy() >= iou  # first x second
+    small = (first.boxes[:, 2] - first.boxes[:, 0]) < below
+    keep = ~(small & overlaps.any(axis=1))
+    first = Detections(boxes=first.boxes[keep], scores=first.scores[keep], landmarks=first.landmarks[keep])
+    new = ~overlaps[keep].any(axis=0)
     boxes = np.concatenate([first.boxes, boxes[new]]).astype(np.float32)
     scores = np.concatenate([first.scores, second.scores[new]]).astype(np.float32)
     landmarks = np.concatenate([first.landmarks, second.landmarks[new] * rescale]).astype(np.float32)
