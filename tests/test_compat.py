@@ -98,7 +98,7 @@ def test_hpc_checkpoint_name_is_lightnings():
 def test_other_private_calls(monkeypatch):
     import torch
     from jsonargparse._common import debug_mode_active  # fdf_core.console: JSONARGPARSE_DEBUG
-    from torchvision.models._utils import IntermediateLayerGetter  # fdf_builder.detector
+    from torchvision.models._utils import IntermediateLayerGetter  # fdf_builder.retinaface_nets
 
     monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # this jsonargparse refuses "1"
     assert debug_mode_active() is True

@@ -1,6 +1,9 @@
 """RetinaFace detector on the real MobileNet-0.25 weights and the shared photo corpus."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -11,8 +14,11 @@ import torch
 from torchvision.ops import box_iou
 
 from fdf_core.assets import MissingAssetError, assets_dir
-from fdf_builder.detector import MNET_ASSET, RetinaFaceMobileNet, build_detector, load_state_dict
+from fdf_builder import detector as detector_module
+from fdf_builder.detector import MNET_ASSET, OnnxNetwork, _nms, build_detector, load_state_dict
+from fdf_builder.retinaface_nets import RetinaFaceMobileNet
 
+REPO = Path(__file__).resolve().parents[1]
 PHOTOS = assets_dir() / "corpus" / "photos"
 DLIB_XML = PHOTOS / "dlib__examples_faces_training.xml"
 DLIB_PREFIX = "dlib__examples_faces_"
@@ -47,9 +53,11 @@ def test_mnet_weights_load_strictly_and_module_prefix_is_accepted(detector, tmp_
     assert set(state) == set(RetinaFaceMobileNet().state_dict())  # every key used, none missing
     prefixed = tmp_path / "dp.pth"
     torch.save({"module." + k: v for k, v in state.items()}, prefixed)
-    again = build_detector("retinaface_mnet025", weights=str(prefixed))
-    for a, b in zip(detector.net.state_dict().values(), again.net.state_dict().values()):
-        assert torch.equal(a, b)
+    again = load_state_dict(prefixed)
+    assert list(again) == list(state) and all(torch.equal(again[k], state[k]) for k in state)
+    photo = [read_rgb(PHOTOS / "ultralight__imgs_1.jpg")]
+    (ours,), (theirs,) = detector.detect(photo), build_detector("retinaface_mnet025", weights=str(prefixed)).detect(photo)
+    assert len(ours) > 0 and np.array_equal(ours.boxes, theirs.boxes)
     broken = tmp_path / "broken.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("LandmarkHead")}, broken)
     with pytest.raises(ValueError, match=r"(?s)broken\.pth.*LandmarkHead"):
@@ -160,6 +168,61 @@ def test_onnxruntime_finds_the_same_faces_as_torch(detector):
         assert np.abs(ours.landmarks - theirs.landmarks).max() < 1e-2
     with pytest.raises(ValueError, match="--detector_runtime: unknown detector runtime 'tensorrt'"):
         build_detector("retinaface_mnet025", runtime="tensorrt")
+
+
+def test_the_onnx_export_is_made_once_per_machine_and_remade_when_damaged(tmp_path, monkeypatch):
+    """A run on a machine that has exported the detector before loads the export from the cache,
+    without building (or importing) the torch network; a damaged cache file is exported again."""
+    monkeypatch.setenv("FDF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(OnnxNetwork, "_exported", {})  # as in a fresh process
+    photo = [read_rgb(PHOTOS / "ultralight__imgs_1.jpg")]
+    (first,) = build_detector("retinaface_mnet025").detect(photo)
+    (cached,) = list((tmp_path / "onnx").glob("retinaface_mnet025-*.onnx"))
+
+    def no_export(*args):
+        raise AssertionError("exported although the cache holds the export")
+
+    monkeypatch.setattr(OnnxNetwork, "_exported", {})
+    monkeypatch.setattr(detector_module, "build_network", no_export)
+    (again,) = build_detector("retinaface_mnet025").detect(photo)
+    assert len(first) > 0 and np.array_equal(first.boxes, again.boxes)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("FDF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(OnnxNetwork, "_exported", {})
+    cached.write_bytes(cached.read_bytes()[:1000])  # e.g. a disk that filled up under another writer
+    (remade,) = build_detector("retinaface_mnet025").detect(photo)
+    assert np.array_equal(first.boxes, remade.boxes) and cached.stat().st_size > 1_000_000
+
+
+def test_a_photo_run_on_a_cpu_does_not_import_torchvision(tmp_path):
+    """torchvision (and with it torch._dynamo) took 1.7 s of a one-photo `anonymize` run; with the
+    export cached, detecting on a CPU needs neither it nor the torch network."""
+    code = ("import sys, numpy as np; from fdf_builder.detector import build_detector; "
+            "build_detector('retinaface_mnet025').detect([np.zeros((64, 64, 3), np.uint8)]); "
+            "print('torchvision' in sys.modules)")
+    env = {**os.environ, "FDF_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-2000:]
+    assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]  # the first run exports, the second need not
+
+
+def test_nms_keeps_what_torchvision_keeps():
+    """OpenCV's greedy NMS in place of torchvision's: the same boxes, in the same order, on dense
+    random clusters of boxes (many overlaps near the threshold)."""
+    from torchvision.ops import nms
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        centres = rng.uniform(0, 200, (rng.integers(1, 6), 2))
+        xy = centres[rng.integers(0, len(centres), 80)] + rng.normal(0, 6, (80, 2))
+        wh = rng.uniform(8, 40, (80, 2))
+        boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+        scores = rng.uniform(0.3, 1.0, 80).astype(np.float32)
+        for threshold in (0.3, 0.5):
+            want = nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).numpy()
+            assert np.array_equal(_nms(boxes, scores, threshold), want), (trial, threshold)
+    assert _nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.3).shape == (0,)
 
 
 def test_a_second_finer_look_finds_the_crowd_faces_under_the_smallest_anchor(detector):
