@@ -158,6 +158,9 @@ class Faces:
     # which faces take `small_face_method` instead of the generator; None = those under `small_face_size`
     # (the video path decides it per track, eval.face_memory.TrackFaces.small)
     small: list[bool] | None = None
+    # per face painted afresh: (image, box, keypoints) of another frame of its track to paint it from,
+    # or None = this frame (the video path: a sharper frame where this one is motion-blurred)
+    views: list[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -303,6 +306,8 @@ class Anonymizer:
         wanted = np.ones(len(faces), bool) if faces.paint is None else np.asarray(faces.paint, bool)
         wanted &= ~self.small(faces.boxes, self.cfg.pose_min_size)  # not painted, or too small for pose to show
         wanted &= ~self.small_faces(faces)
+        if faces.views is not None:  # painted from another frame, posed there
+            wanted &= np.array([v is None for v in faces.views], bool)
         found = iter(self.keypoint_model.keypoints_for_faces(image, faces.boxes[wanted], faces.scores[wanted])
                      if wanted.any() else [])
         faces.keypoints = [next(found) if w else None for w in wanted]  # a carried face needs no pose
@@ -380,7 +385,8 @@ class Anonymizer:
                 fresh = memory is None or f.paint is None or f.paint[j]
                 jobs.append((i, j, extent, crop, fresh))
                 if fresh:
-                    samples.append(self._sample(im, extent, f.keypoints[j], crop))
+                    samples.append(self._sample_view(f.views[j]) if f.views is not None and f.views[j] is not None
+                                   else self._sample(im, extent, f.keypoints[j], crop))
         self.timings["crop_paste"] += time.perf_counter() - t0
         generated = iter(self._generate(samples))
         t0 = time.perf_counter()
@@ -414,6 +420,13 @@ class Anonymizer:
         if self.crop_rule != "pad" and not crop.padded:
             return None
         return fdfcrop.exact_square(np.asarray(box, np.float64) + [-0.5, -0.5, 0.5, 0.5])
+
+    def _sample_view(self, view: tuple[np.ndarray, np.ndarray, np.ndarray | None]):
+        """`_sample` of a face seen in another frame (`Faces.views`): its box and crop there."""
+        image, box, keypoints = view
+        extent = pixel_extent(box, *image.shape[:2])
+        crop = fdfcrop.crop_box(np.asarray(extent, np.float64), image.shape[:2], rule=self.crop_rule)
+        return self._sample(image, extent, keypoints, crop)
 
     def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
                 crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:

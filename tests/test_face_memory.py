@@ -105,3 +105,35 @@ def test_detect_every_runs_the_detector_on_every_other_frame_and_still_covers_ev
         assert out[y0:y1, x0:x1].mean() < 12  # blacked out in every frame, looked at or not
     with pytest.raises(ValueError, match="detect_every"):
         anonymize_video(anonymizer, src, tmp_path / "x.mp4", VideoOptions(detect_every=0), progress=False)
+
+
+def test_a_face_found_in_motion_blur_is_painted_from_its_sharper_later_frame(tmp_path):
+    """A track born in a motion-blurred frame (a whip pan) was painted from the smeared crop, and that
+    painting, no face at all, was carried into the still shot after it. With `sharper` the painting
+    is made from the sharpest frame of the track within the look-ahead; off, from the blurred one."""
+    photo = cv2.imread(str(PHOTO))
+    kernel = np.zeros((1, 21), np.float32) + 1 / 21  # a horizontal smear of 21 px, a fast pan's
+    frames = [cv2.filter2D(photo, -1, kernel) if i < 4 else photo for i in range(16)]
+    src = tmp_path / "whip.mp4"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, photo.shape[1::-1])
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    from eval.video import sharpness
+
+    def first_painting_sharpness(sharper: float) -> float:
+        anonymizer = Anonymizer(AnonymizerConfig(batch_size=8))
+        seen = []
+        sample = anonymizer._sample
+        anonymizer._sample = lambda image, box, *rest: seen.append(sharpness(image, np.asarray(box, float))) \
+            or sample(image, box, *rest)
+        anonymize_video(anonymizer, src, tmp_path / f"out{sharper}.mp4", VideoOptions(sharper=sharper), progress=False)
+        return seen[0]
+
+    rgb = cv2.cvtColor(photo, cv2.COLOR_BGR2RGB)
+    box = np.array([195.0, 20.0, 250.0, 92.0])  # the face
+    smeared = cv2.cvtColor(frames[0], cv2.COLOR_BGR2RGB)
+    assert sharpness(rgb, box) > 3 * sharpness(smeared, box)
+    big = cv2.resize(rgb, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    assert 0.5 < sharpness(big, 2 * box) / sharpness(rgb, box) < 2  # a measure of the face, not of its size
+    assert first_painting_sharpness(1.5) > 3 * first_painting_sharpness(0.0)
