@@ -490,23 +490,30 @@ class FaceTracker:
               ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Boxes, scores and track ids to anonymize in frame t (boxes entirely outside a
         `width` x `height` frame are left out)."""
-        shot = self.shot_of[t]
         out_boxes, out_scores, ids = [], [], []
-        for k, tr in self.tracks.items():
-            if tr.shot != shot:
-                continue
-            found = self._box_at(tr, t)
-            if found is None:
-                continue
-            box, score = found
-            w, h = box[2] - box[0], box[3] - box[1]
-            box = box + self.grow * np.array([-w, -h, w, h])
-            if width is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
-                continue
-            out_boxes.append(box)
-            out_scores.append(score)
-            ids.append(k)
+        for k in self.tracks:
+            found = self.box(k, t, width, height)
+            if found is not None:
+                out_boxes.append(found[0])
+                out_scores.append(found[1])
+                ids.append(k)
         return np.asarray(out_boxes, np.float64).reshape(-1, 4), np.asarray(out_scores, np.float64), ids
+
+    def box(self, k: int, t: int, width: int | None = None, height: int | None = None
+            ) -> tuple[np.ndarray, float] | None:
+        """Track k's box and score in frame t as `boxes` gives them, or None where it has none."""
+        tr = self.tracks.get(k)
+        if tr is None or tr.shot != self.shot_of[t]:
+            return None
+        found = self._box_at(tr, t)
+        if found is None:
+            return None
+        box, score = found
+        w, h = box[2] - box[0], box[3] - box[1]
+        box = box + self.grow * np.array([-w, -h, w, h])
+        if width is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
+            return None
+        return box, score
 
     def forget(self, t: int) -> None:
         """Frame t was written: drop what no later frame needs (bounded memory on long videos)."""
@@ -660,36 +667,25 @@ def sharpness(image: np.ndarray, box: np.ndarray) -> float:
 
 
 def sharpest_views(tracker: FaceTracker, frames: dict[int, np.ndarray], t: int, faces: Faces, horizon: int,
-                   sharper: float, small: np.ndarray, known: dict[int, tuple[dict, dict]] | None = None
-                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+                   sharper: float, small: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.float64] | None]:
     """For each face of frame t painted afresh by the generator (`faces.paint`, not `small`): the
     (image, box, score) of the frame among t + 1 .. t + `horizon` of its track and shot (in `frames`)
     where its face is sharpest, if `sharper` times sharper than in frame t; else None (paint from t).
-    `known`: the tracker's boxes and scores by track of frames asked before (filled in here)."""
+    Only the painted tracks' boxes are asked for (a crowd has hundreds of tracks)."""
     views: list = [None] * len(faces)
-    wanted = [j for j, p in enumerate(faces.paint or []) if p and not small[j]]
-    if not wanted:
-        return views
-    shot, (h, w) = tracker.shot_of[t], frames[t].shape[:2]
-    known = {} if known is None else known
-    later = []  # (frame index, boxes by track, scores by track) while the shot lasts
-    for u in range(t + 1, t + horizon + 1):
-        if u not in frames or tracker.shot_of.get(u) != shot:
-            break
-        if u not in known:
-            boxes, scores, ids = tracker.boxes(u, w, h)
-            known[u] = dict(zip(ids, boxes)), dict(zip(ids, scores))
-        later.append((u, *known[u]))
-    for j in wanted:
+    h, w = frames[t].shape[:2]
+    for j, paint in enumerate(faces.paint or []):
+        if not paint or small[j]:
+            continue
         k = faces.tracks[j]
-        best, view = sharper * sharpness(frames[t], faces.boxes[j]), None
-        for u, boxes, scores in later:
-            if k not in boxes:
+        best = sharper * sharpness(frames[t], faces.boxes[j])
+        for u in range(t + 1, t + horizon + 1):
+            found = tracker.box(k, u, w, h) if u in frames and tracker.shot_of.get(u) == tracker.shot_of[t] else None
+            if found is None:
                 break
-            s = sharpness(frames[u], boxes[k])
+            s = sharpness(frames[u], found[0])
             if s > best and s > 0:
-                best, view = s, (frames[u], boxes[k], np.float64(scores[k]))
-        views[j] = view
+                best, views[j] = s, (frames[u], found[0], np.float64(found[1]))
     return views
 
 
@@ -743,10 +739,9 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             found.append(f)
             ids.append(tracks)
         if generator and opts.sharper:
-            later, known = dict(ready) | dict(pending), {}  # the frames of the look-ahead, by index
+            later = dict(ready) | dict(pending)  # the frames of the look-ahead, by index
             for (t, image), f in zip(ready, found):
-                f.views = sharpest_views(tracker, later, t, f, opts.lookahead, opts.sharper, anonymizer.small_faces(f),
-                                         known)
+                f.views = sharpest_views(tracker, later, t, f, opts.lookahead, opts.sharper, anonymizer.small_faces(f))
         if generator:
             for (t, image), f, tracks in zip(ready, found, ids):
                 anonymizer.add_keypoints(image, f)  # only for the faces painted afresh (from this frame)
