@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seam_keep", type=float, default=VideoOptions.seam_keep,
                    help="weight of a track's previous seam correction when this frame's is blended in")
     p.add_argument("--sharper", type=float, default=VideoOptions.sharper,
-                   help="paint a motion-blurred face from a later frame of its track this many times sharper (0: off)")
+                   help="paint a face from the later frame of its track that shows more of it, or this many times sharper (0: off)")
     p.add_argument("--detect_every", type=int, default=VideoOptions.detect_every,
                    help="the detector runs on every N-th frame; the boxes between come from both sides")
     p.add_argument("--small_face_method", default=AnonymizerConfig.small_face_method,

@@ -41,6 +41,14 @@ def pixel_extent(box: np.ndarray, height: int, width: int) -> tuple[int, int, in
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+def visible_fraction(box: np.ndarray, width: int, height: int) -> float:
+    """The share of the box's area that lies inside a `width` x `height` image (0 for an empty box)."""
+    x0, y0, x1, y1 = box
+    area = max(x1 - x0, 0) * max(y1 - y0, 0)
+    inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
+    return inside / area if area > 0 else 0.0
+
+
 def feather_width(box: np.ndarray, feather: float) -> int:
     """Blend band in pixels outside a box: `feather` × the longer face side."""
     return max(0, round(feather * max(box[2] - box[0], box[3] - box[1])))

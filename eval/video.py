@@ -62,6 +62,7 @@ from tqdm import tqdm
 from eval import face_motion
 from eval.anonymizer import Anonymizer, Faces
 from eval.face_memory import TrackFaces
+from eval.paste import visible_fraction
 from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -100,12 +101,14 @@ class VideoOptions:
             0.9: each painting changes the face by a tenth, so a track stays one person (full-length
             clips, tracks whose painted faces stay within dlib's 0.6: pan 9 -> 18 of 18, zoom 15 -> 19
             of 19 against 0.75) with the flicker unchanged (pan 1.46 -> 1.48, zoom 0.99 -> 1.00)
-        sharper: a face painted afresh (generator) in a motion-blurred frame is painted from the
-            frame of its track, up to `lookahead` frames on, whose face is sharpest, when that one is
-            this many times sharper (variance of the Laplacian of the face's 32x32 thumbnail); 0 = off.
-            Why: a track found during a whip pan was painted from a smeared crop, and that painting
-            (a dark box with a bright bar, no face) was then carried into the still shot after the
-            pan for seconds. Paintings live in the track's own crop, so one made from a later frame
+        sharper: a face painted afresh (generator) is painted from the frame of its track, up to
+            `lookahead` frames on, that shows it best (`best_views`): more of its box inside the
+            frame, else this many times sharper (variance of the Laplacian of the face's 32x32
+            thumbnail); 0 = always from the frame itself. Why: a track found during a whip pan was
+            painted from a smeared crop, and that painting (a dark box with a bright bar, no face)
+            was carried into the still shot after the pan for seconds; a face entering over the
+            frame edge was painted from the part inside, and the painting changed as later ones
+            were blended in. Paintings live in the track's own crop, so one made from a later frame
             fits this one as any carried painting does
         detect_every: the detector runs on every this many frames (and on the first frame after every
             cut); a frame in between takes its faces' boxes from the detected frames on either side
@@ -666,26 +669,27 @@ def sharpness(image: np.ndarray, box: np.ndarray) -> float:
     return float(cv2.Laplacian(thumb, cv2.CV_32F).var())
 
 
-def sharpest_views(tracker: FaceTracker, frames: dict[int, np.ndarray], t: int, faces: Faces, horizon: int,
-                   sharper: float, small: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.float64] | None]:
+def best_views(tracker: FaceTracker, frames: dict[int, np.ndarray], t: int, faces: Faces, horizon: int,
+               sharper: float, small: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.float64] | None]:
     """For each face of frame t painted afresh by the generator (`faces.paint`, not `small`): the
     (image, box, score) of the frame among t + 1 .. t + `horizon` of its track and shot (in `frames`)
-    where its face is sharpest, if `sharper` times sharper than in frame t; else None (paint from t).
-    Only the painted tracks' boxes are asked for (a crowd has hundreds of tracks)."""
+    that shows the face best, or None where frame t does (paint from t). Best: most of the box inside
+    the frame (to the hundredth), then sharpest, where a later frame must be `sharper` times sharper
+    than frame t. Only the painted tracks' boxes are asked for (a crowd has hundreds of tracks)."""
     views: list = [None] * len(faces)
     h, w = frames[t].shape[:2]
     for j, paint in enumerate(faces.paint or []):
         if not paint or small[j]:
             continue
         k = faces.tracks[j]
-        best = sharper * sharpness(frames[t], faces.boxes[j])
+        best = (round(visible_fraction(faces.boxes[j], w, h), 2), sharper * sharpness(frames[t], faces.boxes[j]))
         for u in range(t + 1, t + horizon + 1):
             found = tracker.box(k, u, w, h) if u in frames and tracker.shot_of.get(u) == tracker.shot_of[t] else None
             if found is None:
                 break
-            s = sharpness(frames[u], found[0])
-            if s > best and s > 0:
-                best, views[j] = s, (frames[u], found[0], np.float64(found[1]))
+            shown = (round(visible_fraction(found[0], w, h), 2), sharpness(frames[u], found[0]))
+            if shown > best and shown[1] > 0:
+                best, views[j] = shown, (frames[u], found[0], np.float64(found[1]))
     return views
 
 
@@ -741,7 +745,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         if generator and opts.sharper:
             later = dict(ready) | dict(pending)  # the frames of the look-ahead, by index
             for (t, image), f in zip(ready, found):
-                f.views = sharpest_views(tracker, later, t, f, opts.lookahead, opts.sharper, anonymizer.small_faces(f))
+                f.views = best_views(tracker, later, t, f, opts.lookahead, opts.sharper, anonymizer.small_faces(f))
         if generator:
             for (t, image), f, tracks in zip(ready, found, ids):
                 anonymizer.add_keypoints(image, f)  # only for the faces painted afresh (from this frame)

@@ -75,6 +75,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from eval.paste import visible_fraction
+
 MIN_FACE = 10  # px: smaller faces are not counted
 SMALL = 24  # px: the size-bin boundary
 LEAK_DETAIL = 0.5  # a face-frame that kept at least this share of its source detail is leaked
@@ -193,13 +195,6 @@ def default_identity() -> IdentityCheck:
     if _DEFAULT_IDENTITY is None:
         _DEFAULT_IDENTITY = IdentityCheck()
     return _DEFAULT_IDENTITY
-
-
-def visible_fraction(box: np.ndarray, width: int, height: int) -> float:
-    x0, y0, x1, y1 = box
-    area = max(x1 - x0, 0) * max(y1 - y0, 0)
-    inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
-    return inside / area if area > 0 else 0.0
 
 
 def patch(luma: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -137,3 +137,31 @@ def test_a_face_found_in_motion_blur_is_painted_from_its_sharper_later_frame(tmp
     big = cv2.resize(rgb, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
     assert 0.5 < sharpness(big, 2 * box) / sharpness(rgb, box) < 2  # a measure of the face, not of its size
     assert first_painting_sharpness(1.5) > 3 * first_painting_sharpness(0.0)
+
+
+def test_a_face_entering_the_frame_is_painted_from_a_frame_that_shows_all_of_it(tmp_path):
+    """A face that comes in over the frame edge was painted from the part of it inside the frame and
+    the repeated border pixels, and that painting then changed as later ones were blended in (the
+    full-length pan's largest flicker). It is now painted from the first frame of the look-ahead that
+    shows its whole box."""
+    photo = cv2.imread(str(PHOTO))  # the face spans x 196-250
+    frames = [np.ascontiguousarray(photo[:, 215 - 5 * i:395 - 5 * i]) for i in range(16)]  # it enters from the left
+    src = tmp_path / "enter.mp4"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, frames[0].shape[1::-1])
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+    def painted_widths(sharper: float) -> list[int]:
+        anonymizer = Anonymizer(AnonymizerConfig(batch_size=8))
+        widths = []
+        sample = anonymizer._sample
+        anonymizer._sample = lambda image, box, *rest: widths.append(box[2] - box[0]) or sample(image, box, *rest)
+        anonymize_video(anonymizer, src, tmp_path / f"out{sharper}.mp4", VideoOptions(sharper=sharper), progress=False)
+        return widths  # the pixels of the box each painting was made from (cut at the frame edge)
+
+    (face,) = Anonymizer(AnonymizerConfig(method="blackout")).detect([cv2.cvtColor(frames[-1], cv2.COLOR_BGR2RGB)])
+    whole = face.boxes[0, 2] - face.boxes[0, 0]  # its detected width once inside
+    chosen, at_entry = painted_widths(VideoOptions.sharper), painted_widths(0.0)
+    assert chosen[0] >= 0.95 * whole  # the first painting saw the whole face
+    assert at_entry[0] < 0.8 * whole  # from the entry frame it saw part of it
