@@ -62,7 +62,7 @@ from tqdm import tqdm
 from eval import face_motion
 from eval.anonymizer import Anonymizer, Faces
 from eval.face_memory import TrackFaces
-from eval.paste import visible_fraction
+from eval.paste import pixel_extent, visible_fraction
 from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -659,11 +659,10 @@ THUMB = 32  # px: the side of the face thumbnail whose detail `sharpness` measur
 def sharpness(image: np.ndarray, box: np.ndarray) -> float:
     """How much detail the face in `box` shows: the variance of the Laplacian of its gray THUMB x THUMB
     thumbnail (independent of the face's size; motion blur lowers it several times). 0 outside."""
-    h, w = image.shape[:2]
-    x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
-    x1, y1 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
-    if x1 - x0 < 2 or y1 - y0 < 2:
+    extent = pixel_extent(box, *image.shape[:2])
+    if extent is None or extent[2] - extent[0] < 2 or extent[3] - extent[1] < 2:
         return 0.0
+    x0, y0, x1, y1 = extent
     gray = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY)
     thumb = cv2.resize(gray, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
     return float(cv2.Laplacian(thumb, cv2.CV_32F).var())
@@ -684,13 +683,18 @@ def best_views(tracker: FaceTracker, frames: dict[int, np.ndarray], t: int, face
         k = faces.tracks[j]
         best = (round(visible_fraction(faces.boxes[j], w, h), 2), sharper * sharpness(frames[t], faces.boxes[j]))
         for u in range(t + 1, t + horizon + 1):
-            found = tracker.box(k, u, w, h) if u in frames and tracker.shot_of.get(u) == tracker.shot_of[t] else None
+            found = tracker.box(k, u, w, h) if u in frames else None  # None past the track's shot
             if found is None:
                 break
             shown = (round(visible_fraction(found[0], w, h), 2), sharpness(frames[u], found[0]))
             if shown > best and shown[1] > 0:
                 best, views[j] = shown, (frames[u], found[0], np.float64(found[1]))
     return views
+
+
+def _pose(anonymizer: Anonymizer, image: np.ndarray, box: np.ndarray, score: float) -> np.ndarray | None:
+    """The keypoints of the one face at `box` in `image` (a view from `best_views`), or None."""
+    return anonymizer.add_keypoints(image, Faces(box[None], np.array([score]))).keypoints[0]
 
 
 def ready_batches(pending: deque, pushed: int, lookahead: int, batch: int, ended: bool):
@@ -749,9 +753,8 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
         if generator:
             for (t, image), f, tracks in zip(ready, found, ids):
                 anonymizer.add_keypoints(image, f)  # only for the faces painted afresh (from this frame)
-                if f.views is not None:
-                    f.views = [None if v is None else
-                               (v[0], v[1], smoother(k, v[1], anonymizer.add_keypoints(v[0], Faces(v[1][None], v[2][None])).keypoints[0]))
+                if f.views is not None:  # (image, box, score) → (image, box, pose there)
+                    f.views = [None if v is None else (v[0], v[1], smoother(k, v[1], _pose(anonymizer, *v)))
                                for k, v in zip(tracks, f.views)]
                 f.keypoints = [smoother(k, b, kp) for k, b, kp in zip(tracks, f.boxes, f.keypoints)]
             live = {k for tracks in ids for k in tracks} | set(tracker.tracks)
