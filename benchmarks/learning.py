@@ -13,7 +13,7 @@ Stages (each resumable: a rerun skips what is done):
    originals and of every baseline): cached in the workdir, so it can run beside `train`;
 3. train: `--config` (default `training/configs/utkface_cpu64.yaml`, 8x8 → 64x64, bf16 on the CPU;
    `utkface_cpu32.yaml` is the earlier 32x32 run), Inception FID of held-out faces logged to MLflow
-   during training; the run folder is `<workdir>/train<resolution>`;
+   during training; the run folder is `<workdir>/train<resolution>_w<base width>`;
 4. export: the EMA generator with its model card (`training.export`);
 5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's
    resolution the FID of the generator (bf16 and fp32), of every baseline of `eval.baselines` and of
@@ -61,9 +61,9 @@ class Run:
         self.width = int(cfg["model"]["network"]["base_width"])
         self.total_kimg = float(cfg["model"]["schedule"]["total_kimg"])
         self.precision = str(cfg.get("trainer", {}).get("precision", "32-true"))
-        self.name = f"utkface{self.resolution}"
-        self.run_dir = work / f"train{self.resolution}"
-        self.model = work / f"model{self.resolution}.pt"
+        self.name = f"utkface{self.resolution}_w{self.width}"  # runs of one build differ in resolution and width
+        self.run_dir = work / f"train{self.resolution}_w{self.width}"
+        self.model = work / f"model{self.resolution}_w{self.width}.pt"
 
     @property
     def checkpoint(self) -> Path:
