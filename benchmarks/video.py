@@ -189,13 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
                    help="weight of a track's previous seam correction when this frame's is blended in")
     p.add_argument("--sharper", type=float, default=VideoOptions.sharper,
                    help="paint a face from the later frame of its track that shows more of it, or this many times sharper (0: off)")
+    p.add_argument("--paint_score", type=float, default=VideoOptions.paint_score,
+                   help="the generator paints a track once a detection of it scored this; before, the small-face method")
+    p.add_argument("--max_covered", type=float, default=VideoOptions.max_covered,
+                   help="drop a detection with more than this share of its box inside higher-scoring ones (1: keep all)")
     p.add_argument("--detect_every", type=int, default=VideoOptions.detect_every,
                    help="the detector runs on every N-th frame; the boxes between come from both sides")
     p.add_argument("--small_face_method", default=AnonymizerConfig.small_face_method,
                    help="what the generator's anonymizer gives faces under its small_face_size")
     args = p.parse_args(argv)
     video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep,
-                                 seam_keep=args.seam_keep, sharper=args.sharper, detect_every=args.detect_every)
+                                 seam_keep=args.seam_keep, sharper=args.sharper, paint_score=args.paint_score, max_covered=args.max_covered,
+                                 detect_every=args.detect_every)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") + (list(MUST_LEAK + MUST_NOT_LEAK) if args.calibrate else [])
     with tempfile.TemporaryDirectory() as tmp:

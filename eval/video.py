@@ -110,6 +110,17 @@ class VideoOptions:
             frame edge was painted from the part inside, and the painting changed as later ones
             were blended in. Paintings live in the track's own crop, so one made from a later frame
             fits this one as any carried painting does
+        paint_score: the generator paints a track only once one of its detections (look-ahead
+            included) scored at least this; until then it takes the small-face method, which covers a
+            face as safely. Why: the detector's low-scoring boxes during a whip pan were a smeared
+            chest (0.39-0.57; on the whip and pan clips, every other frame, 183 of 188 detections
+            under 0.6 match no face, 37 of 2,621 from 0.6 up), and the generator painted a face 230 px wide on it, held for
+            half a second after the last of them. 0 = paint every track
+        max_covered: a detection with more than this share of its box inside higher-scoring
+            detections of its frame is dropped before tracking (1 = keep all): its pixels are
+            anonymized with theirs. Why: RetinaFace puts a box (0.67) between two faces side by side
+            in the cut clip, over half of each; tracked and held, a third face was painted across the
+            two, changing as its box grew (that face's flicker ratio 4.5)
         detect_every: the detector runs on every this many frames (and on the first frame after every
             cut); a frame in between takes its faces' boxes from the detected frames on either side
         seam_keep: weight of a track's previous seam correction (the Poisson blend's colour fit to
@@ -136,6 +147,8 @@ class VideoOptions:
     temporal_keep: float = 0.9
     seam_keep: float = 0.95
     sharper: float = 1.5
+    paint_score: float = 0.6
+    max_covered: float = 0.85
     detect_every: int = 1
 
 
@@ -165,6 +178,23 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def covered_share(boxes: np.ndarray, scores: np.ndarray, grid: int = 16) -> np.ndarray:
+    """For each box, the share of its area inside the union of the boxes that score higher (sampled
+    on a `grid` x `grid` lattice of its area)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    share = np.zeros(len(boxes))
+    u = (np.arange(grid) + 0.5) / grid
+    for rank, i in enumerate(order[1:], start=1):
+        x0, y0, x1, y1 = boxes[i]
+        xs, ys = np.meshgrid(x0 + u * (x1 - x0), y0 + u * (y1 - y0))
+        inside = np.zeros(xs.shape, bool)
+        for b in boxes[order[:rank]]:
+            inside |= (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3])
+        share[i] = inside.mean()
+    return share
+
+
 def _affinity(predicted: np.ndarray, boxes: np.ndarray, iou: float) -> np.ndarray:
     """(T, D) match quality: IoU where it reaches `iou`, else a centre-distance score below it for
     boxes of similar size whose centres are within half a box side (a face that moved further
@@ -186,6 +216,7 @@ class _Track:
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
     backfill_velocity: np.ndarray | None = None  # kept once no later frame can change it
+    best_score: float = 0.0  # the highest score of its detections so far
     steps: dict[int, np.ndarray] = field(default_factory=dict)  # frame t → the face's motion t-1 → t
 
     @property
@@ -219,6 +250,8 @@ class FaceTracker:
         self.smooth_radius, self.margin, self.grow = smooth_radius, margin, grow
         self.motion_radius = motion_radius
         self._previous: np.ndarray | None = None  # the last frame pushed (motion is measured against it)
+        self._camera_view: tuple[np.ndarray, float] | None = None  # its face_motion.camera_view
+        self.camera: dict[int, np.ndarray] = {}  # frame t → the camera's move t-1 → t, where it moves
         self.size: tuple[int, int] | None = None  # (width, height) of the pushed frames
         self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=lookahead + 1)  # for a new track's past
         self.frames = 0  # frames pushed
@@ -242,9 +275,13 @@ class FaceTracker:
         self.shot_of[t] = self.shot
         if frame is not None:
             self.size = (frame.shape[1], frame.shape[0])
+            view = face_motion.camera_view(frame)
             if self._previous is not None and not (cut and t > 0):
+                camera = face_motion.camera_step(self._camera_view, view)
+                if camera is not None:
+                    self.camera[t] = camera
                 self._measure(t, frame)
-            self._previous = frame
+            self._previous, self._camera_view = frame, view
             self._recent.append((t, frame))
         if boxes is None:
             self.unseen.add(t)
@@ -276,6 +313,7 @@ class FaceTracker:
                 v = (boxes[d] - tr.obs[last][0]) / (t - last)
                 tr.velocity = v if len(tr.obs) == 1 else 0.5 * tr.velocity + 0.5 * v
             tr.obs[t] = (boxes[d], float(scores[d]))
+            tr.best_score = max(tr.best_score, float(scores[d]))
         return t
 
     def _predicted(self, tr: _Track, t: int) -> np.ndarray:
@@ -297,6 +335,8 @@ class FaceTracker:
             else:
                 guess = (float(tr.velocity[0] + tr.velocity[2]) / 2, float(tr.velocity[1] + tr.velocity[3]) / 2)
             step = face_motion.measure_step(self._previous, frame, box, guess)
+            if step is None:  # the face's own flow failed (a smeared face): the camera's move, if any
+                step = self.camera.get(t)
             if step is not None:
                 tr.steps[t] = step
 
@@ -308,6 +348,8 @@ class FaceTracker:
         f = t
         while t - f < self.lookahead and f - 1 in frames and self.shot_of.get(f - 1) == self.shot_of[t]:
             back = face_motion.measure_step(frames[f], frames[f - 1], box, shift)
+            if back is None and f in self.camera:  # a smeared face: where the camera moved it
+                back = face_motion.invert(self.camera[f])
             if back is None:
                 break
             shift = face_motion.centre_shift(back, box)
@@ -518,6 +560,10 @@ class FaceTracker:
             return None
         return box, score
 
+    def best_score(self, k: int) -> float:
+        """The highest detector score track k has had so far (its look-ahead included)."""
+        return self.tracks[k].best_score if k in self.tracks else 0.0
+
     def forget(self, t: int) -> None:
         """Frame t was written: drop what no later frame needs (bounded memory on long videos)."""
         keep_from = t + 1 - max(self.smooth_radius, self.motion_radius)
@@ -535,6 +581,8 @@ class FaceTracker:
                 del self.tracks[k]
         for f in [f for f in self.shot_of if f < keep_from - 1]:
             del self.shot_of[f]
+        for f in [f for f in self.camera if f < keep_from - 1 - self.lookahead]:
+            del self.camera[f]
         self.unseen = {f for f in self.unseen if f >= keep_from - 1 - self.max_missing - self.lookahead}
 
 
@@ -743,7 +791,9 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             f = Faces(boxes, scores, tracks=list(tracks))
             if memory is not None:  # frame order: which faces are painted afresh in this frame
                 f.paint = [memory.plan(k) for k in tracks]
-                f.small = [memory.small(k, now, p) for k, now, p in zip(tracks, anonymizer.small(boxes), f.paint)]
+                unsure = [tracker.best_score(k) < opts.paint_score for k in tracks]
+                f.small = [memory.small(k, now or u, p)
+                           for k, now, u, p in zip(tracks, anonymizer.small(boxes), unsure, f.paint)]
             found.append(f)
             ids.append(tracks)
         if generator and opts.sharper:
@@ -796,7 +846,8 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             for (image, cut), w in zip(chunk, looked):
                 if w:
                     det = next(dets)
-                    pending.append((tracker.push(det.boxes, det.scores, cut, image), image))
+                    keep = covered_share(det.boxes, det.scores) <= opts.max_covered
+                    pending.append((tracker.push(det.boxes[keep], det.scores[keep], cut, image), image))
                 else:
                     pending.append((tracker.push(None, None, cut, image), image))
             for ready in ready_batches(pending, tracker.frames, opts.lookahead, batch, ended):

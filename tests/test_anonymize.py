@@ -13,7 +13,7 @@ from fdf_core.assets import MissingAssetError, assets_dir
 from eval.cli import anonymize_main
 from eval.anonymizer import CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, load_generator_at
 from eval.paste import band_weights, feather_width
-from eval.video import FaceTracker, ffmpeg_exe, is_cut, _histogram
+from eval.video import FaceTracker, covered_share, ffmpeg_exe, is_cut, _histogram
 
 PHOTOS = assets_dir() / "corpus" / "photos"
 CROWD = "dlib__examples_faces_2008_002079.jpg"  # seven faces, two of them overlapping
@@ -254,6 +254,18 @@ def test_frames_between_detections_take_the_detected_boxes_on_either_side_not_a_
     assert np.allclose(missed, face + 0.15 * 1 / 4 * np.array([-60, -70, 60, 70]))
     tracker.push(None, None)  # frame 14, the video's last, not looked at: carried by the track's motion
     assert np.allclose(tracker.boxes(14)[0][0], _moving(14, 7.0), atol=1.0)
+
+
+def test_a_box_between_two_faces_is_dropped_but_a_half_hidden_face_is_kept():
+    """RetinaFace's box between two faces side by side (the cut clip, frame 100: score 0.67, over
+    half of each) lies 92 % inside theirs and is dropped (VideoOptions.max_covered 0.85); a face half
+    behind another keeps its box, and a box is never dropped for lower-scoring ones around it."""
+    two = np.array([[1140, 279, 1261, 450], [1059, 282, 1144, 395], [1095, 291, 1192, 423]], float)
+    share = covered_share(two, np.array([1.0, 1.0, 0.67]))
+    assert share[2] > 0.85 and (share[:2] < 0.1).all()
+    assert covered_share(two, np.array([0.5, 0.5, 1.0]))[2] == 0  # the best box is never dropped
+    behind = np.array([[100, 100, 200, 240], [150, 110, 250, 250]], float)
+    assert 0.4 < covered_share(behind, np.array([1.0, 0.9]))[1] < 0.6
 
 
 def test_tracker_does_not_carry_tracks_across_a_cut():
