@@ -180,16 +180,23 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def covered_share(boxes: np.ndarray, scores: np.ndarray, grid: int = 16) -> np.ndarray:
     """For each box, the share of its area inside the union of the boxes that score higher (sampled
-    on a `grid` x `grid` lattice of its area)."""
+    on a `grid` x `grid` lattice of its area). Only boxes that overlap it are tested (a crowd frame
+    has hundreds of boxes, each touching a few)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
     share = np.zeros(len(boxes))
+    if len(boxes) < 2:
+        return share
+    rank = np.empty(len(boxes), int)
+    rank[np.argsort(-np.asarray(scores, np.float64), kind="stable")] = np.arange(len(boxes))
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    overlaps = (rb > lt).all(axis=2) & (rank[None, :] < rank[:, None])  # [i, j]: j scores higher and touches i
     u = (np.arange(grid) + 0.5) / grid
-    for rank, i in enumerate(order[1:], start=1):
+    for i in np.flatnonzero(overlaps.any(axis=1)):
         x0, y0, x1, y1 = boxes[i]
         xs, ys = np.meshgrid(x0 + u * (x1 - x0), y0 + u * (y1 - y0))
         inside = np.zeros(xs.shape, bool)
-        for b in boxes[order[:rank]]:
+        for b in boxes[overlaps[i]]:
             inside |= (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3])
         share[i] = inside.mean()
     return share
