@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="what the generator's anonymizer gives faces under its small_face_size")
     args = p.parse_args(argv)
     video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep,
-                                 seam_keep=args.seam_keep, sharper=args.sharper, paint_score=args.paint_score, max_covered=args.max_covered,
-                                 detect_every=args.detect_every)
+                                 seam_keep=args.seam_keep, sharper=args.sharper, paint_score=args.paint_score,
+                                 max_covered=args.max_covered, detect_every=args.detect_every)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") + (list(MUST_LEAK + MUST_NOT_LEAK) if args.calibrate else [])
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,9 +113,9 @@ class VideoOptions:
         paint_score: the generator paints a track only once one of its detections (look-ahead
             included) scored at least this; until then it takes the small-face method, which covers a
             face as safely. Why: the detector's low-scoring boxes during a whip pan were a smeared
-            chest (0.39-0.57; on the whip and pan clips, every other frame, 183 of 188 detections
-            under 0.6 match no face, 37 of 2,621 from 0.6 up), and the generator painted a face 230 px wide on it, held for
-            half a second after the last of them. 0 = paint every track
+            chest (0.39-0.57), and the generator painted a face 230 px wide on it, held for half a
+            second after the last of them; on the whip and pan clips (every other frame) 183 of 188
+            detections under 0.6 match no face, 37 of 2,621 from 0.6 up. 0 = paint every track
         max_covered: a detection with more than this share of its box inside higher-scoring
             detections of its frame is dropped before tracking (1 = keep all): its pixels are
             anonymized with theirs. Why: RetinaFace puts a box (0.67) between two faces side by side
