@@ -188,9 +188,7 @@ def covered_share(boxes: np.ndarray, scores: np.ndarray, grid: int = 16) -> np.n
         return share
     rank = np.empty(len(boxes), int)
     rank[np.argsort(-np.asarray(scores, np.float64), kind="stable")] = np.arange(len(boxes))
-    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    overlaps = (rb > lt).all(axis=2) & (rank[None, :] < rank[:, None])  # [i, j]: j scores higher and touches i
+    overlaps = (_iou(boxes, boxes) > 0) & (rank[None, :] < rank[:, None])  # [i, j]: j scores higher and touches i
     u = (np.arange(grid) + 0.5) / grid
     for i in np.flatnonzero(overlaps.any(axis=1)):
         x0, y0, x1, y1 = boxes[i]
