@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -370,7 +371,7 @@ class Anonymizer:
         # small faces first, so that a painted face's seam meets them replaced, never the original
         images = [anonymize_boxes(im, f.boxes[s], self.cfg.small_face_method) if s.any() else im
                   for im, f, s in zip(images, faces, small)]
-        jobs = []  # (image index, face index, pixel extent, crop, painted afresh)
+        jobs = []  # (image index, face index, pixel extent, crop, painted afresh, box painted)
         samples = []
         for i, (im, f) in enumerate(zip(images, faces)):
             for j, box in enumerate(f.boxes):
@@ -380,31 +381,30 @@ class Anonymizer:
                 if extent is None:
                     continue  # an empty box covers no pixel
                 self.counts["generated_faces"] += 1
-                # The crop is taken around every pixel the box touches, so none escapes the mask.
-                crop = fdfcrop.crop_box(np.asarray(extent, np.float64), im.shape[:2], rule=self.crop_rule)
+                painted_box, crop = self._crop(box, extent, im.shape)
                 fresh = memory is None or f.paint is None or f.paint[j]
-                jobs.append((i, j, extent, crop, fresh))
+                jobs.append((i, j, extent, crop, fresh, painted_box))
                 if fresh:
                     samples.append(self._sample_view(f.views[j]) if f.views is not None and f.views[j] is not None
-                                   else self._sample(im, extent, f.keypoints[j], crop))
+                                   else self._sample(im, painted_box, f.keypoints[j], crop))
         self.timings["crop_paste"] += time.perf_counter() - t0
         generated = iter(self._generate(samples))
         t0 = time.perf_counter()
         painted = []
-        for i, j, extent, crop, fresh in jobs:  # frame order: a carried face is its track's latest painting
+        for i, j, extent, crop, fresh, painted_box in jobs:  # frame order: a carried face is its track's latest painting
             face = next(generated) if fresh else None
             if memory is not None:
                 track = faces[i].tracks[j]
                 face = memory.painted(track, face) if fresh else memory.carried(track)
                 if face is None:  # its planned painting had an empty box: paint it now
                     face = memory.painted(track, self._generate([self._sample(
-                        images[i], extent, faces[i].keypoints[j], crop)])[0])
+                        images[i], painted_box, faces[i].keypoints[j], crop)])[0])
             painted.append(face)
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
         seams = None if memory is None else memory.seams
         outputs = [Composite(im, self.cfg.blend, seams) for im in images]
-        for (i, j, extent, crop, _), face in zip(jobs, painted):  # frame order: seams blend over time
+        for (i, j, extent, crop, *_), face in zip(jobs, painted):  # frame order: seams blend over time
             box, track = faces[i].boxes[j], None if memory is None else faces[i].tracks[j]
             outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track)
         # a grayscale photo stays grayscale to the last bit: the paste's float arithmetic per channel
@@ -424,9 +424,19 @@ class Anonymizer:
     def _sample_view(self, view: tuple[np.ndarray, np.ndarray, np.ndarray | None]):
         """`_sample` of a face seen in another frame (`Faces.views`): its box and crop there."""
         image, box, keypoints = view
-        extent = pixel_extent(box, *image.shape[:2])
-        crop = fdfcrop.crop_box(np.asarray(extent, np.float64), image.shape[:2], rule=self.crop_rule)
-        return self._sample(image, extent, keypoints, crop)
+        painted_box, crop = self._crop(box, pixel_extent(box, *image.shape[:2]), image.shape)
+        return self._sample(image, painted_box, keypoints, crop)
+
+    def _crop(self, box: np.ndarray, extent: tuple[int, int, int, int], shape: tuple[int, ...]
+              ) -> tuple[tuple[int, int, int, int], fdfcrop.Crop]:
+        """The box the generator paints a face into and its crop. The crop is taken around every
+        pixel the box touches, so none escapes the mask. With the "pad" rule that is the box's whole
+        pixel extent, also where it reaches past the photo's edge (a video face coming into view:
+        eval.video.FaceTracker gives its whole size), so the face is painted whole and its part
+        inside the photo pasted; else the pixels inside the photo (`extent`)."""
+        if self.crop_rule == "pad":
+            extent = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+        return extent, fdfcrop.crop_box(np.asarray(extent, np.float64), shape[:2], rule=self.crop_rule)
 
     def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
                 crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:

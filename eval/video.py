@@ -68,6 +68,8 @@ from fdf_core.tario import replace_durably, temporary_path
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 SMALL_FACE, SMALL_GROW = 24, 0.1  # px, fraction of the side: boxes of smaller faces grow by this more
 CUT_HISTOGRAM = 0.25  # colour-histogram distance (0..2) between consecutive frames that is a cut
+AT_EDGE = 1.0  # px: a box side this close to the frame edge (or past it) is cut by the edge
+FACE_ASPECT = 0.8  # width / height of a detected face box, until the video has shown whole ones
 
 
 @dataclass
@@ -259,6 +261,7 @@ class FaceTracker:
         self.camera: dict[int, np.ndarray] = {}  # frame t → the camera's move t-1 → t, where it moves
         self.size: tuple[int, int] | None = None  # (width, height) of the pushed frames
         self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=lookahead + 1)  # for a new track's past
+        self._aspects: deque[float] = deque(maxlen=1000)  # width / height of recent detections inside the frame
         self.frames = 0  # frames pushed
         self.unseen: set[int] = set()  # frames pushed without detection (VideoOptions.detect_every)
         self.shot = 0
@@ -306,6 +309,9 @@ class FaceTracker:
                     break
                 if not used[i] and track_of[d] < 0:
                     used[i], track_of[d] = True, live[i]
+        if self.size is not None:
+            whole = [b for b in boxes if self._uncut(b).all() and b[3] > b[1]]
+            self._aspects.extend((b[2] - b[0]) / (b[3] - b[1]) for b in whole)
         for d, k in enumerate(track_of):
             if k < 0:
                 k = self._next_id
@@ -558,12 +564,43 @@ class FaceTracker:
         found = self._box_at(tr, t)
         if found is None:
             return None
-        box, score = found
+        box, score = self._whole(tr, t, found[0]), found[1]
         w, h = box[2] - box[0], box[3] - box[1]
         box = box + self.grow * np.array([-w, -h, w, h])
         if width is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
             return None
         return box, score
+
+    def _whole(self, tr: _Track, t: int, box: np.ndarray) -> np.ndarray:
+        """`box` carried past the frame edge that cuts it, to the face's whole size: a detector
+        boxes only the part of a face inside the frame, and a face painted into that part was
+        squeezed into it, with the frame's repeated border as its surroundings (the whip clip's
+        large face entering from the right was a striped magenta patch for 12 frames, and stayed one
+        while that painting was carried). The whole size is the track's detection wholly inside the
+        frame nearest in time; without one, the uncut side and the aspect of the video's whole
+        faces (FACE_ASPECT before any). Only the pixels inside the frame are ever anonymized."""
+        if self.size is None:
+            return box
+        w, h = self.size
+        cut = np.array([box[0] <= AT_EDGE, box[1] <= AT_EDGE, box[2] >= w - AT_EDGE, box[3] >= h - AT_EDGE])
+        across, down = cut[0] != cut[2], cut[1] != cut[3]  # cut on one side of an axis only
+        if not (across or down):
+            return box
+        inside = [f for f, (b, _) in tr.obs.items() if self._uncut(b).all()]
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if inside:
+            seen = tr.obs[min(inside, key=lambda f: abs(f - t))][0]
+            full_w, full_h = seen[2] - seen[0], seen[3] - seen[1]
+        else:
+            aspect = float(np.median(self._aspects)) if self._aspects else FACE_ASPECT
+            full_w = bh * aspect if across and not down else bw
+            full_h = bw / aspect if down and not across else bh
+        out = box.copy()
+        if across:
+            out[0], out[2] = (min(box[0], box[2] - full_w), box[2]) if cut[0] else (box[0], max(box[2], box[0] + full_w))
+        if down:
+            out[1], out[3] = (min(box[1], box[3] - full_h), box[3]) if cut[1] else (box[1], max(box[3], box[1] + full_h))
+        return out
 
     def best_score(self, k: int) -> float:
         """The highest detector score track k has had so far (its look-ahead included)."""

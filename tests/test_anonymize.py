@@ -256,6 +256,27 @@ def test_frames_between_detections_take_the_detected_boxes_on_either_side_not_a_
     assert np.allclose(tracker.boxes(14)[0][0], _moving(14, 7.0), atol=1.0)
 
 
+def test_a_face_cut_by_the_frame_edge_gets_its_whole_box_past_the_edge():
+    """The detector boxes only the part of a face inside the frame; the tracker carries the cut side
+    past the edge to the face's whole size, so that a whole face is painted (and its part inside the
+    frame pasted): the size of the track's nearest detection wholly inside the frame, or, for a face
+    never wholly inside, its uncut side and the aspect of the video's whole faces."""
+    tracker = FaceTracker(lookahead=6, max_missing=3, smooth_radius=0)
+    blank = np.zeros((240, 320, 3), np.uint8)
+    inside = np.array([20, 20, 68, 80.0])  # 48 x 60: aspect 0.8, always wholly inside
+    for t in range(12):
+        x0 = 310 - 10 * t  # a 60 x 70 face coming in from the right, wholly inside from frame 6
+        entering = np.array([x0, 100, min(x0 + 60, 320), 170.0])
+        top = np.array([150, 0, 190, 30.0])  # 40 px wide, cut by the top edge throughout
+        tracker.push(np.stack([inside, entering, top]), np.full(3, 0.9), frame=blank)
+    boxes, _, ids = tracker.boxes(0, 320, 240)
+    assert ids == [0, 1, 2]
+    assert np.allclose(boxes[0], inside, atol=1)  # not at an edge: as detected
+    assert boxes[1][0] <= 311 and boxes[1][2] >= 368 and 100 >= boxes[1][1] >= 98  # 60 wide, past the edge
+    assert boxes[2][1] <= -18 and boxes[2][3] >= 30 and boxes[2][2] - boxes[2][0] <= 42  # 40 / 0.8 = 50 high
+    assert np.allclose(tracker.boxes(8, 320, 240)[0][1], [230, 100, 290, 170], atol=1)  # wholly inside: as detected
+
+
 def test_a_box_between_two_faces_is_dropped_but_a_half_hidden_face_is_kept():
     """RetinaFace's box between two faces side by side (the cut clip, frame 100: score 0.67, over
     half of each) lies 92 % inside theirs and is dropped (VideoOptions.max_covered 0.85); a face half
