@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at, resolve_checkpoint
+from eval import paste
 from eval.paste import (Composite, SeamMemory, feather_width, harmonic_fill, pixel_extent, poisson_blend,
                         seam_figures)
 from fdf_builder import crop as fdfcrop
@@ -107,3 +108,23 @@ def test_seam_memory_steadies_a_correction_that_flickers_and_forgets_ended_track
         seams.forget({3})
         assert not seams.sides
     assert centre[0.0] > 15 and centre[0.8] < 0.3 * centre[0.0], centre
+
+
+def test_a_lagging_seam_never_shows_as_a_step_at_the_box_edge(monkeypatch):
+    """The painting brightens by 40 levels at once (a new one) against steady surroundings: with the
+    track's seam kept at 0.95 the face's centre follows slowly (steady), but towards the box edge
+    this frame's exact fit takes over, so the face meets its surroundings through a ramp of a few
+    levels per pixel instead of showing its box as a step of about 40 levels for the next second."""
+    target = np.full((60, 60, 3), 120, np.uint8)
+    step, centre = {}, {}
+    for edge in (0.0, paste.SEAM_EDGE):
+        monkeypatch.setattr(paste, "SEAM_EDGE", edge)
+        seams = SeamMemory(0.95)
+        for frame in range(6):
+            source = np.full((60, 60, 3), 100 if frame < 3 else 140, np.uint8)
+            solved = poisson_blend(source, target, seam=lambda d: seams(7, d)).astype(int)
+        # the largest step between neighbouring pixels from the surroundings (120) inwards
+        rows = np.concatenate([np.full((1, 58), 120), solved[1:30, 1:-1, 0]])
+        step[edge], centre[edge] = np.abs(np.diff(rows, axis=0)).max(), solved[30, 30, 0]
+    assert step[0.0] >= 30 and step[paste.SEAM_EDGE] <= 10, step
+    assert centre[0.0] == centre[paste.SEAM_EDGE] > 135, centre  # inside, the kept seam: it moves on slowly
