@@ -29,7 +29,9 @@ shot has other faces (the median motion of the other tracks up to the new one's 
 because the first detections of a face the detector only just found are its noisiest. Boxes that
 were not detected are grown by `margin` (more the further they are from a detection), because a leak
 costs more than a slightly larger mask; a miss between two detections, whose box is interpolated,
-and a box carried by the face's measured motion much less (see `FaceTracker._grow`).
+and a box carried by the face's measured motion much less (see `FaceTracker._grow`). A face cut by
+the frame edge gets its whole box, reaching past the edge (`FaceTracker._whole`): the generator
+paints the whole face and only its part inside the frame is pasted.
 
 The generator sees each track consistently: z = 0 for every face (the paper's evaluation setting,
 so the latent never changes along a track), boxes smoothed as above (so the condition, the
