@@ -154,12 +154,15 @@ class SeamMemory:
             del self.sides[track]
 
 
+def _frame_distance(h: int, w: int, dtype: type = np.float64) -> np.ndarray:
+    """(h, w): each pixel's distance in pixels from the array's one-pixel frame (0 on it)."""
+    rows, cols = np.arange(h, dtype=dtype), np.arange(w, dtype=dtype)
+    return np.minimum(np.minimum(rows, h - 1 - rows)[:, None], np.minimum(cols, w - 1 - cols)[None, :])
+
+
 def _edge_weight(size: tuple[int, int], depth: float) -> np.ndarray:
     """(h, w): 1 on the frame, falling linearly to 0 at `depth` × the shorter side inside."""
-    h, w = size
-    rows, cols = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
-    distance = np.minimum(np.minimum(rows, h - 1 - rows)[:, None], np.minimum(cols, w - 1 - cols)[None, :])
-    return np.clip(1.0 - distance / max(depth * min(h, w), 1.0), 0.0, 1.0)
+    return np.clip(1.0 - _frame_distance(*size) / max(depth * min(size), 1.0), 0.0, 1.0)
 
 
 def _soften_edge(source: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
@@ -175,9 +178,7 @@ def _soften_edge(source: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
     h, w = src.shape[:2]
     if band <= 0 or min(h, w) <= 2 * band + 2:
         return src
-    rows, cols = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
-    distance = np.minimum(np.minimum(rows, h - 1 - rows)[:, None], np.minimum(cols, w - 1 - cols)[None, :])
-    weight = np.clip(distance / band, 0.0, 1.0)[..., None]  # 0 on the frame, 1 from `band` px in
+    weight = np.clip(_frame_distance(h, w, np.float32) / band, 0.0, 1.0)[..., None]  # 0 on the frame, 1 from `band` px in
     blurred = cv2.GaussianBlur(src, (0, 0), band / 2, borderType=cv2.BORDER_REFLECT_101)
     return blurred + weight * (src - blurred)
 

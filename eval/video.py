@@ -312,8 +312,8 @@ class FaceTracker:
                 if not used[i] and track_of[d] < 0:
                     used[i], track_of[d] = True, live[i]
         if self.size is not None:
-            whole = [b for b in boxes if self._uncut(b).all() and b[3] > b[1]]
-            self._aspects.extend((b[2] - b[0]) / (b[3] - b[1]) for b in whole)
+            whole = boxes[self._uncut(boxes).all(axis=1) & (boxes[:, 3] > boxes[:, 1])]
+            self._aspects.extend(((whole[:, 2] - whole[:, 0]) / (whole[:, 3] - whole[:, 1])).tolist())
         for d, k in enumerate(track_of):
             if k < 0:
                 k = self._next_id
@@ -416,11 +416,13 @@ class FaceTracker:
         return fused
 
     def _uncut(self, box: np.ndarray) -> np.ndarray:
-        """Which sides of a detection are not at the frame edge (all, when the frame size is unknown)."""
+        """Which sides of a detection (4,) or of each of (N, 4) are not at the frame edge (all, when
+        the frame size is unknown)."""
+        box = np.asarray(box)
         if self.size is None:
-            return np.ones(4, bool)
+            return np.ones(box.shape, bool)
         w, h = self.size
-        return np.array([box[0] > 0.5, box[1] > 0.5, box[2] < w - 0.5, box[3] < h - 0.5])
+        return np.stack([box[..., 0] > 0.5, box[..., 1] > 0.5, box[..., 2] < w - 0.5, box[..., 3] < h - 0.5], axis=-1)
 
     def _grow(self, box: np.ndarray, distance: int, between: bool = False) -> np.ndarray:
         """The miss margin: `margin` × (1 + distance / lookahead) of the side for a box guessed from
