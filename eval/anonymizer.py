@@ -404,9 +404,10 @@ class Anonymizer:
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
         seams = None if memory is None else memory.seams
         outputs = [Composite(im, self.cfg.blend, seams) for im in images]
-        for (i, j, extent, crop, *_), face in zip(jobs, painted):  # frame order: seams blend over time
+        for (i, j, extent, crop, _, painted_box), face in zip(jobs, painted):  # frame order: seams blend over time
             box, track = faces[i].boxes[j], None if memory is None else faces[i].tracks[j]
-            outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track)
+            outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track,
+                           whole=painted_box)
         # a grayscale photo stays grayscale to the last bit: the paste's float arithmetic per channel
         # (and the small-face blur's) can round one channel of a pixel apart from the others
         result = [_to_gray(o.result()) if i in gray else o.result() for i, o in enumerate(outputs)]

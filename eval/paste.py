@@ -96,13 +96,14 @@ def harmonic_fill(border: np.ndarray) -> np.ndarray:
 
 
 def _resize_line(line: np.ndarray, length: int) -> np.ndarray:
-    """A (n, c) line of values averaged (or stretched) to `length`."""
+    """An (n,) or (n, c) line of values averaged (or stretched) to `length`."""
     interp = cv2.INTER_AREA if length < len(line) else cv2.INTER_LINEAR
-    return cv2.resize(line[None].astype(np.float32), (length, 1), interpolation=interp)[0]
+    out = cv2.resize(line[None].astype(np.float32), (length, 1), interpolation=interp)[0]
+    return out.reshape((length,) + line.shape[1:])  # OpenCV drops a single channel
 
 
 def _sides(frame: np.ndarray) -> list[np.ndarray]:
-    """Top, bottom, left and right lines of an (h, w, c) array."""
+    """Top, bottom, left and right lines of an (h, w, ...) array."""
     return [frame[0], frame[-1], frame[:, 0], frame[:, -1]]
 
 
@@ -115,9 +116,53 @@ def _frame(sides: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _frame_difference(source: np.ndarray, target: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """target - source on the frame, resampled along each side to a (sh, sw) frame (inside 0)."""
-    return _frame(_sides(target.astype(np.float32) - source), size)
+def _extend(sides: list[np.ndarray], seen: list[np.ndarray]) -> list[np.ndarray]:
+    """`sides` (top, bottom, left, right; (n, c)) with their unseen points filled in from the seen.
+
+    A box reaching past the photo's edge (a face coming into a video's view) has no surroundings
+    there: the photo's edge is not a seam. Its correction is carried on as the seen sides have it:
+    a side partly seen keeps its nearest seen value, a side wholly unseen goes linearly between the
+    ends of the sides beside it (or takes the mean of all that is seen). Fixing the difference at 0
+    there instead, as the photo's own edge pixels did, pinned the face's colour fit to its painting
+    at the edge, and the fit jumped as the box came into view (the pan clip's entering faces drifted
+    by 20 levels over their first 40 frames in view)."""
+    out = [s.astype(np.float32) for s in sides]
+    known = [m >= 0.5 for m in seen]
+    if all(k.all() for k in known):
+        return out
+    if not any(k.any() for k in known):
+        return [np.zeros_like(s) for s in out]
+    mean = np.concatenate([s[k] for s, k in zip(out, known) if k.any()]).mean(axis=0)
+    for s, k in zip(out, known):
+        if k.any() and not k.all():
+            idx = np.arange(len(s))
+            for c in range(s.shape[1]):
+                s[:, c] = np.interp(idx, idx[k], s[k, c])
+    # a wholly unseen side runs between the ends of its neighbours: top/bottom between left and
+    # right (their first / last points), left/right between top and bottom
+    neighbours = {0: ((2, 0), (3, 0)), 1: ((2, -1), (3, -1)), 2: ((0, 0), (1, 0)), 3: ((0, -1), (1, -1))}
+    for i, (s, k) in enumerate(zip(out, known)):
+        if k.any():
+            continue
+        ends = [out[j][at] if known[j].any() else mean for j, at in neighbours[i]]
+        t = np.linspace(0.0, 1.0, len(s), dtype=np.float32)[:, None]
+        s[:] = (1 - t) * ends[0] + t * ends[1]
+    return out
+
+
+def _frame_difference(source: np.ndarray, target: np.ndarray, size: tuple[int, int],
+                      inside: tuple[int, int, int, int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """target - source along the frame's four sides, each resampled to the (sh, sw) frame, and the
+    share of each resampled point that lies in `inside` (y0, y1, x0, x1 of the window that the photo
+    covers; None: all of it): the sides and their seen weights."""
+    h, w = source.shape[:2]
+    seen = np.zeros((h, w), np.float32)
+    y0, y1, x0, x1 = inside or (0, h, 0, w)
+    seen[y0:y1, x0:x1] = 1.0
+    lengths = (size[1], size[1], size[0], size[0])
+    difference = [_resize_line(line, n) for line, n in zip(_sides(target.astype(np.float32) - source), lengths)]
+    weights = [_resize_line(line, n) for line, n in zip(_sides(seen), lengths)]
+    return difference, weights
 
 
 class SeamMemory:
@@ -139,19 +184,41 @@ class SeamMemory:
             raise ValueError(f"need 0 <= seam keep < 1, got {keep}")
         self.keep = keep
         self.sides: dict[int, list[np.ndarray]] = {}
+        self.trust: dict[int, list[np.ndarray]] = {}  # per point: the decayed sum of the trust it was seen with
 
-    def __call__(self, track: int, frame: np.ndarray) -> np.ndarray:
-        """This frame's (h, w, c) frame difference of `track` (inside 0), blended with the track's."""
-        sides = [_resize_line(line, self.SEAM_POINTS) for line in _sides(frame)]
-        previous = self.sides.get(track)
-        if previous is not None and self.keep:
-            sides = [self.keep * p + (1.0 - self.keep) * n for p, n in zip(previous, sides)]
-        self.sides[track] = sides
-        return _frame(sides, frame.shape[:2])
+    def __call__(self, track: int, sides: list[np.ndarray], trust: list[np.ndarray] | None = None
+                 ) -> list[np.ndarray]:
+        """This frame's frame difference of `track` (`sides`, see `_frame_difference`, with unseen
+        points filled in by `_extend`) blended with the track's, resampled to their lengths.
+
+        `trust` (per point, 0-1; None: 1) weighs this frame's value: a point of the box's frame
+        outside the photo is not seen (0), and a box mostly outside gives a poor fit (its painting
+        made from a sliver, the box itself a guess: eval.video.FaceTracker._whole), so the share of
+        the box in view scales it. A point's value is the trust-weighted mean of what it was seen
+        as, older frames decayed by `keep`; its first sighting counts as if it had been seen with
+        that trust for ever. A track seen whole from its first frame therefore blends exactly as
+        `keep`·previous + (1 - `keep`)·this frame's, while one that came in over the frame's edge
+        soon takes its fit from the frames that show it (the pan clip's entering faces: a first
+        fit 40 levels off was carried for 40 frames;
+        full pan clip flicker 1.289 -> 1.259, the same clip with the fit counting every frame alike
+        from its first (no decay of the first fit's weight) 1.268)."""
+        lengths = [len(line) for line in sides]
+        new = [_resize_line(line, self.SEAM_POINTS) for line in sides]
+        seen = ([np.ones(self.SEAM_POINTS, np.float32)] * 4 if trust is None else
+                [np.clip(_resize_line(m, self.SEAM_POINTS), 0.0, 1.0) for m in trust])
+        previous, held = self.sides.get(track), self.trust.get(track)
+        if previous is None:
+            held = [w / (1.0 - self.keep) for w in seen]
+        else:
+            held = [self.keep * h + w for h, w in zip(held, seen)]
+            new = [np.where(h[:, None] > 0, p + (w / np.maximum(h, 1e-9))[:, None] * (n - p), n)
+                   for p, n, w, h in zip(previous, new, seen, held)]
+        self.sides[track], self.trust[track] = new, held
+        return [_resize_line(line, n) for line, n in zip(new, lengths)]
 
     def forget(self, live: set[int]) -> None:
         for track in [t for t in self.sides if t not in live]:
-            del self.sides[track]
+            del self.sides[track], self.trust[track]
 
 
 def _frame_distance(h: int, w: int, dtype: type = np.float64) -> np.ndarray:
@@ -184,7 +251,8 @@ def _soften_edge(source: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
 
 
 def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GRID,
-                  seam: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                  seam: Callable[..., list[np.ndarray]] | None = None,
+                  inside: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """`source`'s gradients inside, `target`'s values on the one-pixel frame (same-shape RGB; uint8 out).
 
     The solution of Poisson's equation with the source's Laplacian inside and the target on the frame
@@ -194,17 +262,24 @@ def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GR
     transforms fast, where an odd prime length makes them 400x slower) and scaled back up: the colour
     of the seam matches, detail finer than a `grid`-th of the face along the edge is not corrected.
     (OpenCV's seamlessClone was tried first: it keeps the source's step at the edge of its mask, so a
-    face kept its rectangle.)
+    face kept its rectangle.) `inside` (y0, y1, x0, x1): the part of the window the photo covers,
+    where `target` exists (a box reaching past the photo's edge); the frame outside it is filled in
+    from the rest (`_extend`). `seam(sides, seen)`: a video track's seam memory (SeamMemory).
     """
     h, w = source.shape[:2]
     if h < 3 or w < 3:
         return source
     size = (min(h, grid), min(w, grid))
-    frame = _frame_difference(source, target, size)
-    correction = harmonic_fill(frame)
-    if seam is not None:  # video: the track's seam blended over frames (SeamMemory) inside the box,
-        kept = harmonic_fill(seam(frame))  # this frame's exact fit at its edge (SEAM_EDGE)
-        correction = kept + _edge_weight(size, SEAM_EDGE)[..., None] * (correction - kept)
+    sides, seen = _frame_difference(source, target, size, inside)
+    exact = _extend(sides, seen)
+    if seam is None:
+        correction = harmonic_fill(_frame(exact, size))
+    else:  # video: the track's seam blended over frames (SeamMemory) inside the box, this frame's
+        in_view = 1.0 if inside is None else (inside[1] - inside[0]) * (inside[3] - inside[2]) / (h * w)
+        kept = seam(exact, [m * in_view for m in seen])  # exact fit at its edge (SEAM_EDGE), where the photo shows it
+        exact = [k + np.clip(m, 0, 1)[:, None] * (e - k) for e, k, m in zip(exact, kept, seen)]
+        kept_fill = harmonic_fill(_frame(kept, size))
+        correction = kept_fill + _edge_weight(size, SEAM_EDGE)[..., None] * (harmonic_fill(_frame(exact, size)) - kept_fill)
     correction = correction.astype(np.float32)
     if size != (h, w):
         correction = cv2.resize(correction, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -237,16 +312,21 @@ class Composite:
         self.image, self.blend, self.seams = image, blend, seams
         self.faces: list[tuple[tuple[int, int, int, int], int, np.ndarray, tuple[int, int, int, int]]] = []
         self.tracks: list[int | None] = []
+        self.wholes: list[tuple[int, int, int, int]] = []  # each box's whole pixel extent, past the photo too
 
     def add(self, face: np.ndarray, extent: tuple[int, int, int, int], crop: fdfcrop.Crop, band: int,
-            place: tuple[float, float, float] | None = None, track: int | None = None) -> None:
+            place: tuple[float, float, float] | None = None, track: int | None = None,
+            whole: tuple[int, int, int, int] | None = None) -> None:
         """A generated (r, r, 3) crop of the face whose box covers `extent`, cut as `crop`; `band`:
         the feather band in pixels (the feather blend only). `place` (x0, y0, side), the crop
         before rounding (fdf_builder.crop.exact_square): the face is resampled there to a fraction
         of a pixel instead of onto the rounded crop (video: no whole-pixel jumps between frames).
-        `track`: the face's video track, whose seam `seams` blends over frames."""
+        `track`: the face's video track, whose seam `seams` blends over frames. `whole`: the box's
+        pixel extent where it reaches past the photo (the crop covers it): the Poisson fit is solved
+        over the whole box, its frame outside the photo filled in (`poisson_blend`)."""
         self.faces.append((extent, band, _onto_crop(face, crop, place), crop.box))
         self.tracks.append(track)
+        self.wholes.append(extent if whole is None else whole)
 
     def _window(self, extent: tuple[int, int, int, int], grow: int,
                 crop_box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -296,9 +376,19 @@ class Composite:
             wx0, wy0, wx1, wy1 = window = self._window(extent, 1, crop_box)
             track = self.tracks[k]
             seam = None if self.seams is None or track is None else functools.partial(self.seams, track)
-            solved = poisson_blend(_soften_edge(self._cut(full, window, crop_box)), base[wy0:wy1, wx0:wx1], seam=seam)
+            # the whole box grown by one pixel (inside the crop, where generated pixels exist); the
+            # photo covers `window` of it
+            cx0, cy0, cx1, cy1 = crop_box
+            bx0, by0, bx1, by1 = self.wholes[k]
+            ox0, oy0 = max(bx0 - 1, cx0), max(by0 - 1, cy0)
+            whole = (ox0, oy0, min(bx1 + 1, cx1), min(by1 + 1, cy1))
+            target = np.zeros((whole[3] - oy0, whole[2] - ox0, 3), np.uint8)
+            inside = (wy0 - oy0, wy1 - oy0, wx0 - ox0, wx1 - ox0)
+            target[inside[0]:inside[1], inside[2]:inside[3]] = base[wy0:wy1, wx0:wx1]
+            solved = poisson_blend(_soften_edge(self._cut(full, whole, crop_box)), target, seam=seam,
+                                   inside=None if whole == window else inside)
             mine = owner[wy0:wy1, wx0:wx1] == k
-            out[wy0:wy1, wx0:wx1][mine] = solved[mine]
+            out[wy0:wy1, wx0:wx1][mine] = solved[inside[0]:inside[1], inside[2]:inside[3]][mine]
         return out
 
     def result(self) -> np.ndarray:

@@ -2,6 +2,8 @@
 the painted face meets the photo and no fringe around it, where a feathered paste leaves both."""
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import pytest
@@ -103,7 +105,7 @@ def test_seam_memory_steadies_a_correction_that_flickers_and_forgets_ended_track
         seams, values = SeamMemory(keep), []
         for frame in range(12):
             target = np.full((40, 40, 3), 120 if frame % 2 else 80, np.uint8)
-            values.append(float(poisson_blend(source, target, seam=lambda d: seams(7, d))[20, 20, 0]))
+            values.append(float(poisson_blend(source, target, seam=functools.partial(seams, 7))[20, 20, 0]))
         centre[keep] = np.ptp(values[6:])
         seams.forget({3})
         assert not seams.sides
@@ -122,9 +124,61 @@ def test_a_lagging_seam_never_shows_as_a_step_at_the_box_edge(monkeypatch):
         seams = SeamMemory(0.95)
         for frame in range(6):
             source = np.full((60, 60, 3), 100 if frame < 3 else 140, np.uint8)
-            solved = poisson_blend(source, target, seam=lambda d: seams(7, d)).astype(int)
+            solved = poisson_blend(source, target, seam=functools.partial(seams, 7)).astype(int)
         # the largest step between neighbouring pixels from the surroundings (120) inwards
         rows = np.concatenate([np.full((1, 58), 120), solved[1:30, 1:-1, 0]])
         step[edge], centre[edge] = np.abs(np.diff(rows, axis=0)).max(), solved[30, 30, 0]
     assert step[0.0] >= 30 and step[paste.SEAM_EDGE] <= 10, step
     assert centre[0.0] == centre[paste.SEAM_EDGE] > 135, centre  # inside, the kept seam: it moves on slowly
+
+
+def _cut_by_the_edge(image: np.ndarray, face: np.ndarray, box: tuple[int, int, int, int],
+                     seams: SeamMemory | None = None) -> np.ndarray:
+    """`face` pasted (Poisson) into the box, which may reach past the photo's edge (pad crop)."""
+    crop = fdfcrop.crop_box(np.asarray(box, np.float64), image.shape[:2], rule="pad")
+    composite = Composite(image, "poisson", seams)
+    composite.add(face, pixel_extent(np.asarray(box, np.float64), *image.shape[:2]), crop, 0,
+                  track=None if seams is None else 7, whole=box)
+    return composite.result().astype(int)
+
+
+def test_a_box_past_the_photo_edge_takes_the_fit_of_the_sides_the_photo_shows():
+    """A face 60 px wide of which 40 are inside: the photo's edge is not a seam, so the colour fit
+    of its seen sides carries on to it. Fixed to the painting's own colour there (the fit of the
+    part inside the photo alone), the face stayed 50 levels off its surroundings at the photo edge."""
+    image = np.full((80, 100, 3), 150, np.uint8)
+    face = np.full((32, 32, 3), 100, np.uint8)
+    pasted = _cut_by_the_edge(image, face, (60, 20, 120, 70))[20:70, 60:100]
+    assert np.abs(pasted - 150).max() <= 1, np.abs(pasted - 150).max()
+
+
+def test_a_face_coming_into_view_keeps_its_colour_fit_once_wholly_inside():
+    """Video: a face slides in over the right edge (20, then 35 of its 50 px in view) and is wholly
+    inside from the third frame. Its seam lives in the whole box's coordinates, so it fits from the
+    first frame and does not drift once inside. The fit of the part in view alone (the photo edge
+    pinned to the painting) lagged 12 levels at the face's centre after it came in, fading
+    over a second at `seam_keep` 0.95: the pan clip's entering faces drifted 20 levels over their
+    first 40 frames in view."""
+    image = np.full((80, 100, 3), 150, np.uint8)
+    face = np.full((32, 32, 3), 100, np.uint8)
+    seams = SeamMemory(0.95)
+    for x0 in (80, 65, 50, 45):
+        pasted = _cut_by_the_edge(image, face, (x0, 15, x0 + 50, 65), seams)[15:65, x0:x0 + 50]
+        assert np.abs(pasted - 150).max() <= 1, (x0, np.abs(pasted - 150).max())
+
+
+def test_seam_memory_trusts_the_frames_that_show_the_face():
+    """A track seen whole from its first frame blends its seam exactly as keep·previous +
+    (1 - keep)·this frame's. A track whose first fit came from a box mostly outside the frame
+    (trust 0.1: a sliver of the face, the box a guess) is 40 levels off what the frames showing it
+    say; it takes their fit within a few frames instead of carrying the first one for a second
+    (plain blending: still 28 levels off after ten frames)."""
+    sides = lambda v: [np.full((9, 3), v, np.float32) for _ in range(4)]  # noqa: E731
+    whole = SeamMemory(0.95)
+    whole(1, sides(-40.0))
+    assert np.allclose(whole(1, sides(-10.0))[0], 0.95 * -40 + 0.05 * -10)
+    entering = SeamMemory(0.95)
+    entering(2, sides(-40.0), [np.full(9, 0.1, np.float32)] * 4)
+    for _ in range(10):
+        kept = entering(2, sides(-10.0), [np.ones(9, np.float32)] * 4)
+    assert np.abs(kept[0] + 10.0).max() < 5.0, kept[0][0]
