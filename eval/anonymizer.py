@@ -178,9 +178,9 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
     It carries what its file says about it, so that whoever is handed the generator (an
     `Anonymizer`, the benchmarks) uses it as it was trained: `.checkpoint` (the file), `.card` (an
     export's model card, FORMAT.md §3; {} for a training checkpoint), `.crop_rule` (the crop
-    rule of its training faces: an export's `crop_rule`; "fdf" for a training checkpoint, which
-    records none) and `.context_margins` (the band of photo its training crops showed around the
-    box; None: whole crops, also for a training checkpoint).
+    rule of its training faces, which exports and training checkpoints record; "fdf" for a file
+    that records none, made before they did) and `.context_margins` (the band of photo its
+    training crops showed around the box; None: whole crops).
     """
     saved = read_checkpoint(checkpoint)
     progress = saved.get("progress")

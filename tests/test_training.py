@@ -112,6 +112,7 @@ def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
     assert len(ckpt["optimizer_states"]) == 2 and ckpt["optimizer_states"][1]["state"]
     assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"])
     assert ckpt["FDFDataModule"]["step"] == 24
+    assert ckpt["crop_rule"] == "fdf" and "context_margins" not in ckpt  # a build without options.json
     state = ckpt["state_dict"]
     assert any(k.startswith("generator_ema.") for k in state) and any(k.startswith("discriminator.") for k in state)
     ema_lags = [k for k in state
@@ -158,6 +159,29 @@ def test_tiny_training_grows_twice_and_logs_to_mlflow(fdf_shards, tmp_path):
     assert fid[1].value == pytest.approx(expected, rel=1e-5)
     # one per (resolution, alpha): the start of fade32 (alpha 0: reals are 16x16 blown up) and 32x32
     assert len(list((run_dir / "fid_cache").glob("fid_real_*.pt"))) == 2
+
+
+def test_a_training_checkpoint_records_how_its_faces_were_cut(fdf_shards, tmp_path):
+    """A run on a build of "pad" crops: each checkpoint records the build's crop rule and the band of
+    photo its crops showed, so the anonymizer handed the checkpoint itself (not an export) cuts faces
+    as its training faces were cut. Before, it cut them the FDF way and painted smears (the pan
+    clip with a width-64 checkpoint: flicker 5.3, 21 leaked face-frames)."""
+    import shutil
+    root = tmp_path / "pad_build"
+    shutil.copytree(fdf_shards, root)
+    (root / "options.json").write_text(json.dumps({"crop_rule": "pad", "resolution": 32}))
+    run_dir = tmp_path / "run"
+    main(["--config", TINY, "--data.root", str(root), "--run_dir", str(run_dir), *FAST,
+          "--model.schedule.total_kimg", "0.016"])
+    final = run_dir / "checkpoints" / "final.ckpt"
+    margins = measure_context(root)
+    saved = torch.load(final, map_location="cpu", weights_only=True)
+    assert saved["crop_rule"] == "pad" and saved["context_margins"] == margins
+    g = load_generator_at(final)
+    assert g.crop_rule == "pad" and g.context_margins == margins
+    model = export_main(["--checkpoint", str(final), "--output", str(tmp_path / "model.pt"), "--name", "tiny",
+                         "--data", "test shards", "--license", "test"])
+    assert load_generator_at(model).crop_rule == "pad"  # the export takes it from the checkpoint too
 
 
 def test_non_finite_loss_stops_the_run_with_the_step(fdf_shards, tmp_path):

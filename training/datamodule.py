@@ -173,6 +173,7 @@ class FDFDataModule(pl.LightningDataModule):
         self.seed, self.keypoint_threshold, self.num_fixed_samples = seed, keypoint_threshold, num_fixed_samples
         self.pin_memory = pin_memory
         self._restored: dict[str, int | str] | None = None
+        self._crop_record: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         self.train_shards, self.train_sizes = list_shards(self.root, "train")
@@ -182,6 +183,26 @@ class FDFDataModule(pl.LightningDataModule):
         elif not self.train_shards:
             raise MissingInputError(f"no training shards at {Path(self.root) / 'train'}/*.tar "
                                     "(build them with fdf-build, or set --data.root)")
+
+    def crop_record(self) -> dict[str, Any]:
+        """How this build cut its faces, as every checkpoint of a run on it records it (the keys an
+        export records, FORMAT.md §3): the build's `crop_rule` (its options.json; "fdf" where it
+        has none) and, for any other rule, `context_margins` (the band of photo around the box,
+        `training.export.measure_context`). Computed once. Why: a training checkpoint handed to the
+        anonymizer (`--checkpoint RUN/checkpoints/final.ckpt`) was cut the FDF way although its
+        faces were "pad" crops, and painted smears (pan clip flicker 5.3, 21 leaks)."""
+        if self._crop_record is None:
+            options = Path(self.root) / "options.json"
+            try:
+                rule = json.loads(options.read_text()).get("crop_rule", "fdf") if options.is_file() else "fdf"
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise InputError(f"{options}: not a build's options ({e})") from None
+            record: dict[str, Any] = {"crop_rule": rule}
+            if rule != "fdf":
+                from training.export import measure_context
+                record["context_margins"] = measure_context(self.root)
+            self._crop_record = record
+        return dict(self._crop_record)
 
     def _open_beton(self):
         """`<root>/train.beton`, checked, and refused when it holds other samples than the shards."""

@@ -21,12 +21,13 @@ from fdf_core.tario import atomic_write_bytes
 EXPORT_FORMAT = "fdf-generator-ema/1"
 
 
-def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str = "fdf",
+def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str | None = None,
                      resolution: int | None = None, context_margins: list[float] | None = None) -> Path:
     """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...), the
     crop rule of the faces it was trained on (`fdf_builder.crop`) and the band of photo those crops
     showed around the box (`context_margins`, from `measure_context`; None: full crops), which the
-    anonymizer then uses.
+    anonymizer then uses. None: what the checkpoint records (`FDFDataModule.crop_record`), else
+    "fdf" and full crops.
 
     `resolution`: export the model at a resolution its training has already finished stabilizing,
     below the one it is at (a run continued to 128x128 also holds a finished 64x64 model, cheaper per
@@ -35,6 +36,9 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     prefix = "generator_ema."
     state = {k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    crop_rule = crop_rule or ckpt.get("crop_rule", "fdf")
+    if context_margins is None:
+        context_margins = ckpt.get("context_margins")
     hp = ckpt["hyper_parameters"]
     progress = dict(ckpt["progress"])
     if resolution is not None:
@@ -84,11 +88,13 @@ def main(argv: list[str] | None = None) -> Path:
     for key in ("name", "data", "license"):
         p.add_argument(f"--{key}", required=True, help=f"model card: {key}")
     p.add_argument("--notes", default="", help="model card: anything else a user must know")
-    p.add_argument("--crop_rule", default="fdf", choices=["fdf", "pad"],
-                   help="the fdf-build --crop_rule of the training data (the anonymizer crops faces the same way)")
+    p.add_argument("--crop_rule", default=None, choices=["fdf", "pad"],
+                   help="the fdf-build --crop_rule of the training data (the anonymizer crops faces the same way; "
+                        "default: what the checkpoint records, else fdf)")
     p.add_argument("--context_from", default=None,
                    help="the fdf-build output folder of the training data: records the band of photo its crops show "
-                        "around the box (needed for builds of tight crops, e.g. --crop_rule pad; default: full crops)")
+                        "around the box (needed for builds of tight crops, e.g. --crop_rule pad; default: what the "
+                        "checkpoint records, else full crops)")
     p.add_argument("--resolution", type=int, default=None,
                    help="export at this resolution, one the checkpoint has finished (default: where it is)")
     args = p.parse_args(argv)

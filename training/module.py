@@ -233,6 +233,9 @@ class ProgressiveGAN(pl.LightningModule):
         run_id = getattr(self.logger, "run_id", None)
         if run_id:
             checkpoint["mlflow_run_id"] = run_id
+        record = getattr(self.trainer.datamodule, "crop_record", None)
+        if record is not None:  # how its training faces were cut, for whoever paints with it
+            checkpoint.update(record())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         progress = checkpoint["progress"]
