@@ -124,8 +124,8 @@ def _extend(sides: list[np.ndarray], seen: list[np.ndarray]) -> list[np.ndarray]
     a side partly seen keeps its nearest seen value, a side wholly unseen goes linearly between the
     ends of the sides beside it (or takes the mean of all that is seen). Fixing the difference at 0
     there instead, as the photo's own edge pixels did, pinned the face's colour fit to its painting
-    at the edge, and the fit jumped as the box came into view (the pan clip's entering faces drifted
-    by 20 levels over their first 40 frames in view)."""
+    at the edge: a face cut by a photo's edge stayed up to 50 levels off its surroundings there
+    (tests/test_paste.py). In a video the seam memory also weighs what it is shown (SeamMemory)."""
     out = [s.astype(np.float32) for s in sides]
     known = [m >= 0.5 for m in seen]
     if all(k.all() for k in known):
@@ -198,10 +198,9 @@ class SeamMemory:
         as, older frames decayed by `keep`; its first sighting counts as if it had been seen with
         that trust for ever. A track seen whole from its first frame therefore blends exactly as
         `keep`·previous + (1 - `keep`)·this frame's, while one that came in over the frame's edge
-        soon takes its fit from the frames that show it (the pan clip's entering faces: a first
-        fit 40 levels off was carried for 40 frames;
-        full pan clip flicker 1.289 -> 1.259, the same clip with the fit counting every frame alike
-        from its first (no decay of the first fit's weight) 1.268)."""
+        soon takes its fit from the frames that show it. The pan clip's entering faces had a first
+        fit 30-45 levels off carried for 40 frames; full pan clip flicker 1.289 -> 1.259 (counting
+        every frame alike from the first, with no head start for the first sighting: 1.268)."""
         lengths = [len(line) for line in sides]
         new = [_resize_line(line, self.SEAM_POINTS) for line in sides]
         seen = ([np.ones(self.SEAM_POINTS, np.float32)] * 4 if trust is None else
