@@ -381,9 +381,11 @@ class Composite:
             bx0, by0, bx1, by1 = self.wholes[k]
             ox0, oy0 = max(bx0 - 1, cx0), max(by0 - 1, cy0)
             whole = (ox0, oy0, min(bx1 + 1, cx1), min(by1 + 1, cy1))
-            target = np.zeros((whole[3] - oy0, whole[2] - ox0, 3), np.uint8)
             inside = (wy0 - oy0, wy1 - oy0, wx0 - ox0, wx1 - ox0)
-            target[inside[0]:inside[1], inside[2]:inside[3]] = base[wy0:wy1, wx0:wx1]
+            target = base[wy0:wy1, wx0:wx1]
+            if whole != window:  # the part past the photo has no target: `inside` says which part does
+                target = np.zeros((whole[3] - oy0, whole[2] - ox0, 3), np.uint8)
+                target[inside[0]:inside[1], inside[2]:inside[3]] = base[wy0:wy1, wx0:wx1]
             solved = poisson_blend(_soften_edge(self._cut(full, whole, crop_box)), target, seam=seam,
                                    inside=None if whole == window else inside)
             mine = owner[wy0:wy1, wx0:wx1] == k
