@@ -156,13 +156,17 @@ def _frame_difference(source: np.ndarray, target: np.ndarray, size: tuple[int, i
     share of each resampled point that lies in `inside` (y0, y1, x0, x1 of the window that the photo
     covers; None: all of it): the sides and their seen weights."""
     h, w = source.shape[:2]
-    seen = np.zeros((h, w), np.float32)
-    y0, y1, x0, x1 = inside or (0, h, 0, w)
-    seen[y0:y1, x0:x1] = 1.0
     lengths = (size[1], size[1], size[0], size[0])
     difference = [_resize_line(line, n) for line, n in zip(_sides(target.astype(np.float32) - source), lengths)]
-    weights = [_resize_line(line, n) for line, n in zip(_sides(seen), lengths)]
-    return difference, weights
+    if inside is None or tuple(inside) == (0, h, 0, w):
+        return difference, [np.ones(n, np.float32) for n in lengths]
+    y0, y1, x0, x1 = inside
+    across = np.zeros(w, np.float32)  # a row of the seen mask, then a column
+    across[x0:x1] = 1.0
+    down = np.zeros(h, np.float32)
+    down[y0:y1] = 1.0
+    lines = (across * (y0 <= 0 < y1), across * (y0 <= h - 1 < y1), down * (x0 <= 0 < x1), down * (x0 <= w - 1 < x1))
+    return difference, [_resize_line(line, n) for line, n in zip(lines, lengths)]
 
 
 class SeamMemory:
