@@ -256,6 +256,14 @@ class FaceDetector:
         self._mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
+        # on a CPU the normalization is a table per photo channel (each uint8 value → its network
+        # input), one pass over a frame instead of five tensor passes: the 2x rescan of a 1280x720
+        # video frame normalizes 11M values per frame (8 % of the crowd clip's time before)
+        net = np.empty((256, 1, 3), np.float32)
+        values = torch.arange(256, dtype=torch.float32)
+        for c, source in enumerate(channels):
+            net[:, 0, source] = ((values - self._mean[0, c, 0, 0].cpu()) / self._std[0, c, 0, 0].cpu()).numpy()
+        self._table, self._order = net, channels
 
     def detect(self, images: list[np.ndarray], max_size: int | None = None) -> list[Detections]:
         """Faces of each HxWx3 uint8 RGB image, in the order given; images whose longer side
@@ -323,8 +331,13 @@ class FaceDetector:
         ph, pw = shape
         x = torch.zeros((len(images), 3, ph, pw), device=self.device)
         for b, im in enumerate(images):
-            t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float()
-            x[b, :, :im.shape[0], :im.shape[1]] = (t[self._channels] - self._mean[0]) / self._std[0]
+            if self.device.type == "cpu":
+                t = torch.from_numpy(cv2.LUT(np.ascontiguousarray(im), self._table)).permute(2, 0, 1)
+                for c, source in enumerate(self._order):
+                    x[b, c, :im.shape[0], :im.shape[1]] = t[source]
+            else:  # uint8 over the bus, normalized on the device
+                t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float()
+                x[b, :, :im.shape[0], :im.shape[1]] = (t[self._channels] - self._mean[0]) / self._std[0]
         loc, conf, landm = self._forward(x)
         scores = conf.float().softmax(dim=-1)[..., 1]
         priors = self._prior(shape)
