@@ -257,3 +257,26 @@ def test_a_second_finer_look_finds_the_crowd_faces_under_the_smallest_anchor(det
     portrait = read_rgb(PHOTOS / "face_recognition__examples_obama-720p.jpg")
     (one,) = detector.detect([portrait])
     assert detector.rescan_small([portrait], [one], below=20, scale=2.0)[0] is one  # nothing under 20 px: no second pass
+
+
+def test_a_face_cut_by_the_photo_edge_is_not_a_small_face_to_look_at_again(detector):
+    """A face entering a video frame is a narrow box for a few frames. Judged by its width, it sent
+    38 % of the pan clip's frames through the 4x costlier second look, which found only hands, a
+    lamp and the floor. Where the left or right edge cuts a face, its height says how large it is."""
+    from eval.video_clips import G7, photo_truth
+    image = read_rgb(PHOTOS / G7)  # 2771x683: the line-up's faces are 27-41 px, none under 20
+    truth = photo_truth(G7).boxes
+    cut = None
+    for x0, y0, x1, y1 in sorted(truth.tolist()):  # a face cut to its right 40 % at the left edge
+        left = int(x0 + 0.6 * (x1 - x0))
+        (first,) = detector.detect([image[:, left:left + 1280]], max_size=1280)
+        narrow = first.boxes[(first.boxes[:, 0] <= 1.0) & (first.boxes[:, 2] - first.boxes[:, 0] < 20)]
+        if len(narrow) and (first.boxes[:, 3] - first.boxes[:, 1]).min() >= 20:
+            cut = image[:, left:left + 1280], first
+            break
+    assert cut is not None, "no face of the line-up is found cut at the left edge"
+    assert detector.rescan_small([cut[0]], [cut[1]], below=20, scale=2.0, max_size=1280)[0] is cut[1]
+    mirrored = np.ascontiguousarray(cut[0][:, ::-1])  # the same face cut by the right edge
+    (first,) = detector.detect([mirrored], max_size=1280)
+    assert (first.boxes[:, 2] >= mirrored.shape[1] - 1.0).any()
+    assert detector.rescan_small([mirrored], [first], below=20, scale=2.0, max_size=1280)[0] is first
