@@ -142,10 +142,13 @@ def total(rows: list[dict]) -> dict:
 
 def _stability(per_clip: list[dict]) -> dict:
     """Identity stability over clips: tracks judged, tracks that stayed one identity, the worst track."""
-    worst = [c["max_distance_worst_track"] for c in per_clip if c["max_distance_worst_track"] is not None]
-    return {"tracks": sum(c["tracks"] for c in per_clip),
-            "tracks_one_identity": sum(c["tracks_one_identity"] for c in per_clip),
-            "max_distance_worst_track": max(worst) if worst else None}
+    def summed(clips: list[dict]) -> dict:
+        worst = [c["max_distance_worst_track"] for c in clips if c["max_distance_worst_track"] is not None]
+        return {"tracks": sum(c["tracks"] for c in clips),
+                "tracks_one_identity": sum(c["tracks_one_identity"] for c in clips),
+                "max_distance_worst_track": max(worst) if worst else None}
+
+    return {**summed(per_clip), "source": summed([c["source"] for c in per_clip if "source" in c])}
 
 
 def _sum_sources(per_clip: list[dict]) -> dict:

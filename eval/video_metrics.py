@@ -183,6 +183,7 @@ class IdentityCheck:
         out = np.asarray(self.faces.embedder.compute_face_descriptor(
             np.ascontiguousarray(output_bgr[..., ::-1]), shape), np.float64)
         self.last_output = out  # the output face's embedding, for the identity stability of its track
+        self.last_source = source
         return float(np.linalg.norm(out - source))
 
 
@@ -261,20 +262,17 @@ class ClipScore:
     identity_distances: list[float] = field(default_factory=list)
     by_source: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # source → faces/leaked per bin
     track_embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # face id → its output embeddings
+    source_embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # face id → its source's, same frames
 
     def stability(self) -> dict:
         """Identity stability: per ground-truth face (one person along the clip) with at least two
         output faces the recognizer embedded, the largest embedding distance between two of its
-        frames; a track that stays one identity keeps it below IDENTITY_MATCH."""
-        worst = {}
-        for fid, embs in self.track_embeddings.items():
-            if len(embs) >= 2:
-                e = np.stack(embs)
-                worst[fid] = float(np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1)).max())
-        values = sorted(worst.values())
-        return {"tracks": len(values), "tracks_one_identity": sum(v < IDENTITY_MATCH for v in values),
-                "max_distance_worst_track": round(values[-1], 3) if values else None,
-                "max_distance_median_track": round(float(np.median(values)), 3) if values else None}
+        frames; a track that stays one identity keeps it below IDENTITY_MATCH.
+
+        `source`: the same figure for the real person in the same frames, the recognizer's own
+        spread along a clip (pose, size, motion blur): a painted track that changes no more than
+        its source did has not changed identity by any measure this recognizer can make."""
+        return {**_worst_spread(self.track_embeddings), "source": _worst_spread(self.source_embeddings)}
 
     def count_source(self, sources: list[str], k: str, leaked: bool) -> None:
         """Per ground-truth source, and `NOT_OURS` for a face no source `ours` (or hand label) has."""
@@ -298,6 +296,16 @@ class ClipScore:
                              "distance_min": round(min(d), 3) if (d := self.identity_distances) else None,
                              "distance_median": round(float(np.median(d)), 3) if d else None},
                 "identity_stability": self.stability()}
+
+
+def _worst_spread(embeddings: dict[str, list[np.ndarray]]) -> dict:
+    """Per face id with two or more embeddings, the largest distance between two of them: how many
+    stay under IDENTITY_MATCH, the worst and the median."""
+    values = sorted(float(np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1)).max())
+                    for e in (np.stack(embs) for embs in embeddings.values() if len(embs) >= 2))
+    return {"tracks": len(values), "tracks_one_identity": sum(v < IDENTITY_MATCH for v in values),
+            "max_distance_worst_track": round(values[-1], 3) if values else None,
+            "max_distance_median_track": round(float(np.median(values)), 3) if values else None}
 
 
 def _frames(path: Path):
@@ -345,6 +353,7 @@ def _leaked(score: ClipScore, identity: IdentityCheck | None, key: tuple, src: n
         return False
     if fid is not None:
         score.track_embeddings.setdefault(str(fid), []).append(identity.last_output)
+        score.source_embeddings.setdefault(str(fid), []).append(identity.last_source)
     score.identity_checked += 1
     score.identity_distances.append(d)
     if d < identity_threshold(box[2] - box[0]):

@@ -294,3 +294,6 @@ def test_identity_stability_is_the_largest_distance_within_a_track():
     st = score.as_dict()["identity_stability"]
     assert st["tracks"] == 2 and st["tracks_one_identity"] == 1  # a single frame says nothing
     assert st["max_distance_worst_track"] == pytest.approx(0.9) and st["max_distance_median_track"] == pytest.approx(0.7)
+    score.source_embeddings = {"steady": [a, a, a], "changes": [a, far, a]}  # the real person's own spread
+    src = score.as_dict()["identity_stability"]["source"]
+    assert src["tracks"] == 2 and src["tracks_one_identity"] == 1 and src["max_distance_worst_track"] == pytest.approx(0.9)
