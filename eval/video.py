@@ -387,7 +387,7 @@ class FaceTracker:
         (a face leaving the frame keeps a detected edge of 0), so each side is the mean of the
         detections that saw it; a side none of them saw is placed from the other side and the
         face's size, and never inside the frame edge it was cut at."""
-        boxes, moves = [], []  # each detection in reach and its motion into frame t, as (s, dx, dy)
+        boxes, moves = [], []  # each detection in reach; its motion into frame t as (s, dx, dy, dx, dy)
         for direction in (-1, 1):  # outwards from t, the motion to t built up one step at a time
             s, dx, dy = 1.0, 0.0, 0.0  # plain floats: this runs per track and frame (a crowd: 1,000 per frame)
             for f in range(t if direction < 0 else t + 1, t + direction * (self.motion_radius + 1), direction):
