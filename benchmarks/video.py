@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="drop a detection with more than this share of its box inside higher-scoring ones (1: keep all)")
     p.add_argument("--detect_every", type=int, default=VideoOptions.detect_every,
                    help="the detector runs on every N-th frame; the boxes between come from both sides")
+    p.add_argument("--latent", type=float, default=AnonymizerConfig.latent,
+                   help="the generator's latent: z = latent x N(0, 1), one per track (0: z = 0)")
     p.add_argument("--small_face_method", default=AnonymizerConfig.small_face_method,
                    help="what the generator's anonymizer gives faces under its small_face_size")
     args = p.parse_args(argv)
@@ -211,12 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         result: dict = {"device": "cpu", "threads": args.threads, "quick": args.quick, "clips": {}, "total": {},
                         "video_options": video_options.__dict__,
-                        "small_face_method": args.small_face_method, "identity_every": args.identity_every}
+                        "small_face_method": args.small_face_method, "latent": args.latent,
+                        "identity_every": args.identity_every}
         ours: dict[str, Anonymizer] = {}
         base = Anonymizer(AnonymizerConfig(method=BLUR, batch_size=args.batch_size))
         if "generator" in methods:
             generator, result["generator"] = build_generator(args)
-            ours["generator"] = Anonymizer(AnonymizerConfig(batch_size=args.batch_size,
+            ours["generator"] = Anonymizer(AnonymizerConfig(batch_size=args.batch_size, latent=args.latent,
                                                             small_face_method=args.small_face_method), generator=generator,
                                            detector=base.detector, keypoint_model=base.keypoint_model)
         if BLUR in methods:

@@ -94,13 +94,18 @@ class AnonymizerConfig(FaceModelsConfig):
             face does not shimmer in a video as heavy_blur's whole-pixel kernel and edges make it;
             quick crowd clip flicker 1.34 with heavy_blur, 1.27 with soft_blur, both with a track
             keeping its method between paintings, eval.face_memory)
-        rescan_below: an image in which the detector finds a face narrower than this many pixels is
-            detected again `rescan_scale` times finer, and the faces only that pass finds are added
+        rescan_below: an image in which the detector finds a face narrower than this many pixels (one
+            cut by the image's left or right edge: lower) is detected again `rescan_scale` times finer, and the faces only that pass finds are added
             (FaceDetector.rescan_small): a crowd's 10-16 px faces are below RetinaFace's smallest
             anchor. Costs one larger detector call on such images only. 0: off
         rescan_scale: how much finer the second look is (1: off)
         precision: number format of the generator: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX
             units, else fp32), bf16 or fp32 (fdf_core.precision)
+        latent: the generator's latent code z = latent × N(0, 1) per face, drawn from `latent_seed`
+            and the face (its index in its photo; in a video its track, so that one person keeps one
+            latent from the first frame to the last, as DeepPrivacy2's --track does). 0: z = 0, the
+            paper's evaluation setting: the face is a function of its surroundings and pose alone
+        latent_seed: the seed of those draws (the same photo and seed paint the same faces)
     """
 
     allow_no_keypoints: ClassVar[bool] = True
@@ -119,9 +124,13 @@ class AnonymizerConfig(FaceModelsConfig):
     rescan_below: int = 20
     rescan_scale: float = 2.0
     precision: str = "auto"
+    latent: float = 0.0
+    latent_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.latent <= 2.0:
+            raise ConfigError(f"--latent {self.latent}: need 0 (z = 0) to 2 (twice the training draws' spread)")
         inference_precision.resolve(self.precision, "cpu")  # a misspelt --precision fails before any work
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: unknown; choose from {', '.join(METHODS)}")
@@ -372,7 +381,7 @@ class Anonymizer:
         images = [anonymize_boxes(im, f.boxes[s], self.cfg.small_face_method) if s.any() else im
                   for im, f, s in zip(images, faces, small)]
         jobs = []  # (image index, face index, pixel extent, crop, painted afresh, box painted)
-        samples = []
+        samples, latent_keys = [], []  # a face's latent is drawn by its key: its track, else its index
         for i, (im, f) in enumerate(zip(images, faces)):
             for j, box in enumerate(f.boxes):
                 if small[i][j]:
@@ -387,8 +396,9 @@ class Anonymizer:
                 if fresh:
                     samples.append(self._sample_view(f.views[j]) if f.views is not None and f.views[j] is not None
                                    else self._sample(im, painted_box, f.keypoints[j], crop))
+                    latent_keys.append(j if memory is None or f.tracks is None else f.tracks[j])
         self.timings["crop_paste"] += time.perf_counter() - t0
-        generated = iter(self._generate(samples))
+        generated = iter(self._generate(samples, latent_keys))
         t0 = time.perf_counter()
         painted = []
         for i, j, extent, crop, fresh, painted_box in jobs:  # frame order: a carried face is its track's latest painting
@@ -398,7 +408,7 @@ class Anonymizer:
                 face = memory.painted(track, face) if fresh else memory.carried(track)
                 if face is None:  # its planned painting had an empty box: paint it now
                     face = memory.painted(track, self._generate([self._sample(
-                        images[i], painted_box, faces[i].keypoints[j], crop)])[0])
+                        images[i], painted_box, faces[i].keypoints[j], crop)], [track])[0])
             painted.append(face)
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
@@ -466,19 +476,33 @@ class Anonymizer:
         around = None if limited is whole else fdfcrop.resize(whole, self.generator.resolution)
         return (*sample, around)
 
+    def _latents(self, keys: list[int]) -> torch.Tensor | None:
+        """z of the faces with these latent keys (`AnonymizerConfig.latent`), None for z = 0."""
+        if self.cfg.latent == 0:
+            return None
+        shape = self.generator.generator.z_shape(1)[1:]
+        draws = []
+        for key in keys:
+            seed = int(np.random.SeedSequence([self.cfg.latent_seed, int(key)]).generate_state(1)[0])
+            draws.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+        return self.cfg.latent * torch.stack(draws)
+
     @torch.inference_mode()
-    def _generate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]]
-                  ) -> list[np.ndarray]:
-        """EMA generator (z = 0) on the faces in batches: (r, r, 3) uint8 crops, the photo around the
-        box where the sample carries it (the generator only saw a band of it: the paste blends the
-        painted box against the photo, not against the zeros beyond that band)."""
+    def _generate(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]],
+                  latent_keys: list[int] | None = None) -> list[np.ndarray]:
+        """EMA generator on the faces in batches (z by `_latents`; keys default to the faces' order):
+        (r, r, 3) uint8 crops, the photo around the box where the sample carries it (the generator
+        only saw a band of it: the paste blends the painted box against the photo, not against the
+        zeros beyond that band)."""
         g, out = self.generator, []
+        keys = list(range(len(samples))) if latent_keys is None else latent_keys
         for start in range(0, len(samples), self.cfg.batch_size):
             chunk = samples[start:start + self.cfg.batch_size]
             images, bbox, kps = (torch.stack([s[k] for s in chunk]).to(self.device) for k in range(3))
             p = prepare(images, bbox, kps, g.resolution, g.alpha)
+            z = self._latents(keys[start:start + len(chunk)])
             t0 = time.perf_counter()
-            fake = g(p.condition, p.mask, p.keypoints)
+            fake = g(p.condition, p.mask, p.keypoints, None if z is None else z.to(self.device))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.timings["generation"] += time.perf_counter() - t0

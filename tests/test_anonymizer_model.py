@@ -9,13 +9,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from eval.anonymizer import (CHECKPOINT_ENV, SHIPPED_MODEL, Anonymizer, AnonymizerConfig, Faces,
                              load_generator_at)
 from eval.cli import anonymize_main
 from fdf_core.assets import assets_dir
 from fdf_core.checkpoints import read_checkpoint
-from fdf_core.errors import InputError
+from fdf_core.errors import ConfigError, InputError
 
 PHOTOS = assets_dir() / "corpus" / "photos"
 PORTRAIT = "face_recognition__examples_obama-240p.jpg"  # 427x240, one face in the middle
@@ -163,3 +164,25 @@ def test_a_grayscale_photo_stays_grayscale_to_the_last_bit():
         out = anonymizer(image)
         assert is_grayscale(image) and is_grayscale(out), name
         assert np.abs(out.astype(int) - image).mean() > 10, name  # the face was painted
+
+
+def test_a_random_latent_paints_another_face_and_the_same_seed_the_same_one(monkeypatch):
+    """`--latent 0` is z = 0 (the default); a latent drawn per face changes the painted face, the
+    same seed and face repaint it exactly (a rerun gives the same photo), another seed does not,
+    and a video track keeps its latent whichever face index it has in a frame."""
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    generator = load_generator_at(SHIPPED_MODEL)
+    zero, default = (_painted(Anonymizer(cfg, generator=generator))
+                     for cfg in (AnonymizerConfig(latent=0.0), AnonymizerConfig()))
+    drawn = Anonymizer(AnonymizerConfig(latent=1.0), generator=generator)
+    box = tuple(int(v) for v in FACE_BOX)
+    inside = (slice(box[1] + 10, box[3] - 10), slice(box[0] + 10, box[2] - 10))
+    assert np.array_equal(zero, default)
+    assert np.abs(_painted(drawn)[inside].astype(int) - zero[inside]).mean() > 3
+    assert np.array_equal(_painted(drawn), _painted(Anonymizer(AnonymizerConfig(latent=1.0), generator=generator)))
+    assert not np.array_equal(_painted(drawn), _painted(Anonymizer(AnonymizerConfig(latent=1.0, latent_seed=1),
+                                                                   generator=generator)))
+    z = drawn._latents([7, 0, 7])
+    assert z.shape[0] == 3 and torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
+    with pytest.raises(ConfigError, match="--latent"):
+        AnonymizerConfig(latent=-1.0)
