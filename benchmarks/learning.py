@@ -210,7 +210,8 @@ def baseline_rows(r: Run, num_images: int, compute: bool = True) -> dict:
 
 def fid_table(r: Run, num_images: int, baselines: bool = True) -> dict:
     """FID at the generator's resolution on the same held-out faces: the generator in bf16 (what
-    `anonymize` runs on a CPU with bf16 units) and in fp32, every baseline, real training faces."""
+    `anonymize` runs on a CPU with bf16 units) and in fp32 (z = 0), in bf16 with z ~ N(0, 1)
+    (`--latent 1`), every baseline, real training faces."""
     from eval.anonymizer import load_generator_at
     from training.fid import generator_fid
     data, cache = _data(r.work), r.work / "fid_cache"
@@ -219,6 +220,8 @@ def fid_table(r: Run, num_images: int, baselines: bool = True) -> dict:
     for precision in ("bf16", "fp32"):
         g.precision = precision
         table[f"generator_{precision}"] = round(generator_fid(g, data, num_images, cache_dir=cache), 2)
+    g.precision = "bf16"  # a drawn latent per face (`anonymize --latent 1`) instead of z = 0
+    table["generator_bf16_latent1"] = round(generator_fid(g, data, num_images, cache_dir=cache, latent=1.0), 2)
     rows = baseline_rows(r, num_images, compute=baselines)
     table.update({k: v for k, v in rows.items() if k != "num_images"})
     return {"resolution": g.resolution, "num_images": num_images, "fid": table}

@@ -60,6 +60,7 @@ class EvaluateConfig:
         device: cpu or cuda
         precision: the generator's number format: auto (bf16 where the device has bf16 units), bf16
             or fp32 (fdf_core.precision); the Inception network always runs in fp32
+        latent: z = latent x N(0, 1) per face (`anonymize --latent`); 0: z = 0, the paper's protocol
     """
 
     checkpoint: str
@@ -76,6 +77,7 @@ class EvaluateConfig:
     keypoint_threshold: float | None = None
     device: str = "cpu"
     precision: str = "auto"
+    latent: float = 0.0
 
     def __post_init__(self) -> None:
         inference_precision.resolve(self.precision, "cpu")
@@ -133,11 +135,12 @@ def run(cfg: EvaluateConfig) -> dict:
     num_images = validation_count(data, cfg.num_images)
     feature = RandomConvFeatures() if cfg.feature == "random_conv" else "inception"
     value = generator_fid(g, data, num_images, cfg.batch_size, feature, cfg.cache_dir, cfg.inception_weights,
-                          cfg.device)
+                          cfg.device, latent=cfg.latent)
     images_shown, step = int(progress.get("images_shown", 0)), int(progress.get("step", 0))
     key = f"eval/{METRIC_NAMES[cfg.feature]}"
     result = {"metric": key, "fid": value, "feature": cfg.feature, "checkpoint": str(ckpt), "step": step,
               "images_shown": images_shown, "kimg": images_shown / 1000, "resolution": g.resolution,
+              "latent": cfg.latent,
               "alpha": g.alpha, "precision": inference_precision.resolve(cfg.precision, cfg.device), "num_images": num_images, "data_root": cfg.data_root,
               "seconds": round(time.perf_counter() - start, 2)}
     out = output_path(cfg)

@@ -253,3 +253,19 @@ def test_real_statistics_of_equal_names_and_sizes_but_other_faces_are_not_shared
         assert values[root] == pytest.approx(generator_fid(g, data, 16, 8, net), rel=1e-9), root
     assert len(list(cache.glob("fid_real_*.pt"))) == 2
     assert values[fdf_shards] != pytest.approx(values[other], rel=1e-3)
+
+
+def test_fid_with_a_drawn_latent_scores_what_anonymize_latent_paints(fdf_shards):
+    """`latent=0` is the paper's z = 0; a drawn latent changes the faces scored (another value), and
+    the same seed draws the same latents (the same value)."""
+    from training.fid import generator_fid
+    from training.networks import Generator, GeneratorAt
+    torch.manual_seed(0)
+    g = GeneratorAt(Generator(16, 16, 8).eval(), 16)
+    data, net = _val_data(fdf_shards), fid.RandomConvFeatures(dim=32)
+    zero = generator_fid(g, data, 16, 8, net)
+    assert generator_fid(g, data, 16, 8, net, latent=0.0) == zero
+    drawn = generator_fid(g, data, 16, 8, net, latent=1.0)
+    assert drawn != pytest.approx(zero, rel=1e-3)
+    assert generator_fid(g, data, 16, 8, net, latent=1.0) == drawn
+    assert generator_fid(g, data, 16, 8, net, latent=1.0, seed=1) != drawn

@@ -62,12 +62,24 @@ def validation_count(data: FDFDataModule, num_images: int | None) -> int:
 def generator_fid(generator: GeneratorAt, data: FDFDataModule, num_images: int | None = 1000,
                   batch_size: int = 50, feature: str | nn.Module = "inception",
                   cache_dir: str | Path | None = None, inception_weights: str | None = None,
-                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1) -> float:
+                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                  latent: float = 0.0, seed: int = 0) -> float:
     """FID (or, with a module as `feature`, the Fréchet distance in its features) of `generator`, at
-    its resolution and fade-in alpha (`GeneratorAt.alpha`: conditions and reals are faded with it)."""
+    its resolution and fade-in alpha (`GeneratorAt.alpha`: conditions and reals are faded with it).
+    `latent`: z = latent x N(0, 1) per face, drawn in order from `seed` (0: z = 0, the paper's
+    protocol), as `anonymize --latent` paints."""
     count = validation_count(data, num_images)
     batches = ValConditions(data, batch_size, count, generator.resolution, torch.device(device),
                             rank, world_size, generator.alpha)
-    return compute_fid(lambda b: generator(b["condition"], b["mask"], b["keypoints"]), batches, feature,
+    draws = torch.Generator().manual_seed(seed + rank)
+
+    def generate(b: dict) -> torch.Tensor:
+        z = None
+        if latent:
+            shape = generator.generator.z_shape(b["condition"].shape[0])
+            z = (latent * torch.randn(shape, generator=draws)).to(b["condition"].device)
+        return generator(b["condition"], b["mask"], b["keypoints"], z)
+
+    return compute_fid(generate, batches, feature,
                        cache_dir, data.val_shards, inception_weights, device, num_images=count,
                        alpha=generator.alpha)
