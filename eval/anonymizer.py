@@ -94,8 +94,9 @@ class AnonymizerConfig(FaceModelsConfig):
             face does not shimmer in a video as heavy_blur's whole-pixel kernel and edges make it;
             quick crowd clip flicker 1.34 with heavy_blur, 1.27 with soft_blur, both with a track
             keeping its method between paintings, eval.face_memory)
-        rescan_below: an image in which the detector finds a face narrower than this many pixels (one
-            cut by the image's left or right edge: lower) is detected again `rescan_scale` times finer, and the faces only that pass finds are added
+        rescan_below: an image in which the detector finds a face narrower than this many pixels (a
+            face cut by the image's left or right edge: lower) is detected again `rescan_scale` times
+            finer, and the faces only that pass finds are added
             (FaceDetector.rescan_small): a crowd's 10-16 px faces are below RetinaFace's smallest
             anchor. Costs one larger detector call on such images only. 0: off
         rescan_scale: how much finer the second look is (1: off)
