@@ -132,12 +132,24 @@ def total(rows: list[dict]) -> dict:
             "identity": {"checked": sum(d["checked"] for d in identity),
                          "leaked": {b: sum(d["leaked"][b] for d in identity) for b in BINS},
                          "under_0_6": sum(d.get("under_0_6", 0) for d in identity),
-                         "distance_min": min(distances) if distances else None},
+                         "distance_min": min(distances) if distances else None,
+                         "chance": _sum_chance([d["chance"] for d in identity if "chance" in d])},
             "identity_stability": _stability([r["identity_stability"] for r in rows]),
             "flicker_ratio_worst_clip": max((r["flicker_ratio"] for r in rows if r["flicker_ratio"] is not None),
                                             default=None),
             "all_kept": not failed and all(r["frame_count_kept"] and r["frame_rate_kept"] and r["audio_kept"]
                                            for r in rows)}
+
+
+def _sum_chance(per_clip: list[dict]) -> dict:
+    """The recognizer's chance rate (`ClipScore.count_chance`) over clips: pairs and matches summed,
+    `expected_leaks` the clips' own expectations summed."""
+    pairs = sum(c["pairs"] for c in per_clip)
+    painted = sum(c["painted_matches_other_person"] for c in per_clip)
+    real = sum(c["real_matches_other_person"] for c in per_clip)
+    return {"pairs": pairs, "painted_matches_other_person": painted, "rate": round(painted / pairs, 4) if pairs else None,
+            "real_matches_other_person": real, "rate_real": round(real / pairs, 4) if pairs else None,
+            "expected_leaks": round(sum(c["expected_leaks"] or 0 for c in per_clip), 1)}
 
 
 def _stability(per_clip: list[dict]) -> dict:

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fdf_core.boxes import box_iou
 from fdf_core.errors import ConfigError, InputError, MissingAssetError, MissingInputError
 from fdf_core.tario import atomic_path, atomic_write_json
 from eval.anonymizer import METHODS, Anonymizer, AnonymizerConfig, is_grayscale
@@ -101,21 +102,13 @@ class DlibFaces:
                                                          Image.BILINEAR)) if scale > 1 else image
         found = [np.array([d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()], np.float64) * scale
                  for d in self.cnn(np.ascontiguousarray(small), 0)]
-        return any(iou(box, f) >= 0.5 for f in found)
+        return bool(len(found)) and bool((box_iou(box, np.asarray(found)) >= 0.5).any())
 
     def embed(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The 128-d embedding of the face in `box`, aligned by the 5-point shape model."""
         rect = self._dlib.rectangle(*(int(round(v)) for v in box))
         image = np.ascontiguousarray(image)
         return np.asarray(self.embedder.compute_face_descriptor(image, self.shape(image, rect)), np.float64)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def photo_pairs(folder: Path, limit: int | None = None) -> list[tuple[Path, Path]]:

@@ -65,6 +65,7 @@ from eval import face_motion
 from eval.anonymizer import Anonymizer, Faces
 from eval.face_memory import TrackFaces
 from eval.paste import pixel_extent, visible_fraction
+from fdf_core.boxes import box_iou
 from fdf_core.tario import replace_durably, temporary_path
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -172,16 +173,6 @@ def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTS
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of x0, y0, x1, y1 boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def covered_share(boxes: np.ndarray, scores: np.ndarray, grid: int = 16) -> np.ndarray:
     """For each box, the share of its area inside the union of the boxes that score higher (sampled
     on a `grid` x `grid` lattice of its area). Only boxes that overlap it are tested (a crowd frame
@@ -192,7 +183,7 @@ def covered_share(boxes: np.ndarray, scores: np.ndarray, grid: int = 16) -> np.n
         return share
     rank = np.empty(len(boxes), int)
     rank[np.argsort(-np.asarray(scores, np.float64), kind="stable")] = np.arange(len(boxes))
-    overlaps = (_iou(boxes, boxes) > 0) & (rank[None, :] < rank[:, None])  # [i, j]: j scores higher and touches i
+    overlaps = (box_iou(boxes, boxes) > 0) & (rank[None, :] < rank[:, None])  # [i, j]: j scores higher and touches i
     u = (np.arange(grid) + 0.5) / grid
     for i in np.flatnonzero(overlaps.any(axis=1)):
         x0, y0, x1, y1 = boxes[i]
@@ -208,7 +199,7 @@ def _affinity(predicted: np.ndarray, boxes: np.ndarray, iou: float) -> np.ndarra
     """(T, D) match quality: IoU where it reaches `iou`, else a centre-distance score below it for
     boxes of similar size whose centres are within half a box side (a face that moved further
     than its predicted box); 0 = no match."""
-    aff = _iou(predicted, boxes)
+    aff = box_iou(predicted, boxes)
     cp = (predicted[:, None, :2] + predicted[:, None, 2:]) / 2
     cd = (boxes[None, :, :2] + boxes[None, :, 2:]) / 2
     side_p = np.maximum(predicted[:, 2] - predicted[:, 0], predicted[:, 3] - predicted[:, 1])[:, None]

@@ -76,10 +76,12 @@ import cv2
 import numpy as np
 
 from eval.paste import visible_fraction
+from fdf_core.boxes import box_iou
 
 MIN_FACE = 10  # px: smaller faces are not counted
 SMALL = 24  # px: the size-bin boundary
 LEAK_DETAIL = 0.5  # a face-frame that kept at least this share of its source detail is leaked
+CHANCE_MAX_IOU = 0.3  # two ground-truth boxes overlapping more may be one person (ClipScore.count_chance)
 RECOGNIZER_MIN = 32  # px: faces at least this wide are also judged by dlib's face recognizer
 IDENTITY_MATCH = 0.6  # dlib's usual same-person distance: a track's faces stay one identity below it
 # (face width px, dlib distance accepting 1e-3 of different-person pairs of faces that wide): module docstring
@@ -263,6 +265,9 @@ class ClipScore:
     by_source: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # source → faces/leaked per bin
     track_embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # face id → its output embeddings
     source_embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # face id → its source's, same frames
+    chance_pairs: int = 0  # (painted face, another person of the same frame) pairs the recognizer compared
+    chance_matches: int = 0  # of those, under the painted face's leak threshold
+    chance_matches_real: int = 0  # the same pairs with the real face in place of the painted one
 
     def stability(self) -> dict:
         """Identity stability: per ground-truth face (one person along the clip) with at least two
@@ -273,6 +278,28 @@ class ClipScore:
         spread along a clip (pose, size, motion blur): a painted track that changes no more than
         its source did has not changed identity by any measure this recognizer can make."""
         return {**_worst_spread(self.track_embeddings), "source": _worst_spread(self.source_embeddings)}
+
+    def count_chance(self, judged: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """The recognizer's chance rate on this clip: each face-frame it judged in one frame, as
+        (face id, output embedding, source embedding, box), against every *other* person of that
+        frame (another face id whose box overlaps it by less than CHANCE_MAX_IOU, so a face that two
+        ground-truth sources boxed apart is not its own stranger). A painted face "matching" a
+        different person as often as it matches its own source is the recognizer's false-match
+        rate at these sizes, not the person showing through; the same pairs with the real face in
+        place of the painted one give the rate for real strangers."""
+        if len(judged) < 2:
+            return
+        boxes = np.stack([b for *_, b in judged])
+        sources = np.stack([s for _, _, s, _ in judged])
+        ids = np.array([f for f, *_ in judged])
+        for fid, out, src, box in judged:
+            others = (ids != fid) & (box_iou(box, boxes)[0] < CHANCE_MAX_IOU)
+            if not others.any():
+                continue
+            limit = identity_threshold(box[2] - box[0])
+            self.chance_pairs += int(others.sum())
+            self.chance_matches += int((np.linalg.norm(sources[others] - out, axis=1) < limit).sum())
+            self.chance_matches_real += int((np.linalg.norm(sources[others] - src, axis=1) < limit).sum())
 
     def count_source(self, sources: list[str], k: str, leaked: bool) -> None:
         """Per ground-truth source, and `NOT_OURS` for a face no source `ours` (or hand label) has."""
@@ -294,8 +321,21 @@ class ClipScore:
                 "identity": {"every_nth_frame": self.identity_every, "checked": self.identity_checked, "leaked": dict(self.leaked_by_identity),
                              "under_0_6": sum(x < IDENTITY_MATCH for x in self.identity_distances),
                              "distance_min": round(min(d), 3) if (d := self.identity_distances) else None,
-                             "distance_median": round(float(np.median(d)), 3) if d else None},
+                             "distance_median": round(float(np.median(d)), 3) if d else None,
+                             "chance": self.chance()},
                 "identity_stability": self.stability()}
+
+
+    def chance(self) -> dict:
+        """`count_chance` as counts and rates: `expected_leaks` is what the judged face-frames would
+        count as leaked if every painted face were a stranger to its source as to the others."""
+        n = self.chance_pairs
+        rate = self.chance_matches / n if n else None
+        return {"pairs": n, "painted_matches_other_person": self.chance_matches,
+                "rate": round(rate, 4) if n else None,
+                "real_matches_other_person": self.chance_matches_real,
+                "rate_real": round(self.chance_matches_real / n, 4) if n else None,
+                "expected_leaks": round(rate * self.identity_checked, 1) if n else None}
 
 
 def _worst_spread(embeddings: dict[str, list[np.ndarray]]) -> dict:
@@ -343,9 +383,11 @@ def _paired_frames(source: Path, output: Path, expected: int, truth_name: str):
 
 
 def _leaked(score: ClipScore, identity: IdentityCheck | None, key: tuple, src: np.ndarray, out: np.ndarray,
-            ys: np.ndarray, yo: np.ndarray, box: np.ndarray, k: str, fid: str | None = None) -> bool:
+            ys: np.ndarray, yo: np.ndarray, box: np.ndarray, k: str, fid: str | None = None,
+            judged: list | None = None) -> bool:
     """The detail test, then (only where it found no leak) the recognizer, counted apart; the
-    recognizer's embedding of the output face is kept per ground-truth face `fid` (stability)."""
+    recognizer's embedding of the output face is kept per ground-truth face `fid` (stability) and
+    appended to the frame's `judged` list (`ClipScore.count_chance`)."""
     if detail_kept(ys, yo, box) >= LEAK_DETAIL:
         return True
     d = identity.distance(src, out, box, key) if identity is not None else None
@@ -354,6 +396,8 @@ def _leaked(score: ClipScore, identity: IdentityCheck | None, key: tuple, src: n
     if fid is not None:
         score.track_embeddings.setdefault(str(fid), []).append(identity.last_output)
         score.source_embeddings.setdefault(str(fid), []).append(identity.last_source)
+        if judged is not None:
+            judged.append((str(fid), identity.last_output, identity.last_source, box))
     score.identity_checked += 1
     score.identity_distances.append(d)
     if d < identity_threshold(box[2] - box[0]):
@@ -388,7 +432,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
                              f"the source {src.shape[1]}x{src.shape[0]}")
         ys, yo = luma(src), luma(out)
         h, w = ys.shape
-        current = {}
+        current, judged = {}, []
         for fid, *b in truth["faces"][i]:
             box = np.asarray(b, np.float64)
             width = box[2] - box[0]
@@ -398,7 +442,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
             k = size_bin(width)
             score.faces[k] += 1
             judge = identity if i % identity_every == 0 else None
-            leaked = _leaked(score, judge, (*source_id, i, fid), src, out, ys, yo, box, k, fid)
+            leaked = _leaked(score, judge, (*source_id, i, fid), src, out, ys, yo, box, k, fid, judged)
             score.count_source(sources.get(fid, []), k, leaked)
             if leaked:
                 score.leaked[k] += 1
@@ -411,6 +455,7 @@ def score_clip(source: str | Path, output: str | Path, truth: dict | str | Path,
                     score.flicker_sum += float(np.abs(current[fid][1] - po).mean())
                     score.flicker_source_sum += float(np.abs(current[fid][0] - ps).mean())
                     score.flicker_pairs += 1
+        score.count_chance(judged)
         prev = current
         score.frames_judged += 1
     return score

@@ -38,6 +38,7 @@ from retinaface.prior_box import priorbox
 from torch import nn
 
 from fdf_core.assets import MissingAssetError, cache_dir, resolve_file
+from fdf_core.boxes import box_iou
 from fdf_core.tario import atomic_write_bytes
 from fdf_builder.face_models import (DETECTOR_RUNTIMES, DETECTORS, PAD_MULTIPLE, check_detector_options,
                                      unknown_choice)
@@ -381,7 +382,7 @@ def _merge(first: Detections, second: Detections, rescale: float, iou: float, be
     if not len(second):
         return first
     boxes = second.boxes * rescale
-    overlaps = _iou(first.boxes, boxes) >= iou  # first x second
+    overlaps = box_iou(first.boxes, boxes) >= iou  # first x second
     small = _face_width(first.boxes, width) < below
     keep = ~(small & overlaps.any(axis=1))
     first = Detections(boxes=first.boxes[keep], scores=first.scores[keep], landmarks=first.landmarks[keep])
@@ -401,15 +402,6 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
     kept = cv2.dnn.NMSBoxes(xywh.tolist(), scores.astype(np.float64).tolist(), 0.0, threshold)
     return np.asarray(kept, np.int64).reshape(-1)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of every box of `a` with every box of `b` (x0, y0, x1, y1): |a| x |b|."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=2)
-    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(axis=1), (b[:, 2:] - b[:, :2]).prod(axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
 def _padded_shape(hw: tuple[int, int]) -> tuple[int, int]:

@@ -297,3 +297,24 @@ def test_identity_stability_is_the_largest_distance_within_a_track():
     score.source_embeddings = {"steady": [a, a, a], "changes": [a, far, a]}  # the real person's own spread
     src = score.as_dict()["identity_stability"]["source"]
     assert src["tracks"] == 2 and src["tracks_one_identity"] == 1 and src["max_distance_worst_track"] == pytest.approx(0.9)
+
+
+def test_the_chance_rate_compares_a_painted_face_with_the_other_people_of_its_frame():
+    from eval.video_metrics import ClipScore
+    score = ClipScore()
+    person = [np.eye(128)[i] for i in range(3)]  # three people, sqrt(2) apart
+    box = lambda x: np.array([x, 0.0, x + 64, 64])  # noqa: E731
+    painted_like_b = person[1] + 0.01  # the painted face of `a` looks like `b`, not like `a`
+    judged = [("a", painted_like_b, person[0], box(0)), ("b", person[2] + 5, person[1], box(100)),
+              ("c", person[2] + 5, person[2], box(200)),
+              ("a-again", person[0], person[0], box(5))]  # a second box of `a` (IoU 0.86): not a stranger to it
+    score.count_chance(judged)
+    chance = score.chance()
+    # pairs: a: b, c (a-again overlaps); b: a, c, a-again; c: a, b, a-again; a-again: b, c
+    assert chance["pairs"] == 10
+    assert chance["painted_matches_other_person"] == 1  # `a` painted as `b`
+    assert chance["real_matches_other_person"] == 0  # real strangers are sqrt(2) apart
+    score.identity_checked = 20
+    assert chance["rate"] == pytest.approx(0.1) and score.chance()["expected_leaks"] == pytest.approx(2.0)
+    score.count_chance(judged[:1])  # one face alone in its frame has no stranger to compare
+    assert score.chance()["pairs"] == 10
