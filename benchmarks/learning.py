@@ -76,7 +76,7 @@ class Run:
         progress = read_progress(self.checkpoint) or {}
         kimg = progress.get("images_shown", 0) / 1000
         client, run = mlflow_run(self.run_dir, self.checkpoint)
-        wall_h = (self.checkpoint.stat().st_mtime - run.info.start_time / 1000) / 3600
+        wall_h = training_seconds(client, run) / 3600
         return {
             "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
                     f"{self.resolution}x{self.resolution}, CPU-trained)",
@@ -85,8 +85,8 @@ class Run:
             "precision": self.precision,
             "kimg": round(kimg, 1),
             "wall_time_hours": round(wall_h, 2),
-            "notes": f"Trained {kimg:g} kimg (of the config's {self.total_kimg:g}) in {wall_h:.1f} h of wall time on "
-                     f"2 CPU cores shared with other jobs, with "
+            "notes": f"Trained {kimg:g} kimg (of the config's {self.total_kimg:g}) in {wall_h:.1f} h of wall time "
+                     f"(the stops between sessions left out) on 2 CPU cores shared with other jobs, with "
                      f"{self.config.relative_to(REPO) if self.config.is_relative_to(REPO) else self.config} "
                      f"(benchmarks/learning.py). Paints {self.resolution}x{self.resolution} faces; the paper's "
                      "model paints 128x128 from 1.47M FDF faces.",
@@ -159,6 +159,17 @@ def fid_curve(client, run) -> list[dict]:
              "seconds": round(series["fid/seconds"][step], 1)} for step, value in sorted(series["fid"].items())]
 
 
+STOP_SECONDS = 600  # a gap this long between two logged steps is a stop (between sessions), not training
+
+
+def training_seconds(client, run) -> float:
+    """The run's training wall time: the time between consecutive logged steps, stops of more than
+    STOP_SECONDS left out. A run carried over several sessions spans days; its start-to-end time is
+    no measure of what it cost (FID evaluations during training are counted: they are part of it)."""
+    times = sorted(m.timestamp for m in client.get_metric_history(run.info.run_id, "progress/kimg"))
+    return sum(g for g in (b - a for a, b in zip(times, times[1:])) if g < STOP_SECONDS * 1000) / 1000
+
+
 def training_speed(client, run) -> dict:
     """Median img/s per resolution and the run's wall time."""
     rid = run.info.run_id
@@ -167,9 +178,8 @@ def training_speed(client, run) -> dict:
     for m in client.get_metric_history(rid, "speed/img_per_s"):
         if m.step in res:
             speeds.setdefault(res[m.step], []).append(m.value)
-    wall = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     return {"img_per_s": {str(r): round(statistics.median(v), 1) for r, v in sorted(speeds.items())},
-            "train_wall_seconds": wall}
+            "train_wall_seconds": round(training_seconds(client, run), 1)}
 
 
 def _data(work: Path):

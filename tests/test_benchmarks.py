@@ -111,3 +111,17 @@ def test_a_run_starts_from_the_state_a_previous_session_committed(tmp_path, monk
     (run.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"newer")
     assert learning.seed_from_carry(run) is None
     assert (run.run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"newer"
+
+
+def test_a_carried_run_counts_its_training_time_not_the_days_between_sessions(tmp_path):
+    """The model card's wall time: a run resumed next day spans a day, but trained for minutes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import learning
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("t"))
+    day, start = 86_400_000, 1_700_000_000_000
+    session = [start + 60_000 * i for i in range(11)]  # 10 minutes of steps a minute apart
+    for step, t in enumerate(session + [s + day for s in session]):  # the same again the next day
+        client.log_metric(run.info.run_id, "progress/kimg", step, timestamp=t, step=step)
+    assert learning.training_seconds(client, client.get_run(run.info.run_id)) == pytest.approx(1200)
