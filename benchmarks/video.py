@@ -10,7 +10,7 @@ per clip and in total, one row per method.
     python benchmarks/video.py --checkpoint RUN/checkpoints/final.ckpt --methods generator
 
 Methods: `generator` (DeepPrivacy; `--checkpoint`, else the generator shipped in `eval/weights/`,
-32x32; `--generator_width N` instead runs a randomly initialised one of base width N at 128x128:
+its card there; `--generator_width N` instead runs a randomly initialised one of base width N at 128x128:
 leaks do not depend on what the generator paints, and the paper's 12M generator, width 256, runs
 at about 1 face/s on 2 CPU cores, hours on the crowd clip), `heavy_blur` (the blur baseline: box
 filter of 30 % of the face width, the same tracking), and `deface` (deface 1.5.0 through its command

@@ -372,8 +372,8 @@ class Anonymizer:
             faces = self.detect(images)
         if len(faces) != len(images):
             raise ValueError(f"{len(images)} images but faces for {len(faces)}")
-        if self.cfg.method != "generator":
-            return [anonymize_boxes(im, f.boxes, self.cfg.method) for im, f in zip(images, faces)]
+        if self.cfg.method != "generator":  # a grayscale photo stays grayscale (OpenCV's filters can round apart)
+            return [_as_source(anonymize_boxes(im, f.boxes, self.cfg.method), im) for im, f in zip(images, faces)]
         faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
         t0 = time.perf_counter()
         small = [self.small_faces(f) for f in faces]
@@ -519,6 +519,11 @@ class Anonymizer:
 def is_grayscale(image: np.ndarray) -> bool:
     """A grayscale photo stored as RGB: its anonymized faces must stay gray."""
     return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+def _as_source(out: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """`out`, made gray again where the `source` photo was grayscale."""
+    return _to_gray(out) if is_grayscale(source) else out
 
 
 def _to_gray(face: np.ndarray) -> np.ndarray:

@@ -166,6 +166,19 @@ def test_a_grayscale_photo_stays_grayscale_to_the_last_bit():
         assert np.abs(out.astype(int) - image).mean() > 10, name  # the face was painted
 
 
+def test_a_grayscale_photo_stays_grayscale_under_a_baseline_too():
+    """The heavy blur (OpenCV's box filter) left one pixel of an LFW photo, at the photo's edge,
+    with its channels a level apart (27, 28, 28): a face box that reaches the edge is filtered by
+    code that rounds its last pixels apart from the rest."""
+    from eval.anonymizer import Faces, is_grayscale
+    name = "Mel_Gibson_0002.jpg"
+    image = cv2.cvtColor(cv2.imread(str(assets_dir() / "faces" / "lfw_pairs" / name)), cv2.COLOR_BGR2RGB)
+    boxes = np.array([[0.62, 0.0, 265.12, 350.0], [276.17, 207.96, 350.0, 332.86]])  # the detector's, 2026-12-07
+    out = Anonymizer(AnonymizerConfig(method="heavy_blur")).anonymize([image], [Faces(boxes, np.ones(2))])[0]
+    assert is_grayscale(image) and is_grayscale(out)
+    assert np.abs(out.astype(int) - image).mean() > 1  # the faces were blurred
+
+
 def test_a_random_latent_paints_another_face_and_the_same_seed_the_same_one(monkeypatch):
     """`--latent 0` is z = 0 (the default); a latent drawn per face changes the painted face, the
     same seed and face repaint it exactly (a rerun gives the same photo), another seed does not,
