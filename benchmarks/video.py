@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the generator's latent: z = latent x N(0, 1), one per track (0: z = 0)")
     p.add_argument("--small_face_method", default=AnonymizerConfig.small_face_method,
                    help="what the generator's anonymizer gives faces under its small_face_size")
+    p.add_argument("--small_face_size", type=int, default=AnonymizerConfig.small_face_size,
+                   help="faces under this many px take --small_face_method instead of the generator")
     args = p.parse_args(argv)
     video_options = VideoOptions(paint_every=args.paint_every, temporal_keep=args.temporal_keep,
                                  seam_keep=args.seam_keep, sharper=args.sharper, paint_score=args.paint_score,
@@ -225,14 +227,16 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         result: dict = {"device": "cpu", "threads": args.threads, "quick": args.quick, "clips": {}, "total": {},
                         "video_options": video_options.__dict__,
-                        "small_face_method": args.small_face_method, "latent": args.latent,
+                        "small_face_method": args.small_face_method, "small_face_size": args.small_face_size,
+                        "latent": args.latent,
                         "identity_every": args.identity_every}
         ours: dict[str, Anonymizer] = {}
         base = Anonymizer(AnonymizerConfig(method=BLUR, batch_size=args.batch_size))
         if "generator" in methods:
             generator, result["generator"] = build_generator(args)
             ours["generator"] = Anonymizer(AnonymizerConfig(batch_size=args.batch_size, latent=args.latent,
-                                                            small_face_method=args.small_face_method), generator=generator,
+                                                            small_face_method=args.small_face_method,
+                                                            small_face_size=args.small_face_size), generator=generator,
                                            detector=base.detector, keypoint_model=base.keypoint_model)
         if BLUR in methods:
             ours[BLUR] = base
