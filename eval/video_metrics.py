@@ -325,7 +325,6 @@ class ClipScore:
                              "chance": self.chance()},
                 "identity_stability": self.stability()}
 
-
     def chance(self) -> dict:
         """`count_chance` as counts and rates: `expected_leaks` is what the judged face-frames would
         count as leaked if every painted face were a stranger to its source as to the others."""
