@@ -316,7 +316,7 @@ class Anonymizer:
         t0 = time.perf_counter()
         wanted = np.ones(len(faces), bool) if faces.paint is None else np.asarray(faces.paint, bool)
         wanted &= ~self.small(faces.boxes, self.cfg.pose_min_size)  # not painted, or too small for pose to show
-        wanted &= ~self.small_faces(faces)
+        wanted &= ~self.small_faces(faces, image.shape)
         if faces.views is not None:  # painted from another frame, posed there
             wanted &= np.array([v is None for v in faces.views], bool)
         found = iter(self.keypoint_model.keypoints_for_faces(image, faces.boxes[wanted], faces.scores[wanted])
@@ -325,17 +325,31 @@ class Anonymizer:
         self.timings["keypoints"] += time.perf_counter() - t0
         return faces
 
-    def small(self, boxes: np.ndarray, size: int | None = None) -> np.ndarray:
+    def small(self, boxes: np.ndarray, size: int | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Which boxes (N, 4) are below `size` px (longer side; default `small_face_size`: the faces
-        that take `small_face_method`, not the generator)."""
+        that take `small_face_method`, not the generator). With the image's `shape` (H, W, ...) a box
+        cut by the image edge is measured by its part in view, as the side of a square of that
+        part's area: a video track carries a face cut by the frame edge at its whole size
+        (eval.video), but only the part in view shows, and a sliver 11 px wide and 28 high shows
+        no more than a 17-px face (the full crowd clip leaked three such slivers, painted with a
+        face's detail, before this rule; docs/video.md)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        if shape is not None:
+            height, width = shape[:2]
+            seen = np.clip(boxes, 0, [width, height, width, height])
+            cut = (seen != boxes).any(axis=1)
+            seen_side = np.sqrt((seen[:, 2] - seen[:, 0]) * (seen[:, 3] - seen[:, 1]))
+            side = np.where(cut, np.minimum(side, seen_side), side)
         limit = self.cfg.small_face_size if size is None else size
-        return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) < limit
+        return side < limit
 
-    def small_faces(self, faces: Faces) -> np.ndarray:
+    def small_faces(self, faces: Faces, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Which of the faces take `small_face_method`: as `faces.small` says where it is set, else
-        those under `small_face_size`."""
-        return self.small(faces.boxes) if faces.small is None else np.asarray(faces.small, bool).reshape(-1)
+        those under `small_face_size` (in view, given the image's `shape`)."""
+        if faces.small is not None:
+            return np.asarray(faces.small, bool).reshape(-1)
+        return self.small(faces.boxes, shape=shape)
 
     def find_faces(self, images: list[np.ndarray]) -> list[Faces]:
         return [self.add_keypoints(im, f) for im, f in zip(images, self.detect(images))]
@@ -376,7 +390,7 @@ class Anonymizer:
             return [_as_source(anonymize_boxes(im, f.boxes, self.cfg.method), im) for im, f in zip(images, faces)]
         faces = [self.add_keypoints(im, f) for im, f in zip(images, faces)]
         t0 = time.perf_counter()
-        small = [self.small_faces(f) for f in faces]
+        small = [self.small_faces(f, im.shape) for im, f in zip(images, faces)]
         self.counts["small_faces"] += int(sum(s.sum() for s in small))
         # small faces first, so that a painted face's seam meets them replaced, never the original
         images = [anonymize_boxes(im, f.boxes[s], self.cfg.small_face_method) if s.any() else im

@@ -797,6 +797,19 @@ def ready_batches(pending: deque, pushed: int, lookahead: int, batch: int, ended
         yield ready
 
 
+def small_faces_of_frame(anonymizer: Anonymizer, memory: TrackFaces, tracks: list[int], boxes: np.ndarray,
+                         unsure: list[bool], planned: list[bool], shape: tuple[int, ...]) -> list[bool]:
+    """Which of a frame's tracked faces take the small-face method: a track keeps the choice made at
+    its last painting (TrackFaces.small; a face under the limit, or one the detector is unsure of),
+    except that a face leaving over the frame edge takes the small-face method as soon as its part
+    in view is under the limit (Anonymizer.small), not at its next painting: carried until then, a
+    painting squeezed into a sliver kept a face's detail (two frames of the full crowd clip)."""
+    in_view = anonymizer.small(boxes, shape=shape)
+    leaving = in_view & ~anonymizer.small(boxes)
+    return [memory.small(k, now or u, p) or bool(cut)
+            for k, now, u, p, cut in zip(tracks, in_view, unsure, planned, leaving)]
+
+
 def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, opts: VideoOptions = VideoOptions(),
                     progress: bool = True) -> dict:
     """Anonymize every frame of `src` into `dst` (H.264, same frame rate, the source's audio).
@@ -832,8 +845,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             if memory is not None:  # frame order: which faces are painted afresh in this frame
                 f.paint = [memory.plan(k) for k in tracks]
                 unsure = [tracker.best_score(k) < opts.paint_score for k in tracks]
-                f.small = [memory.small(k, now or u, p)
-                           for k, now, u, p in zip(tracks, anonymizer.small(boxes), unsure, f.paint)]
+                f.small = small_faces_of_frame(anonymizer, memory, tracks, boxes, unsure, f.paint, image.shape)
             found.append(f)
             ids.append(tracks)
         if generator and opts.sharper:

@@ -153,6 +153,25 @@ def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_
         AnonymizerConfig(small_face_method="sparkles")
 
 
+def test_a_face_cut_by_the_photo_edge_is_measured_by_its_part_in_view():
+    """A video track carries a face cut by the frame edge at its whole size (eval.video). With 11 of
+    its 30 px in view (an 11 x 30 sliver, the area of an 18-px face) it is a small face:
+    soft-blurred, no generator call (the full crowd clip leaked such slivers, painted with a face's
+    detail, before this rule); with 25 in view it is painted."""
+    from eval.baselines import anonymize_boxes
+    image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
+    h, w = image.shape[:2]
+    a = Anonymizer(AnonymizerConfig(small_face_size=20))
+    sliver = np.array([[w - 11.0, 60.0, w + 19.0, 90.0]])
+    assert a.small(sliver).tolist() == [False] and a.small(sliver, shape=image.shape).tolist() == [True]
+    out = a.anonymize([image], [Faces(sliver, np.ones(1))])[0]
+    assert dict(a.counts) == {"small_faces": 1}
+    assert np.array_equal(out, anonymize_boxes(image, sliver, "soft_blur"))
+    most = np.array([[w - 25.0, 60.0, w + 5.0, 90.0]])
+    a.anonymize([image], [Faces(most, np.ones(1))])
+    assert dict(a.counts) == {"small_faces": 1, "generated_faces": 1}
+
+
 def test_a_grayscale_photo_stays_grayscale_to_the_last_bit():
     """LFW photos are grayscale stored as RGB. With the shipped 64x64 model, 13 of about 800 came
     back with one pixel's channels a level apart (float arithmetic per channel in the paste); the

@@ -41,6 +41,22 @@ def test_a_track_keeps_the_small_face_method_or_the_generator_between_its_painti
     assert memory.small(3, False, False) is False  # a forgotten track chooses afresh
 
 
+def test_a_face_leaving_over_the_frame_edge_takes_the_small_face_method_before_its_next_painting():
+    """A 30-px face painted by the generator while whole is carried to its next painting; once it
+    leaves over the right edge with only a 9 x 30 sliver in view it is blurred at once, while a face
+    of the same size shrinking inside the frame keeps its method to the next painting (as above)."""
+    from eval.video import small_faces_of_frame
+    memory = TrackFaces(paint_every=8)
+    a = Anonymizer(AnonymizerConfig(method="heavy_blur", small_face_size=20))  # the sizes are its config's
+    shape = (240, 384, 3)
+    def frame(x0: float, shrink: float) -> list[bool]:
+        boxes = np.array([[x0, 100, x0 + 30, 130], [100, 100, 130 - shrink, 130 - shrink]])
+        planned = [memory.plan(k) for k in (1, 2)]
+        return small_faces_of_frame(a, memory, [1, 2], boxes, [False, False], planned, shape)
+    chosen = [frame(x0, shrink) for x0, shrink in [(340, 0), (350, 12), (355, 12), (375, 12)]]
+    assert chosen == [[False, False], [False, False], [False, False], [True, False]]
+
+
 def _pan(path, frames: int = 24) -> list[np.ndarray]:
     photo = cv2.imread(str(PHOTO))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (384, 240))
