@@ -62,3 +62,22 @@ def test_fade_in_under_autocast_that_upsamples_in_fp32(monkeypatch):
         score = d(fake, cond, mask, kp, alpha=0.5)
     assert fake.shape == (4, 3, 16, 16) and score.shape == (4,)
     assert torch.isfinite(fake).all() and torch.isfinite(score.float()).all()
+
+
+def test_bf16_inference_follows_weights_changed_in_place():
+    """At inference the bf16 path runs a bf16 copy of the generator; an in-place update of its
+    weights (an EMA step during training) must reach that copy, not leave it painting stale faces."""
+    from training.networks import Generator, GeneratorAt
+    torch.manual_seed(0)
+    g = GeneratorAt(Generator(base_width=16, max_resolution=16).eval(), 16, precision="bf16")
+    cond, mask, kp = torch.rand(2, 3, 16, 16) * 2 - 1, torch.ones(2, 1, 16, 16), torch.rand(2, 7, 2)
+    mask[:, :, 4:12, 4:12] = 0
+    with torch.inference_mode():
+        before = g(cond, mask, kp)
+    with torch.no_grad():
+        for p in g.generator.parameters():
+            p.mul_(1.5)
+    with torch.inference_mode():
+        after = g(cond, mask, kp)
+        fresh = GeneratorAt(g.generator, 16, precision="bf16")(cond, mask, kp)
+    assert not torch.equal(before, after) and torch.equal(after, fresh)

@@ -44,9 +44,13 @@ class EqualizedLinear(nn.Module):
 
 
 class PixelNorm(nn.Module):
-    """Normalize each pixel's feature vector to unit RMS; computed in fp32 (it overflows in fp16)."""
+    """Normalize each pixel's feature vector to unit RMS; computed in fp32 (it overflows in fp16),
+    except a bf16 tensor at inference (no autograd; bf16 has fp32's range): the round trip through
+    fp32 was a fifth of the 64x64 generator's time a face on this CPU, and training keeps fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            return x * torch.rsqrt((x * x).mean(dim=1, keepdim=True) + 1e-8)
         with torch.autocast(x.device.type, enabled=False):
             y = x.float()
             y = y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + 1e-8)
