@@ -208,6 +208,14 @@ def test_a_photo_run_on_a_cpu_does_not_import_torchvision(tmp_path):
     assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]  # the first run exports, the second need not
 
 
+def test_prior_boxes_equal_the_packages_loop():
+    """Our vectorized anchors are retinaface-pytorch's own, value for value and in its order."""
+    from retinaface.prior_box import priorbox
+    from fdf_builder.detector import _MIN_SIZES, _STEPS, prior_boxes
+    for shape in [(640, 640), (480, 352), (97, 161), (32, 1024)]:
+        assert torch.equal(prior_boxes(shape), priorbox(_MIN_SIZES, _STEPS, clip=False, image_size=shape)), shape
+
+
 def test_nms_keeps_what_torchvision_keeps():
     """OpenCV's greedy NMS in place of torchvision's: the same boxes, in the same order, on dense
     random clusters of boxes (many overlaps near the threshold)."""
