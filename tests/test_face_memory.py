@@ -44,7 +44,8 @@ def test_a_track_keeps_the_small_face_method_or_the_generator_between_its_painti
 def test_a_face_leaving_over_the_frame_edge_takes_the_small_face_method_before_its_next_painting():
     """A 30-px face painted by the generator while whole is carried to its next painting; once it
     leaves over the right edge with only a 9 x 30 sliver in view it is blurred at once, while a face
-    of the same size shrinking inside the frame keeps its method to the next painting (as above)."""
+    of the same size shrinking inside the frame keeps its method to the next painting (as above).
+    Coming into view, it is painted as soon as enough of it shows."""
     from eval.video import small_faces_of_frame
     memory = TrackFaces(paint_every=8)
     a = Anonymizer(AnonymizerConfig(method="heavy_blur", small_face_size=20))  # the sizes are its config's
@@ -55,6 +56,11 @@ def test_a_face_leaving_over_the_frame_edge_takes_the_small_face_method_before_i
         return small_faces_of_frame(a, memory, [1, 2], boxes, [False, False], planned, shape)
     chosen = [frame(x0, shrink) for x0, shrink in [(340, 0), (350, 12), (355, 12), (375, 12)]]
     assert chosen == [[False, False], [False, False], [False, False], [True, False]]
+    # one coming into view is blurred while a sliver, painted once enough of it shows, with no wait
+    # for its next painting (the choice kept between paintings is made on its whole box)
+    memory.forget(set())
+    chosen = [frame(x0, 0)[0] for x0 in (375, 372, 360, 350)]
+    assert chosen == [True, True, False, False]
 
 
 def _pan(path, frames: int = 24) -> list[np.ndarray]:
