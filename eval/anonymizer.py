@@ -331,8 +331,8 @@ class Anonymizer:
         cut by the image edge is measured by its part in view, as the side of a square of that
         part's area: a video track carries a face cut by the frame edge at its whole size
         (eval.video), but only the part in view shows, and a sliver 11 px wide and 28 high shows
-        no more than a 17-px face (the full crowd clip leaked three such slivers, painted with a
-        face's detail, before this rule; docs/video.md)."""
+        no more than a 17-px face, yet was painted with a face's features (the full crowd clip's
+        right edge; docs/video.md)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         if shape is not None:

@@ -803,7 +803,7 @@ def small_faces_of_frame(anonymizer: Anonymizer, memory: TrackFaces, tracks: lis
     its last painting by its whole box (TrackFaces.small; a face under the limit, or one the
     detector is unsure of), and in any frame where the frame edge cuts it to a part in view under
     the limit (Anonymizer.small) it takes the small-face method in that frame only: a painting
-    squeezed into a sliver kept a face's detail (frames of the full crowd clip), while a choice
+    squeezed into a sliver showed a face's features there (the full crowd clip's right edge), while a choice
     kept for the track's next 24 frames blurred faces coming into view long after they were whole
     (the full pan clip: flicker 1.27 → 1.33, tracks one identity 18 → 9 of 18)."""
     whole = anonymizer.small(boxes)

@@ -156,8 +156,8 @@ def test_faces_below_small_face_size_take_the_small_face_method_without_pose_or_
 def test_a_face_cut_by_the_photo_edge_is_measured_by_its_part_in_view():
     """A video track carries a face cut by the frame edge at its whole size (eval.video). With 11 of
     its 30 px in view (an 11 x 30 sliver, the area of an 18-px face) it is a small face:
-    soft-blurred, no generator call (the full crowd clip leaked such slivers, painted with a face's
-    detail, before this rule); with 25 in view it is painted."""
+    soft-blurred, no generator call (the full crowd clip's right edge showed such slivers painted
+    with a face's features); with 25 in view it is painted."""
     from eval.baselines import anonymize_boxes
     image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
     h, w = image.shape[:2]

@@ -81,3 +81,13 @@ def test_bf16_inference_follows_weights_changed_in_place():
         after = g(cond, mask, kp)
         fresh = GeneratorAt(g.generator, 16, precision="bf16")(cond, mask, kp)
     assert not torch.equal(before, after) and torch.equal(after, fresh)
+
+
+def test_bf16_inference_runs_a_generator_built_in_inference_mode():
+    """Tensors made under torch.inference_mode() keep no version counter; the bf16 copy's key must
+    not need one (RuntimeError: Inference tensors do not track version counter)."""
+    from training.networks import Generator, GeneratorAt
+    with torch.inference_mode():
+        g = GeneratorAt(Generator(base_width=16, max_resolution=16).eval(), 16, precision="bf16")
+        out = g(torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16), torch.rand(1, 7, 2))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
