@@ -16,11 +16,12 @@ Stages (each resumable: a rerun skips what is done):
    during training; the run folder is `<workdir>/train<resolution>_w<base width>`;
 4. export: the EMA generator with its model card (`training.export`);
 5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's
-   resolution the FID of the generator (bf16 and fp32), of every baseline of `eval.baselines` and of
-   1,000 training faces (the sampling floor); identity removal of every method on all 900 LFW pairs
-   (`fdf-identity`: TPR at FAR 1e-3, de-identification rate, whether dlib's detector still finds a
-   face); whether painted faces match a training face more often than real held-out faces do
-   (`eval.memorization`); training speed per resolution; wall time. Also writes the FID-curve PNG and
+   resolution the FID of the generator (bf16 and fp32 at z = 0, bf16 with a drawn latent), of every
+   baseline of `eval.baselines` and of 1,000 training faces (the sampling floor); identity removal of
+   every method on all 900 LFW pairs (`fdf-identity`, with the photo default latent: TPR at FAR 1e-3,
+   de-identification rate, whether dlib's detector still finds a face); whether painted faces match a
+   training face more often than real held-out faces do (`eval.memorization`, with the photo default
+   latent and at z = 0); training speed per resolution; wall time. Also writes the FID-curve PNG and
    a condition / generated / real grid (`--figures`).
 """
 from __future__ import annotations
@@ -300,8 +301,7 @@ def before_after(model: Path, output: Path, width: int = 1400) -> Path:
 
 
 def evaluate(r: Run, args) -> dict:
-    from eval.anonymizer import METHODS
-    from eval.anonymizer import load_generator_at
+    from eval.anonymizer import METHODS, PHOTO_LATENT, load_generator_at
     from eval.memorization import memorization
     work, run_dir, model = r.work, r.run_dir, r.model
     client, run = mlflow_run(run_dir, r.checkpoint)
@@ -316,10 +316,11 @@ def evaluate(r: Run, args) -> dict:
         plot(PlotConfig(run_dir=str(run_dir), output=str(curve)))
         out["figures"] = [str(curve), str(grid(work, model, samples)),
                           str(before_after(model, figures / f"{r.name}_before_after.png"))]
-    if args.memorization:
+    if args.memorization:  # as photos are painted (PHOTO_LATENT), and at z = 0 (the video default)
         g = load_generator_at(model)
         g.precision = "auto"
-        out["memorization"] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache")
+        for key, latent in (("memorization", PHOTO_LATENT), ("memorization_z0", 0.0)):
+            out[key] = memorization(g, _data(work), args.num_images, cache_dir=work / "fid_cache", latent=latent)
     return out
 
 

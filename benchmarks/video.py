@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from eval.anonymizer import Anonymizer, AnonymizerConfig, load_generator_at  # noqa: E402
+from eval.anonymizer import VIDEO_LATENT, Anonymizer, AnonymizerConfig, load_generator_at  # noqa: E402
 from eval.video import VideoOptions, anonymize_video, ffmpeg_exe  # noqa: E402
 from eval.video_clips import UNTOUCHED, select, write_clip, write_on_truth  # noqa: E402
 from eval.video_metrics import BINS, FrameCountError, probe, score_clip  # noqa: E402
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="drop a detection with more than this share of its box inside higher-scoring ones (1: keep all)")
     p.add_argument("--detect_every", type=int, default=VideoOptions.detect_every,
                    help="the detector runs on every N-th frame; the boxes between come from both sides")
-    p.add_argument("--latent", type=float, default=AnonymizerConfig.latent,
-                   help="the generator's latent: z = latent x N(0, 1), one per track (0: z = 0)")
+    p.add_argument("--latent", type=float, default=VIDEO_LATENT,
+                   help="the generator's latent: z = latent x N(0, 1), one per track (0: z = 0; default: the video default)")
     p.add_argument("--small_face_method", default=AnonymizerConfig.small_face_method,
                    help="what the generator's anonymizer gives faces under its small_face_size")
     p.add_argument("--small_face_size", type=int, default=AnonymizerConfig.small_face_size,

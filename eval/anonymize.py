@@ -9,7 +9,8 @@ files are ignored and counted). A photo in which no face is found is copied byte
 photos are written in the format of their extension (JPEG quality 95), without the source's
 metadata. Videos keep their frame rate and audio (`eval.video`). The options of the run are saved
 as `<OUTPUT>.options.json` beside a file output, or `<OUTPUT>/anonymize_options.json`, with the
-model that painted resolved (`checkpoint`: its file, `model_name`: its card's name, `crop_rule`).
+model that painted resolved (`checkpoint`: its file, `model_name`: its card's name, `crop_rule`, the
+latent scales of photos and videos).
 
 One unreadable photo or video in a folder does not stop the others: it is skipped with its reason,
 every good file is written, and the summary (JSON on stdout) lists the skipped files; the command
@@ -63,11 +64,13 @@ def saved_options(cfg: AnonymizeConfig, anonymizer: Anonymizer) -> dict:
     what painted the faces. `checkpoint` is the model file used (the shipped model or
     $FDF_GENERATOR_CHECKPOINT when --checkpoint was not given), `model_name` its card's name (None for
     a baseline), `crop_rule` the rule faces were cut by (the model's unless overridden) and
-    `context_margins` the band of photo the generator was shown around each box (None: the whole crop)."""
+    `context_margins` the band of photo the generator was shown around each box (None: the whole crop),
+    `latent_photos` / `latent_videos` the latent scales photos and videos were painted with."""
     options = {**asdict(cfg), "model_name": anonymizer.model_name}
     if anonymizer.generator is not None:
         options.update(checkpoint=str(anonymizer.checkpoint), crop_rule=anonymizer.crop_rule,
-                       context_margins=anonymizer.context_margins)
+                       context_margins=anonymizer.context_margins,
+                       latent_photos=cfg.latent_for(video=False), latent_videos=cfg.latent_for(video=True))
     return options
 
 

@@ -238,8 +238,8 @@ def run(cfg: IdentityConfig) -> dict:
             continue
         result["methods"][method] = score_method(faces, anonymizer, kept, first, second, threshold, cfg.threshold,
                                                  cfg.progress)
-        if method == "generator":
-            result["generator"] = anonymizer.generator_name
+        if method == "generator":  # the photo default latent unless --latent is given
+            result["generator"], result["latent"] = anonymizer.generator_name, cfg.latent_for(video=False)
         atomic_write_json(out, result)  # per method: a rerun after a stop keeps the baselines done
     result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out.with_name(out.stem + "_options.json"), asdict(cfg))

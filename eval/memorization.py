@@ -30,6 +30,7 @@ from fdf_core.fid import content_digest, to_uint8
 from fdf_core.tario import atomic_path
 from training.conditioning import prepare
 from training.datamodule import FDFDataModule
+from training.fid import drawn_latents
 from training.networks import GeneratorAt
 
 
@@ -71,14 +72,17 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray, chunk: int = 
 
 @torch.inference_mode()
 def held_out_embeddings(faces: DlibFaces, generator: GeneratorAt, data: FDFDataModule, num_images: int,
-                        batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
+                        batch_size: int = 50, latent: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(painted, real) embeddings of the first `num_images` held-out faces: the generator's face
-    (z = 0, upsampled to the stored size) and the real one, each at the FDF box."""
+    (z = latent x N(0, 1) drawn in order from `seed`, as training.fid.generator_fid draws it; 0: z = 0;
+    upsampled to the stored size) and the real one, each at the FDF box."""
     painted, real = [], []
+    draws = torch.Generator().manual_seed(seed)
     for b in data.iter_val(batch_size, num_images):
         size = b["images"].shape[-1]
         p = prepare(b["images"], b["bbox"], b["keypoints"], generator.resolution, generator.alpha)
-        fake = F.interpolate(generator(p.condition, p.mask, p.keypoints), size=(size, size), mode="bilinear",
+        z = drawn_latents(generator, len(p.condition), latent, draws)
+        fake = F.interpolate(generator(p.condition, p.mask, p.keypoints, z), size=(size, size), mode="bilinear",
                              align_corners=False)
         boxes = _pixel_boxes(b["bbox"], size)
         painted.append(embed_batch(faces, to_uint8(fake).permute(0, 2, 3, 1).numpy(), boxes))
@@ -88,13 +92,14 @@ def held_out_embeddings(faces: DlibFaces, generator: GeneratorAt, data: FDFDataM
 
 def memorization(generator: GeneratorAt, data: FDFDataModule, num_images: int = 1000,
                  cache_dir: str | Path | None = None, threshold: float = DLIB_THRESHOLD,
-                 dlib_models: str | None = None) -> dict:
-    """Share of painted vs real held-out faces whose nearest training face is within `threshold`."""
+                 dlib_models: str | None = None, latent: float = 0.0) -> dict:
+    """Share of painted vs real held-out faces whose nearest training face is within `threshold`;
+    faces painted with z = `latent` x N(0, 1) (0: z = 0)."""
     faces = DlibFaces(dlib_models)
     train = training_embeddings(faces, data, cache_dir)
-    painted, real = held_out_embeddings(faces, generator, data, num_images)
+    painted, real = held_out_embeddings(faces, generator, data, num_images, latent=latent)
     d_painted, d_real = nearest_distances(painted, train), nearest_distances(real, train)
-    return {"training_faces": len(train), "held_out_faces": len(real), "threshold": threshold,
+    return {"training_faces": len(train), "held_out_faces": len(real), "threshold": threshold, "latent": latent,
             "painted_matching_a_training_face": float((d_painted < threshold).mean()),
             "real_held_out_matching_a_training_face": float((d_real < threshold).mean()),
             "painted_nearest_distance_median": float(np.median(d_painted)),

@@ -54,6 +54,7 @@ def test_saved_options_name_the_model_file_that_painted(monkeypatch, tmp_path):
     options = json.loads((tmp_path / "a.jpg.options.json").read_text())
     assert options["checkpoint"] == str(SHIPPED_MODEL)
     assert options["model_name"] == card["name"] and options["crop_rule"] == "pad"
+    assert options["latent"] is None and (options["latent_photos"], options["latent_videos"]) == (1.0, 0.0)
     copy = shutil.copyfile(SHIPPED_MODEL, tmp_path / "model.pt")
     monkeypatch.setenv(CHECKPOINT_ENV, str(copy))
     anonymize_main([str(PHOTOS / NO_FACE), str(tmp_path / "b.jpg"), "--progress", "false"])
@@ -199,17 +200,21 @@ def test_a_grayscale_photo_stays_grayscale_under_a_baseline_too():
 
 
 def test_a_random_latent_paints_another_face_and_the_same_seed_the_same_one(monkeypatch):
-    """`--latent 0` is z = 0 (the default); a latent drawn per face changes the painted face, the
-    same seed and face repaint it exactly (a rerun gives the same photo), another seed does not,
-    and a video track keeps its latent whichever face index it has in a frame."""
+    """`--latent 0` is z = 0; a latent drawn per face changes the painted face, the same seed and
+    face repaint it exactly (a rerun gives the same photo), another seed does not, and a video track
+    keeps its latent whichever face index it has in a frame. By default a photo is painted with
+    PHOTO_LATENT (1) and a video's tracks with VIDEO_LATENT (z = 0)."""
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     generator = load_generator_at(SHIPPED_MODEL)
-    zero, default = (_painted(Anonymizer(cfg, generator=generator))
-                     for cfg in (AnonymizerConfig(latent=0.0), AnonymizerConfig()))
+    default = Anonymizer(AnonymizerConfig(), generator=generator)
+    zero = _painted(Anonymizer(AnonymizerConfig(latent=0.0), generator=generator))
     drawn = Anonymizer(AnonymizerConfig(latent=1.0), generator=generator)
     box = tuple(int(v) for v in FACE_BOX)
     inside = (slice(box[1] + 10, box[3] - 10), slice(box[0] + 10, box[2] - 10))
-    assert np.array_equal(zero, default)
+    assert np.array_equal(_painted(default), _painted(drawn))  # a photo: a face drawn per photo
+    assert default._latents([0, 1], video=True) is None  # a video: z = 0 along every track
+    assert torch.equal(default._latents([0, 1]), drawn._latents([0, 1]))
+    assert torch.equal(drawn._latents([0, 1], video=True), drawn._latents([0, 1]))  # an explicit --latent: both
     assert np.abs(_painted(drawn)[inside].astype(int) - zero[inside]).mean() > 3
     assert np.array_equal(_painted(drawn), _painted(Anonymizer(AnonymizerConfig(latent=1.0), generator=generator)))
     assert not np.array_equal(_painted(drawn), _painted(Anonymizer(AnonymizerConfig(latent=1.0, latent_seed=1),

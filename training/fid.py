@@ -58,6 +58,14 @@ def validation_count(data: FDFDataModule, num_images: int | None) -> int:
     return min(num_images or total, total)
 
 
+def drawn_latents(generator: GeneratorAt, count: int, latent: float, draws: torch.Generator) -> torch.Tensor | None:
+    """z = latent x N(0, 1) for the next `count` faces, drawn in order from `draws`; None for z = 0
+    (`latent` 0). Every held-out figure with a drawn latent (FID, eval.memorization) draws it so."""
+    if not latent:
+        return None
+    return latent * torch.randn(generator.generator.z_shape(count), generator=draws)
+
+
 @torch.inference_mode()
 def generator_fid(generator: GeneratorAt, data: FDFDataModule, num_images: int | None = 1000,
                   batch_size: int = 50, feature: str | nn.Module = "inception",
@@ -74,11 +82,8 @@ def generator_fid(generator: GeneratorAt, data: FDFDataModule, num_images: int |
     draws = torch.Generator().manual_seed(seed + rank)
 
     def generate(b: dict) -> torch.Tensor:
-        z = None
-        if latent:
-            shape = generator.generator.z_shape(b["condition"].shape[0])
-            z = (latent * torch.randn(shape, generator=draws)).to(b["condition"].device)
-        return generator(b["condition"], b["mask"], b["keypoints"], z)
+        z = drawn_latents(generator, b["condition"].shape[0], latent, draws)
+        return generator(b["condition"], b["mask"], b["keypoints"], None if z is None else z.to(b["condition"].device))
 
     return compute_fid(generate, batches, feature,
                        cache_dir, data.val_shards, inception_weights, device, num_images=count,
