@@ -16,12 +16,17 @@ JPEG round trip of the FDF sample, paste-back, decoding, encoding).
     python benchmarks/anonymize.py                       # all settings, all photos
     python benchmarks/anonymize.py --compare '[before, shipped]' --frames 0
     python benchmarks/anonymize.py --versus_deface .venv-deface/bin/deface   # + both commands, start-up included
+    python benchmarks/anonymize.py --compare '[shipped]' --frames 0 --versus_deface .venv-deface/bin/deface --versus_release cafd7e3
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,7 +39,7 @@ import torch
 from fdf_core.assets import assets_dir
 from eval.anonymize import anonymize_images
 from eval.images import IMAGE_EXTS
-from eval.anonymizer import SHIPPED_MODEL, Anonymizer, AnonymizerConfig, load_generator_at
+from eval.anonymizer import CHECKPOINT_ENV, SHIPPED_MODEL, Anonymizer, AnonymizerConfig, load_generator_at
 from eval.video import VideoOptions, anonymize_video
 from training.networks import Generator, GeneratorAt
 
@@ -42,6 +47,7 @@ VIDEO_PHOTO = "face_recognition__examples_obama-720p.jpg"
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = ("383b2cf", "eval/weights/fdf_utkface32_ema.pt")  # the 32x32 model, shipped until the 64x64 one
 SETTINGS = ("before", "shipped", "shipped_fp32", "random_12m")
+RELEASE_32 = "cafd7e3"  # the last commit before issue 14's work: the 32x32 model and the code around it
 
 
 def _fractions(timings: dict[str, float], wall: float) -> dict[str, float]:
@@ -121,40 +127,60 @@ def video_throughput(anonymizer: Anonymizer, frames: int, tmp: Path) -> dict:
             **_fractions(anonymizer.timings, wall)}
 
 
-def versus_deface(photos: list[Path], deface: Path, tmp: Path, rounds: int = 2) -> dict:
+def release_command(commit: str, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The `anonymize` command as a release made it: the code of `commit` (extracted with `git
+    archive`, first on the import path) with the model it shipped, run by this interpreter and its
+    packages. What "today's photos/s" meant when an issue was filed is that command's speed, not the
+    speed of today's code with the old model."""
+    code = tmp / f"release_{commit}"
+    code.mkdir()
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    env = {k: v for k, v in os.environ.items() if k != CHECKPOINT_ENV}  # the model that release shipped
+    env.update(PYTHONPATH=str(code), FDF_ASSETS=str(assets_dir()))
+    entry = "import sys; from eval.cli import anonymize; sys.argv[0] = 'anonymize'; sys.exit(anonymize())"
+    return [sys.executable, "-P", "-c", entry], env  # -P: the working directory (this checkout?) not on the path
+
+
+def versus_deface(photos: list[Path], deface: Path, tmp: Path, rounds: int = 2, release: str | None = None) -> dict:
     """What a user times: the `anonymize` command (generator, defaults) and the `deface` command on
     the same folder of photos, wall time with start-up (importing, loading models), alternated
-    `rounds` times so that a busy machine slows both alike; the median round of each."""
-    import shutil
-    import statistics
-    import sys
+    `rounds` times so that a busy machine slows both alike; the median round of each. With
+    `release` (a commit), that release's `anonymize` command too (`release_command`)."""
     folder = tmp / "vs_deface" / "photos"
     folder.mkdir(parents=True, exist_ok=True)
     for photo in photos:
         shutil.copy(photo, folder / photo.name)
-    ours_cmd = [str(Path(sys.executable).parent / "anonymize"), str(folder), str(tmp / "vs_deface" / "ours"),
-                "--progress", "false"]
-    walls: dict[str, list[float]] = {"ours": [], "deface": []}
+    commands = {"ours": ([str(Path(sys.executable).parent / "anonymize")], None), "deface": ([str(deface)], None)}
+    if release:
+        commands["release"] = release_command(release, tmp)
+    walls: dict[str, list[float]] = {name: [] for name in commands}
     for r in range(rounds):
-        for name in walls:
+        for name, (prefix, env) in commands.items():
             if name == "deface":  # it writes <name>_anonymized.<ext> beside each input: a fresh copy per round
                 work = tmp / "vs_deface" / f"deface{r}"
                 shutil.copytree(folder, work)
-                cmd = [str(deface), *sorted(str(f) for f in work.iterdir())]
+                cmd = [*prefix, *sorted(str(f) for f in work.iterdir())]
             else:
-                cmd = ours_cmd[:2] + [ours_cmd[2] + str(r)] + ours_cmd[3:]
+                cmd = [*prefix, str(folder), str(tmp / "vs_deface" / f"{name}{r}"), "--progress", "false"]
             start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             walls[name].append(time.perf_counter() - start)
             if done.returncode != 0:
-                raise RuntimeError(f"{cmd[0]} failed (exit {done.returncode}): {done.stderr[-1500:]}")
+                raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr[-1500:]}")
     wall = {k: statistics.median(v) for k, v in walls.items()}
-    return {"photos": len(photos), "rounds": rounds,
-            "ours_over_deface": round(wall["deface"] / wall["ours"], 3),
-            "ours": {"command": "anonymize FOLDER OUT (defaults: shipped generator, bf16 where the CPU has it)",
-                     "wall_s": round(wall["ours"], 2), "photos_per_s": round(len(photos) / wall["ours"], 3)},
-            "deface": {"command": "deface FILES... (defaults)", "wall_s": round(wall["deface"], 2),
-                       "photos_per_s": round(len(photos) / wall["deface"], 3)}}
+
+    def timed(name: str, command: str) -> dict:
+        return {"command": command, "wall_s": round(wall[name], 2), "photos_per_s": round(len(photos) / wall[name], 3),
+                "rounds_s": [round(w, 2) for w in walls[name]]}
+
+    out = {"photos": len(photos), "rounds": rounds, "ours_over_deface": round(wall["deface"] / wall["ours"], 3),
+           "ours": timed("ours", "anonymize FOLDER OUT (defaults: shipped generator, bf16 where the CPU has it)"),
+           "deface": timed("deface", "deface FILES... (defaults)")}
+    if release:
+        out["ours_over_release"] = round(wall["release"] / wall["ours"], 3)
+        out["release"] = timed("release", f"anonymize FOLDER OUT as of commit {release} (its code and shipped model)")
+    return out
 
 
 def main() -> None:
@@ -169,6 +195,10 @@ def main() -> None:
                    help="also time the anonymize and deface commands on the same photos, start-up included "
                         "(the deface executable, e.g. .venv-deface/bin/deface from benchmarks/deface_env.sh)")
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds of --versus_deface (the median is reported)")
+    p.add_argument("--versus_release", default=None, metavar="COMMIT",
+                   help=f"with --versus_deface: also time the anonymize command of that commit (e.g. {RELEASE_32}, "
+                        "the last one that shipped the 32x32 model, when issue 14 asked for 'at least today's "
+                        "photos/s'), its code and model")
     args = p.parse_args()
     settings = [s.strip(" '\"") for s in args.compare.strip("[]").split(",") if s.strip()]
     if set(settings) - set(SETTINGS):
@@ -189,7 +219,8 @@ def main() -> None:
             video = by_setting.get("shipped") or next(iter(by_setting.values()))
             result["video"] = video_throughput(video, args.frames, tmp)
         if args.versus_deface:
-            result["versus_deface"] = versus_deface(photos, Path(args.versus_deface), tmp, args.rounds)
+            result["versus_deface"] = versus_deface(photos, Path(args.versus_deface), tmp, args.rounds,
+                                                    args.versus_release)
     print(json.dumps(result))
 
 

@@ -125,3 +125,21 @@ def test_a_carried_run_counts_its_training_time_not_the_days_between_sessions(tm
     for step, t in enumerate(session + [s + day for s in session]):  # the same again the next day
         client.log_metric(run.info.run_id, "progress/kimg", step, timestamp=t, step=step)
     assert learning.training_seconds(client, client.get_run(run.info.run_id)) == pytest.approx(1200)
+
+
+def test_the_release_command_runs_that_commits_code_and_model(tmp_path):
+    """benchmarks/anonymize.py --versus_release: the anonymize command as the 32x32 release made it,
+    its own code (not this checkout's) painting with the model it shipped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import anonymize as bench
+    from fdf_core.assets import assets_dir
+    cmd, env = bench.release_command(bench.RELEASE_32, tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes((assets_dir() / "corpus" / "photos" / "face_recognition__examples_obama-240p.jpg").read_bytes())
+    done = subprocess.run([*cmd, str(photos), str(tmp_path / "out"), "--progress", "false"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "utkface32" in summary["generator"] and summary["faces"] == 1
+    assert (tmp_path / "out" / "a.jpg").is_file()
