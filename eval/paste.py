@@ -289,21 +289,34 @@ def poisson_blend(source: np.ndarray, target: np.ndarray, grid: int = POISSON_GR
     return np.clip(np.rint(source + correction), 0, 255).astype(np.uint8)
 
 
-def _onto_crop(face: np.ndarray, crop: fdfcrop.Crop, place: tuple[float, float, float] | None) -> np.ndarray:
+# The carried painting of a video face is resampled onto every frame at a new sub-pixel place. A
+# warp straight onto the frame's pixels blurs by the place's fraction of a pixel (linear
+# interpolation at 0.5 averages two pixels, at 0 none), so a moving face shimmers as that fraction
+# cycles. Warped onto a grid SUPERSAMPLE times finer than the painting's own pixels and averaged down
+# to the frame's, every place is blurred alike, as a camera's pixels integrate a moving face: full
+# pan clip flicker ratio 1.22 -> 1.17 (a bicubic warp, sharper, 1.28-1.34). A photo does not move:
+# it takes one fine point per painted pixel (no aliasing), at a tenth of the cost.
+SUPERSAMPLE = 4
+
+
+def _onto_crop(face: np.ndarray, crop: fdfcrop.Crop, place: tuple[float, float, float] | None,
+               supersample: int = 1) -> np.ndarray:
     """The (r, r, 3) painted crop resampled onto the pixels of `crop`, lying at `place` (default:
-    exactly on `crop`). Linear interpolation up, area averaging down (then a sub-pixel warp)."""
+    exactly on `crop`): warped onto a grid with at least `supersample` points per painted pixel and
+    finer than the crop's, then averaged down to the crop's pixels."""
     side = crop.side
     if place is None:
         interp = cv2.INTER_LINEAR if side >= face.shape[0] else cv2.INTER_AREA
         return cv2.resize(face, (side, side), interpolation=interp)
     x0, y0, exact = place
-    if exact < face.shape[0]:  # average down to whole pixels first: a warp would alias
-        n = max(1, round(exact))
-        face = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA)
     s = exact / face.shape[0]
-    # pixel centres: face pixel u lies at x0 + (u + 0.5) s in the photo, crop pixel i at crop x0 + i + 0.5
-    matrix = np.array([[s, 0.0, x0 - crop.box[0] + 0.5 * s - 0.5], [0.0, s, y0 - crop.box[1] + 0.5 * s - 0.5]])
-    return cv2.warpAffine(face, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    k = max(1, math.ceil(supersample / s))
+    # pixel centres: face pixel u lies at x0 + (u + 0.5) s in the photo, point q of the crop's
+    # k-times finer grid at crop x0 + (q + 0.5) / k
+    matrix = k * np.array([[s, 0.0, x0 - crop.box[0] + 0.5 * s - 0.5 / k],
+                           [0.0, s, y0 - crop.box[1] + 0.5 * s - 0.5 / k]])
+    fine = cv2.warpAffine(face, matrix, (side * k, side * k), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return fine if k == 1 else cv2.resize(fine, (side, side), interpolation=cv2.INTER_AREA)
 
 
 class Composite:
@@ -327,7 +340,8 @@ class Composite:
         `track`: the face's video track, whose seam `seams` blends over frames. `whole`: the box's
         pixel extent where it reaches past the photo (the crop covers it): the Poisson fit is solved
         over the whole box, its frame outside the photo filled in (`poisson_blend`)."""
-        self.faces.append((extent, band, _onto_crop(face, crop, place), crop.box))
+        fine = SUPERSAMPLE if self.seams is not None else 1  # a video's faces move
+        self.faces.append((extent, band, _onto_crop(face, crop, place, fine), crop.box))
         self.tracks.append(track)
         self.wholes.append(extent if whole is None else whole)
 
