@@ -305,8 +305,10 @@ def _goals(result: dict, methods: list[str]) -> dict:
             goals["generator_flicker_ratio_le_1.2_every_clip"] = (t[m]["flicker_ratio_worst_clip"] or 99) <= 1.2
             st = t[m]["identity_stability"]
             goals["generator_every_track_one_identity"] = st["tracks"] > 0 and st["tracks_one_identity"] == st["tracks"]
-            if "deface" in t:
-                goals["generator_at_least_deface_speed"] = (t[m]["frames_per_s"] or 0) >= t["deface"]["frames_per_s"]
+            if "deface" in t:  # the issue asks it of every clip, not of the total alone
+                rows = [c["rows"] for c in result["clips"].values() if m in c["rows"] and "deface" in c["rows"]]
+                goals["generator_at_least_deface_speed_every_clip"] = bool(rows) and all(
+                    (r[m].get("frames_per_s") or 0) >= (r["deface"].get("frames_per_s") or float("inf")) for r in rows)
         if "deface" in t:
             goals[f"{m}_fewer_leaks_than_deface_every_bin"] = all(
                 t[m]["leaked_face_frames"][b] <= t["deface"]["leaked_face_frames"][b] for b in BINS)

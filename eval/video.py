@@ -329,6 +329,7 @@ class FaceTracker:
     def _measure(self, t: int, frame: np.ndarray) -> None:
         """Each live track's motion from frame t - 1 to t, from the box where it was in t - 1."""
         reach = self.max_missing + self.lookahead
+        tracks, boxes, guesses = [], [], []
         for tr in self.tracks.values():
             if tr.shot != self.shot or not tr.obs or t - 1 - tr.last > reach or tr.last > t - 1:
                 continue
@@ -338,7 +339,10 @@ class FaceTracker:
                 guess = face_motion.centre_shift(previous, box)
             else:
                 guess = (float(tr.velocity[0] + tr.velocity[2]) / 2, float(tr.velocity[1] + tr.velocity[3]) / 2)
-            step = face_motion.measure_step(self._previous, frame, box, guess)
+            tracks.append(tr)
+            boxes.append(box)
+            guesses.append(guess)
+        for tr, step in zip(tracks, face_motion.measure_steps(self._previous, frame, boxes, guesses)):
             if step is None:  # the face's own flow failed (a smeared face): the camera's move, if any
                 step = self.camera.get(t)
             if step is not None:

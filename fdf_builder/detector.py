@@ -347,8 +347,10 @@ class FaceDetector:
     def _detect_batch(self, images: list[np.ndarray], shape: tuple[int, int],
                       orig_shapes: list[tuple[int, int]]) -> list[Detections]:
         ph, pw = shape
-        x = torch.zeros((len(images), 3, ph, pw), device=self.device)
+        x = torch.empty((len(images), 3, ph, pw), device=self.device)  # zeroed where no image is below
         for b, im in enumerate(images):
+            x[b, :, im.shape[0]:] = 0
+            x[b, :, :im.shape[0], im.shape[1]:] = 0
             if self.device.type == "cpu":
                 t = torch.from_numpy(cv2.LUT(np.ascontiguousarray(im), self._table)).permute(2, 0, 1)
                 for c, source in enumerate(self._order):

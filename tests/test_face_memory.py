@@ -79,7 +79,7 @@ def _run(tmp_path, name, opts, src):
     anonymizer = Anonymizer(AnonymizerConfig(batch_size=8))
     painted = []
     generate = anonymizer._generate
-    anonymizer._generate = lambda samples, keys=None: painted.append(len(samples)) or generate(samples, keys)
+    anonymizer._generate = lambda samples, keys=None, **kw: painted.append(len(samples)) or generate(samples, keys, **kw)
     stats = anonymize_video(anonymizer, src, tmp_path / name, opts, progress=False)
     cap, frames = cv2.VideoCapture(str(tmp_path / name)), []
     while (ok := cap.read())[0]:
@@ -206,7 +206,7 @@ def test_a_track_that_never_scores_paint_score_is_covered_but_not_painted(tmp_pa
         anonymizer.detect = lambda images, *a: [Faces(d.boxes, d.scores * scale) for d in detect(images, *a)]
         painted = []
         generate = anonymizer._generate
-        anonymizer._generate = lambda samples, keys=None: painted.append(len(samples)) or generate(samples, keys)
+        anonymizer._generate = lambda samples, keys=None, **kw: painted.append(len(samples)) or generate(samples, keys, **kw)
         anonymize_video(anonymizer, src, tmp_path / name, VideoOptions(), progress=False)
         cap, frames = cv2.VideoCapture(str(tmp_path / name)), []
         while (ok := cap.read())[0]:

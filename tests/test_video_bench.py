@@ -318,3 +318,23 @@ def test_the_chance_rate_compares_a_painted_face_with_the_other_people_of_its_fr
     assert chance["rate"] == pytest.approx(0.1) and score.chance()["expected_leaks"] == pytest.approx(2.0)
     score.count_chance(judged[:1])  # one face alone in its frame has no stranger to compare
     assert score.chance()["pairs"] == 10
+
+
+def test_the_speed_goal_holds_only_when_every_clip_is_at_least_deface_speed():
+    """Issue 15 asks frames/s >= deface on every clip: a fast total must not hide a slow clip."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import video as bench
+
+    def result(crowd_fps: float) -> dict:
+        rows = {"pan": {"generator": {"frames_per_s": 10.0}, "deface": {"frames_per_s": 9.0}},
+                "crowd": {"generator": {"frames_per_s": crowd_fps}, "deface": {"frames_per_s": 1.22}}}
+        total = {"generator": {"leaked_face_frames": {"lt24": 0, "ge24": 0}, "clips_with_leaks_ge24": 0,
+                               "clips_not_judged": 0, "flicker_ratio_worst_clip": 1.0, "frames_per_s": 6.3,
+                               "identity_stability": {"tracks": 1, "tracks_one_identity": 1}},
+                 "deface": {"leaked_face_frames": {"lt24": 0, "ge24": 0}, "frames_per_s": 5.2}}
+        return {"clips": {k: {"rows": v} for k, v in rows.items()}, "total": total}
+
+    assert not bench._goals(result(1.21), ["generator", "deface"])["generator_at_least_deface_speed_every_clip"]
+    assert bench._goals(result(1.25), ["generator", "deface"])["generator_at_least_deface_speed_every_clip"]
