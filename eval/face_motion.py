@@ -123,11 +123,10 @@ def measure_step(previous: np.ndarray, current: np.ndarray, box: np.ndarray,
     return measure_steps(previous, current, [box], [guess])[0]
 
 
-def _corners(gray: np.ndarray, box: np.ndarray, guess: tuple[float, float]) -> dict | None:
-    """Where one face's flow is measured: the region of the frame around it (rx0, ry0, rx1, ry1),
-    the corners to follow in frame coordinates, the LK window and the box centre; None where the
-    face is too small or shows too few corners."""
-    h, w = gray.shape[:2]
+def _region(box: np.ndarray, guess: tuple[float, float], h: int, w: int) -> dict | None:
+    """Where one face's flow is measured in an h x w frame: the region around it (rx0, ry0, rx1,
+    ry1), the rectangle its corners are taken in, the LK window and the box centre; None where the
+    face is too small."""
     bx0, by0, bx1, by1 = (float(v) for v in box)
     if max(bx1 - bx0, by1 - by0) < MIN_SIDE:
         return None
@@ -141,50 +140,59 @@ def _corners(gray: np.ndarray, box: np.ndarray, guess: tuple[float, float]) -> d
     rx1, ry1 = min(int(np.ceil(x1 + pad)), w), min(int(np.ceil(y1 + pad)), h)
     if rx1 - rx0 < 8 or ry1 - ry0 < 8:
         return None
-    a = gray[ry0:ry1, rx0:rx1]
-    mask = np.zeros(a.shape, np.uint8)  # corners on the face: the box shrunk by a tenth
-    inset = 0.1 * side
-    mask[max(int(y0 + inset) - ry0, 0):max(int(y1 - inset) - ry0, 0),
-         max(int(x0 + inset) - rx0, 0):max(int(x1 - inset) - rx0, 0)] = 255
-    p0 = cv2.goodFeaturesToTrack(a, MAX_POINTS, 0.01, max(2.0, side / 16), mask=mask, blockSize=3)
+    inset = 0.1 * side  # corners on the face: the box shrunk by a tenth
+    return {"region": (rx0, ry0, rx1, ry1), "corners_in": (x0 + inset, y0 + inset, x1 - inset, y1 - inset),
+            "spacing": max(2.0, side / 16), "win": int(np.clip(side / 4, 7, 21)) | 1,
+            "guess": np.float32(guess), "centre": (cx, cy)}
+
+
+def _corners(gray: np.ndarray, plan: dict, origin: tuple[int, int]) -> np.ndarray | None:
+    """The corners of a face to follow, in the coordinates of `gray` (a part of the frame starting
+    at `origin`), found in the face's region only; None where there are too few."""
+    ox, oy = origin
+    rx0, ry0, rx1, ry1 = plan["region"]
+    a = gray[ry0 - oy:ry1 - oy, rx0 - ox:rx1 - ox]
+    x0, y0, x1, y1 = plan["corners_in"]
+    mask = np.zeros(a.shape, np.uint8)
+    mask[max(int(y0) - ry0, 0):max(int(y1) - ry0, 0), max(int(x0) - rx0, 0):max(int(x1) - rx0, 0)] = 255
+    p0 = cv2.goodFeaturesToTrack(a, MAX_POINTS, 0.01, plan["spacing"], mask=mask, blockSize=3)
     if p0 is None or len(p0) < MIN_POINTS:
         return None
-    return {"region": (rx0, ry0, rx1, ry1), "points": p0.reshape(-1, 2).astype(np.float32) + np.float32([rx0, ry0]),
-            "win": int(np.clip(side / 4, 7, 21)) | 1, "guess": np.float32(guess), "centre": (cx, cy)}
+    return p0.reshape(-1, 2).astype(np.float32) + np.float32([rx0 - ox, ry0 - oy])
 
 
 def measure_steps(previous: np.ndarray, current: np.ndarray, boxes: list[np.ndarray],
                   guesses: list[tuple[float, float]]) -> list[np.ndarray | None]:
-    """`measure_step` for many faces of one frame pair: the two frames are made gray once, and the
-    corners of all faces with the same LK window go through one LK call each way over the part of
-    the frame the faces need (one face: its own region). A call per face built its image pyramids
-    again for each: on the crowd clip (about 1,000 faces a frame) the flow took a quarter of the
-    clip's time."""
-    a, b = _gray(previous), _gray(current)
-    plans = [_corners(a, box, guess) for box, guess in zip(boxes, guesses)]
-    found = [i for i, plan in enumerate(plans) if plan is not None]
+    """`measure_step` for many faces of one frame pair: the part of the two frames the faces need
+    (one face: its own region) is made gray once, and the corners of all faces with the same LK
+    window go through one LK call each way over it. A call per face built its image pyramids again
+    for each: on the crowd clip (about 1,000 faces a frame) the flow took a quarter of the clip's
+    time."""
+    h, w = previous.shape[:2]
+    plans = [_region(box, guess, h, w) for box, guess in zip(boxes, guesses)]
     out: list[np.ndarray | None] = [None] * len(plans)
-    if not found:
+    if not any(plan is not None for plan in plans):
         return out
-    regions = np.array([plans[i]["region"] for i in found])
-    ux0, uy0 = regions[:, :2].min(axis=0)
-    ux1, uy1 = regions[:, 2:].max(axis=0)
+    regions = np.array([plan["region"] for plan in plans if plan is not None])
+    ux0, uy0 = (int(v) for v in regions[:, :2].min(axis=0))
+    ux1, uy1 = (int(v) for v in regions[:, 2:].max(axis=0))
+    a, b = _gray(previous[uy0:uy1, ux0:ux1]), _gray(current[uy0:uy1, ux0:ux1])
+    points = {i: _corners(a, plan, (ux0, uy0)) for i, plan in enumerate(plans) if plan is not None}
+    found = [i for i, p in points.items() if p is not None]
     origin = np.float32([ux0, uy0])
-    ra, rb = a[uy0:uy1, ux0:ux1], b[uy0:uy1, ux0:ux1]  # (OpenCV's Python binding takes no ready pyramids)
-    for win in sorted({plans[i]["win"] for i in found}):
+    for win in sorted({plans[i]["win"] for i in found}):  # (OpenCV's Python binding takes no ready pyramids)
         group = [i for i in found if plans[i]["win"] == win]
-        p0 = np.concatenate([plans[i]["points"] for i in group]) - origin
-        guess = np.concatenate([np.broadcast_to(plans[i]["guess"], plans[i]["points"].shape) for i in group])
+        p0 = np.concatenate([points[i] for i in group])
+        guess = np.concatenate([np.broadcast_to(plans[i]["guess"], points[i].shape) for i in group])
         lk = dict(winSize=(win, win), maxLevel=LK_LEVELS, flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
                   criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
-        p1, ok1, _ = cv2.calcOpticalFlowPyrLK(ra, rb, p0, p0 + guess, **lk)
-        back, ok2, _ = cv2.calcOpticalFlowPyrLK(rb, ra, p1, p0.copy(), **lk)
+        p1, ok1, _ = cv2.calcOpticalFlowPyrLK(a, b, p0, p0 + guess, **lk)
+        back, ok2, _ = cv2.calcOpticalFlowPyrLK(b, a, p1, p0.copy(), **lk)
         good = (ok1.ravel() == 1) & (ok2.ravel() == 1) & (np.linalg.norm(back - p0, axis=1) < FB_ERROR)
         start = 0
         for i in group:
-            n = len(plans[i]["points"])
-            part = slice(start, start + n)
-            start += n
+            part = slice(start, start + len(points[i]))
+            start += len(points[i])
             out[i] = _fitted_step(p0[part][good[part]] + origin, p1[part][good[part]] + origin, plans[i]["centre"])
     return out
 
