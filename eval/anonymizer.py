@@ -10,7 +10,9 @@ leaving it untouched was a flaw of the 2019 evaluation (docs/reference.md, "Flaw
 The generated crop is resized back and pasted by `eval.paste`: weight 1 on the face box (every
 pixel the box touches), a band of `feather` × the face side outside it blending back to the photo,
 and by default a gradient-domain (Poisson) solve so that the painted face meets the photo without a
-colour step. Nothing outside the face boxes grown by that band changes.
+colour step; on a photo, the photo's detail fades in over a band of 0.12 × the face side around
+each box (`--soften`), so the soft painted face does not meet sharp hair along a straight line.
+Nothing outside the face boxes grown by those bands changes.
 
 `method` may also name a baseline of :mod:`eval.baselines` (black-out, pixelation, blur): those
 rewrite exactly the face boxes, as in the paper's table.
@@ -38,7 +40,7 @@ from fdf_core.assets import resolve_file
 from fdf_core.tario import json_bytes
 from eval.baselines import BASELINES, SMALL_FACE_METHODS, anonymize_boxes
 from eval.face_memory import TrackFaces
-from eval.paste import BLENDS, Composite, feather_width, pixel_extent
+from eval.paste import BLENDS, SOFT_SIGMA, Composite, feather_width, pixel_extent
 from fdf_core.checkpoints import read_checkpoint
 from fdf_core.errors import ConfigError, InputError
 from fdf_core.fid import to_uint8
@@ -86,6 +88,11 @@ class AnonymizerConfig(FaceModelsConfig):
         feather: width of the blend band outside each face box, as a fraction of the face side
         blend: poisson (the painted face's gradients, solved against the photo around it: no colour
             step at the box edge) or feather (plain alpha blend over the band); see eval.paste
+        soften: photos, poisson blend: the photo's detail in a band of `eval.paste.SOFT_BAND` × the
+            face side around each box fades in from a blur of `soften` × the face's upscale (photo
+            pixels per painted pixel), so that the soft painted face meets the sharp photo in a slope
+            and not along a rectangle (eval.paste.soften_around). 0: the photo untouched outside the
+            boxes, as before. Videos are pasted without it (their flicker was measured without)
         crop_rule: how a face is cut for the generator (fdf_builder.crop: fdf or pad); default: the rule
             of the generator's training faces (recorded in exported models; fdf for training checkpoints)
         context: how much photo around the box the generator sees: auto (the band its training crops
@@ -130,6 +137,7 @@ class AnonymizerConfig(FaceModelsConfig):
     batch_size: int = 16
     feather: float = 0.1
     blend: str = "poisson"
+    soften: float = SOFT_SIGMA
     crop_rule: str | None = None
     context: str = "auto"
     small_face_size: int = 20
@@ -150,6 +158,8 @@ class AnonymizerConfig(FaceModelsConfig):
             raise ConfigError(f"--method {self.method!r}: unknown; choose from {', '.join(METHODS)}")
         if self.feather < 0:
             raise ConfigError(f"--feather ({self.feather}) must be >= 0")
+        if not 0.0 <= self.soften <= 2.0:
+            raise ConfigError(f"--soften {self.soften}: need 0 (off) to 2 (a blur of twice a painted pixel)")
         if self.blend not in BLENDS:
             raise ConfigError(f"--blend {self.blend!r}: choose from {', '.join(BLENDS)}")
         if self.crop_rule is not None and self.crop_rule not in fdfcrop.CROP_RULES:
@@ -447,7 +457,7 @@ class Anonymizer:
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
         seams = None if memory is None else memory.seams
-        outputs = [Composite(im, self.cfg.blend, seams) for im in images]
+        outputs = [Composite(im, self.cfg.blend, seams, self.cfg.soften) for im in images]
         for (i, j, extent, crop, _, painted_box), face in zip(jobs, painted):  # frame order: seams blend over time
             box, track = faces[i].boxes[j], None if memory is None else faces[i].tracks[j]
             outputs[i].add(face, extent, crop, feather_width(box, self.cfg.feather), self._place(box, crop), track,

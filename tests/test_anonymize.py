@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import wave
 
@@ -12,7 +13,7 @@ import pytest
 from fdf_core.assets import MissingAssetError, assets_dir
 from eval.cli import anonymize_main
 from eval.anonymizer import CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, load_generator_at
-from eval.paste import band_weights, feather_width
+from eval.paste import SOFT_BAND, band_weights, feather_width
 from eval.video import FaceTracker, covered_share, ffmpeg_exe, is_cut, _histogram
 
 PHOTOS = assets_dir() / "corpus" / "photos"
@@ -64,8 +65,11 @@ def test_every_method_changes_only_the_face_region(method, blend, models, crowd)
     out = Anonymizer(cfg, generator=generator, detector=detector, keypoint_model=keypoints).anonymize([image], [faces])[0]
     assert (image == before).all() and out.shape == image.shape and out.dtype == np.uint8
     real = faces.boxes[:-1]  # the empty box covers no pixel
-    feathered = method == "generator" and blend == "feather"  # the Poisson paste changes the boxes only
-    bands = [feather_width(b, cfg.feather) if feathered else 0 for b in real]
+    feathered = method == "generator" and blend == "feather"
+    softened = method == "generator" and blend == "poisson"  # the photo's detail fades in beside each box
+    bands = [feather_width(b, cfg.feather) if feathered else
+             math.ceil(SOFT_BAND * max(e[2] - e[0], e[3] - e[1])) + 1 if softened else 0  # baselines: the boxes only
+             for b, e in zip(real, map(_extent, real))]
     grown = [(x0 - f, y0 - f, x1 + f, y1 + f) for (x0, y0, x1, y1), f in zip(map(_extent, real), bands)]
     changed = (out != image).any(axis=2)
     assert not changed[~_region(image.shape, grown)].any()

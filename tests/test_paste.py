@@ -51,9 +51,10 @@ def painted():
     (faces,) = anonymizer.find_faces([image])
     assert len(faces) >= 5
     out = {}
-    for blend in ("feather", "poisson"):
-        anonymizer.cfg.blend = blend
-        out[blend] = anonymizer.anonymize([image], [faces])[0]
+    for name, blend, soften in (("feather", "feather", 0.0), ("poisson", "poisson", paste.SOFT_SIGMA),
+                                ("poisson_unsoftened", "poisson", 0.0)):
+        anonymizer.cfg.blend, anonymizer.cfg.soften = blend, soften
+        out[name] = anonymizer.anonymize([image], [faces])[0]
     return image, faces, out
 
 
@@ -67,11 +68,18 @@ def test_poisson_paste_replaces_every_box_without_a_seam_or_a_halo(painted):
             assert (result[y0:y1, x0:x1] != image[y0:y1, x0:x1]).any(axis=2).mean() > 0.9, blend
             rows.append(seam_figures(image, result, (x0, y0, x1, y1), feather_width(box, 0.1)))
         figures[blend] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    feather, poisson = figures["feather"], figures["poisson"]
+    feather, poisson, unsoftened = figures["feather"], figures["poisson"], figures["poisson_unsoftened"]
     # no steeper step at the box edge than the photo's own edges there (hair line, jaw, background)
     assert poisson["seam_step"] < poisson["photo_step"] + 2, figures
-    # and no fringe or halo around it: outside the boxes the photo is kept (but where another box lies)
-    assert poisson["outside_change"] < 0.1 * feather["outside_change"], figures
+    assert unsoftened["seam_step"] < poisson["photo_step"] + 2, figures
+    # and no colour fringe around it; unsoftened, the photo is kept outside the boxes (but where another box lies)
+    assert poisson["fringe"] < 0.2 * feather["fringe"], figures
+    assert unsoftened["outside_change"] < 0.1 * feather["outside_change"], figures
+    # the soft painted face meets the sharp photo in a slope: just outside its edge the detail is
+    # closer to just inside than the untouched photo's (a step that reads as a rectangle side)
+    assert unsoftened["detail_ratio"] > 1.5 * unsoftened["photo_detail_ratio"], figures
+    assert abs(np.log(poisson["detail_ratio"] / poisson["photo_detail_ratio"])) < \
+        0.5 * abs(np.log(unsoftened["detail_ratio"] / unsoftened["photo_detail_ratio"])), figures
 
 
 def _centroid_x(image: np.ndarray) -> float:
