@@ -210,6 +210,19 @@ def _affinity(predicted: np.ndarray, boxes: np.ndarray, iou: float) -> np.ndarra
     return np.where(aff >= iou, aff, near)
 
 
+def by_velocity(box: np.ndarray, velocity: np.ndarray, frames: float) -> np.ndarray:
+    """`box` carried `frames` frames on (negative: back) by its corners' `velocity` (px per frame):
+    its centre moves as the velocity moves it, and it keeps at least its own width and height. The
+    corners carried apart could make a box smaller frame by frame, and inside out (the full crowd
+    clip: a shrinking 3 px face's box became [315.5, 186.4, 314.7, 185.0], which covers no pixel);
+    a face the detector lost is covered at the size it was last seen, or larger."""
+    box = np.asarray(box, np.float64)
+    moved = box + np.asarray(velocity, np.float64) * frames
+    half = np.maximum(moved[2:] - moved[:2], box[2:] - box[:2]) / 2
+    centre = (moved[:2] + moved[2:]) / 2
+    return np.concatenate([centre - half, centre + half])
+
+
 @dataclass
 class _Track:
     shot: int
@@ -324,7 +337,7 @@ class FaceTracker:
         """Where the track's last detection is in frame t: moved by the measured motion, else by its velocity."""
         carried = self._carry(tr, tr.last, t)
         last = tr.obs[tr.last][0]
-        return face_motion.apply(carried, last) if carried is not None else last + tr.velocity * (t - tr.last)
+        return face_motion.apply(carried, last) if carried is not None else by_velocity(last, tr.velocity, t - tr.last)
 
     def _measure(self, t: int, frame: np.ndarray) -> None:
         """Each live track's motion from frame t - 1 to t, from the box where it was in t - 1."""
@@ -453,9 +466,9 @@ class FaceTracker:
             if carried is not None:
                 box = face_motion.apply(carried, self._box_at(tr, prev)[0])
             elif self._skipped(prev + 1, t):
-                box = self._box_at(tr, prev)[0] + tr.velocity * (t - prev)
+                box = by_velocity(self._box_at(tr, prev)[0], tr.velocity, t - prev)
             else:
-                box = tr.obs[prev][0] + tr.velocity * (t - prev)
+                box = by_velocity(tr.obs[prev][0], tr.velocity, t - prev)
             if self._skipped(prev + 1, t):  # after a shot's last detection: not a miss
                 return box, tr.obs[prev][1]
             # carried by the face's measured motion: grown as little as a box measured backwards is,
@@ -468,7 +481,7 @@ class FaceTracker:
                 return self._grow(face_motion.apply(carried, self._box_at(tr, nxt)[0]), nxt - t, between=True), \
                     tr.obs[nxt][1]
             v = self._backfill_velocity(tr)
-            return self._grow(tr.obs[nxt][0] - v * (nxt - t), nxt - t), tr.obs[nxt][1]
+            return self._grow(by_velocity(tr.obs[nxt][0], v, t - nxt), nxt - t), tr.obs[nxt][1]
         return None
 
     def _smoothed(self, tr: _Track, t: int) -> np.ndarray:

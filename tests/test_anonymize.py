@@ -238,6 +238,31 @@ def test_tracker_fills_misses_from_both_sides_and_follows_fast_motion():
     assert len(tracker.boxes(18)[0]) == 0  # max_missing after the last detection: dropped
 
 
+def test_a_lost_face_carried_by_its_velocity_never_shrinks_or_turns_inside_out():
+    """A small face whose detections shrink 3 px a frame, then are lost: its velocity, carried on
+    over the frames it is missing (and back over the frames before it was found), once made its box
+    smaller frame by frame and finally inside out (the full crowd clip: [315.5, 186.4, 314.7, 185.0],
+    which covers no pixel). Carried by velocity, a box moves with its centre and keeps at least the
+    size of the box it was carried from: an unseen face is covered at the size it was last seen."""
+    tracker = FaceTracker(lookahead=4, max_missing=5, smooth_radius=0)
+    for t in range(4):
+        tracker.push(np.array([[0, 0, 0, 0.0]])[:0], np.zeros(0))  # not yet found
+    for t in range(4, 9):  # 20 px, shrinking 3 px a frame (1.5 on each side), moving right 2 px
+        w = 20 - 3 * (t - 4)
+        tracker.push(np.array([[100 + 2 * t - w / 2, 100 - w / 2, 100 + 2 * t + w / 2, 100 + w / 2]]), np.array([0.9]))
+    for t in range(9, 15):
+        tracker.push(np.zeros((0, 4)), np.zeros(0))
+    last = tracker.boxes(8)[0][0]
+    for t in range(9, 14):
+        (box,), _, _ = tracker.boxes(t)
+        assert box[2] - box[0] >= last[2] - last[0] - 1e-6 and box[3] - box[1] >= last[3] - last[1] - 1e-6, (t, box, last)
+        assert box[0] <= 100 + 2 * t <= box[2], (t, box)  # still around the face's centre
+    first = tracker.boxes(4)[0][0]
+    for t in range(0, 4):  # back-filled before the first detection: not smaller than it either
+        (box,), _, _ = tracker.boxes(t)
+        assert box[2] - box[0] >= first[2] - first[0] - 1e-6, (t, box, first)
+
+
 def test_frames_between_detections_take_the_detected_boxes_on_either_side_not_a_miss():
     """detect_every 2: a frame the detector did not look at is not a miss. Its box is the mean of
     the detected frames' boxes on either side (a face moving 7 px a frame is covered, without the
