@@ -115,12 +115,17 @@ class VideoOptions:
             frame edge was painted from the part inside, and the painting changed as later ones
             were blended in. Paintings live in the track's own crop, so one made from a later frame
             fits this one as any carried painting does
-        paint_score: the generator paints a track only once one of its detections (look-ahead
-            included) scored at least this; until then it takes the small-face method, which covers a
-            face as safely. Why: the detector's low-scoring boxes during a whip pan were a smeared
-            chest (0.39-0.57), and the generator painted a face 230 px wide on it, held for half a
-            second after the last of them; on the whip and pan clips (every other frame) 183 of 188
-            detections under 0.6 match no face, 37 of 2,621 from 0.6 up. 0 = paint every track
+        paint_score: the generator paints a track only once its detections so far (look-ahead
+            included) scored at least this on average, and from then on for good; until then it
+            takes the small-face method, which covers a face as safely. Why: the detector's
+            low-scoring boxes during a whip pan were a smeared chest (0.39-0.57), and the generator
+            painted a face 230 px wide on it, held for half a second after the last of them; on the
+            whip and pan clips (every other frame) 183 of 188 detections under 0.6 match no face, 37
+            of 2,621 from 0.6 up. The average, not the best score: the pan's two wall lamps are
+            found in most frames at 0.33-0.96 (track means 0.47-0.57) and one detection over 0.6
+            had them painted with a face for seconds, while the real faces' tracks of the full pan,
+            zoom, whip and dinner clips average 0.70 and more and are painted from the same frame
+            under either rule. 0 = paint every track
         max_covered: a detection with more than this share of its box inside higher-scoring
             detections of its frame is dropped before tracking (1 = keep all): its pixels are
             anonymized with theirs. Why: RetinaFace puts a box (0.67) between two faces side by side
@@ -229,7 +234,9 @@ class _Track:
     obs: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)  # frame → (detected box, score)
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))  # box corners, px per frame
     backfill_velocity: np.ndarray | None = None  # kept once no later frame can change it
-    best_score: float = 0.0  # the highest score of its detections so far
+    score_sum: float = 0.0  # of its detections so far (their scores, and how many)
+    detections: int = 0
+    sure: bool = False  # its detections once scored `paint_score` on average (FaceTracker.sure)
     steps: dict[int, np.ndarray] = field(default_factory=dict)  # frame t → the face's motion t-1 → t
 
     @property
@@ -330,7 +337,8 @@ class FaceTracker:
                 v = (boxes[d] - tr.obs[last][0]) / (t - last)
                 tr.velocity = v if len(tr.obs) == 1 else 0.5 * tr.velocity + 0.5 * v
             tr.obs[t] = (boxes[d], float(scores[d]))
-            tr.best_score = max(tr.best_score, float(scores[d]))
+            tr.score_sum += float(scores[d])
+            tr.detections += 1
         return t
 
     def _predicted(self, tr: _Track, t: int) -> np.ndarray:
@@ -617,9 +625,15 @@ class FaceTracker:
             out[1], out[3] = (min(box[1], box[3] - full_h), box[3]) if cut[1] else (box[1], max(box[3], box[1] + full_h))
         return out
 
-    def best_score(self, k: int) -> float:
-        """The highest detector score track k has had so far (its look-ahead included)."""
-        return self.tracks[k].best_score if k in self.tracks else 0.0
+    def sure(self, k: int, threshold: float) -> bool:
+        """Whether track k's detections so far (its look-ahead included) score `threshold` on
+        average, or once did: a track is painted from then on (VideoOptions.paint_score)."""
+        tr = self.tracks.get(k)
+        if tr is None:
+            return False
+        if not tr.sure and tr.detections and tr.score_sum / tr.detections >= threshold:
+            tr.sure = True
+        return tr.sure
 
     def forget(self, t: int) -> None:
         """Frame t was written: drop what no later frame needs (bounded memory on long videos)."""
@@ -863,7 +877,7 @@ def anonymize_video(anonymizer: Anonymizer, src: str | Path, dst: str | Path, op
             f = Faces(boxes, scores, tracks=list(tracks))
             if memory is not None:  # frame order: which faces are painted afresh in this frame
                 f.paint = [memory.plan(k) for k in tracks]
-                unsure = [tracker.best_score(k) < opts.paint_score for k in tracks]
+                unsure = [not tracker.sure(k, opts.paint_score) for k in tracks]
                 f.small = small_faces_of_frame(anonymizer, memory, tracks, boxes, unsure, f.paint, image.shape)
             found.append(f)
             ids.append(tracks)
