@@ -223,3 +223,10 @@ def test_a_random_latent_paints_another_face_and_the_same_seed_the_same_one(monk
     assert z.shape[0] == 3 and torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
     with pytest.raises(ConfigError, match="--latent"):
         AnonymizerConfig(latent=-1.0)
+
+
+def test_soften_out_of_range_is_a_config_error_naming_the_flag():
+    for bad in (-0.1, 2.5):
+        with pytest.raises(ConfigError, match="--soften"):
+            AnonymizerConfig(soften=bad)
+    assert AnonymizerConfig(soften=0.0).soften == 0.0  # 0: the photo untouched outside the boxes
