@@ -122,10 +122,11 @@ class VideoOptions:
             painted a face 230 px wide on it, held for half a second after the last of them; on the
             whip and pan clips (every other frame) 183 of 188 detections under 0.6 match no face, 37
             of 2,621 from 0.6 up. The average, not the best score: the pan's two wall lamps are
-            found in most frames at 0.33-0.96 (track means 0.47-0.57) and one detection over 0.6
-            had them painted with a face for seconds, while the real faces' tracks of the full pan,
-            zoom, whip and dinner clips average 0.70 and more and are painted from the same frame
-            under either rule. 0 = paint every track
+            found in most frames at 0.33-0.96 (three tracks, means 0.47-0.57), and one detection over
+            0.6 had them painted with a face for seconds; averaged, two never reach 0.6 and the third
+            only for its last 34 frames, while the real faces' tracks of the full pan, zoom, whip and
+            dinner clips average 0.70 and more and are painted from the same frame under either
+            rule. 0 = paint every track
         max_covered: a detection with more than this share of its box inside higher-scoring
             detections of its frame is dropped before tracking (1 = keep all): its pixels are
             anonymized with theirs. Why: RetinaFace puts a box (0.67) between two faces side by side
@@ -219,7 +220,7 @@ def by_velocity(box: np.ndarray, velocity: np.ndarray, frames: float) -> np.ndar
     """`box` carried `frames` frames on (negative: back) by its corners' `velocity` (px per frame):
     its centre moves as the velocity moves it, and it keeps at least its own width and height. The
     corners carried apart could make a box smaller frame by frame, and inside out (the full crowd
-    clip: a shrinking 3 px face's box became [315.5, 186.4, 314.7, 185.0], which covers no pixel);
+    clip: a shrinking crowd face's box became [315.5, 186.4, 314.7, 185.0], which covers no pixel);
     a face the detector lost is covered at the size it was last seen, or larger."""
     box = np.asarray(box, np.float64)
     moved = box + np.asarray(velocity, np.float64) * frames

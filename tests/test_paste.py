@@ -208,3 +208,26 @@ def test_seam_memory_trusts_the_frames_that_show_the_face():
     for _ in range(10):
         kept = entering(2, sides(-10.0), [np.ones(9, np.float32)] * 4)
     assert np.abs(kept[0] + 10.0).max() < 5.0, kept[0][0]
+
+
+def test_soften_around_changes_only_the_band_beside_each_box_never_a_box():
+    """Two overlapping boxes, one past the photo's edge: every box pixel and every pixel beyond the
+    bands is the input's; the band moves towards the photo's blur, fully next to a box."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    owner = np.full(image.shape[:2], -1, np.int32)
+    extents = [(40, 30, 90, 90), (80, 50, 160, 110)]  # the second reaches the right edge
+    for k, (x0, y0, x1, y1) in enumerate(extents):
+        owner[y0:y1, x0:x1] = k
+    out = paste.soften_around(image, owner, extents, [4.0, 4.0], band=0.12, sigma=0.5)
+    boxes = owner >= 0
+    assert np.array_equal(out[boxes], image[boxes])
+    grown = np.zeros_like(boxes)
+    for x0, y0, x1, y1 in extents:
+        g = round(0.12 * max(x1 - x0, y1 - y0))
+        grown[max(y0 - g, 0):y1 + g, max(x0 - g, 0):x1 + g] = True
+    assert np.array_equal(out[~grown], image[~grown])
+    beside = out[29, 45:85].astype(float), image[29, 45:85].astype(float)  # the row just above box 0
+    smooth = lambda row: np.abs(np.diff(row, axis=0)).mean()  # noqa: E731
+    assert smooth(beside[0]) < 0.5 * smooth(beside[1])  # noise there is mostly blurred away
+    assert np.array_equal(paste.soften_around(image, owner, extents, [1.0, 1.0], sigma=0.3), image)  # sigma 0.3 px: nothing to fade
