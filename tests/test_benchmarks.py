@@ -143,3 +143,24 @@ def test_the_release_command_runs_that_commits_code_and_model(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert "utkface32" in summary["generator"] and summary["faces"] == 1
     assert (tmp_path / "out" / "a.jpg").is_file()
+
+
+def test_seams_benchmark_scores_the_softened_paste_against_the_unsoftened(tmp_path, assets, capsys):
+    """benchmarks/seams.py on one corpus photo with faces of 150 px and more: one JSON object, and
+    the default `--soften` brings the detail just outside the box edge down towards the photo's own."""
+    import shutil
+    name = "face_recognition__examples_knn_examples_test_obama_and_biden.jpg"
+    shutil.copy(assets / "corpus" / "photos" / name, tmp_path / name)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import seams
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = seams.main(["--photos", str(tmp_path), "--soften", "[0, 0.3]"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["photos"] == 1 and out["faces"] >= 2  # the two of about 170 px, and one lower in the photo
+    plain, soft = out["settings"]["0.0"], out["settings"]["0.3"]
+    assert plain["median_outside_change"] == 0.0 and soft["median_outside_change"] > 0
+    assert plain["median_detail_ratio"] > 1.5 * plain["median_photo_detail_ratio"]
+    assert abs(soft["median_detail_ratio"] - soft["median_photo_detail_ratio"]) < \
+        abs(plain["median_detail_ratio"] - plain["median_photo_detail_ratio"])
