@@ -78,6 +78,9 @@ class Run:
         kimg = progress.get("images_shown", 0) / 1000
         client, run = mlflow_run(self.run_dir, self.checkpoint)
         wall_h = training_seconds(client, run) / 3600
+        grown = self.grown_from()
+        if grown:
+            wall_h += grown["wall_time_hours"]
         return {
             "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
                     f"{self.resolution}x{self.resolution}, CPU-trained)",
@@ -90,8 +93,25 @@ class Run:
                      f"(the stops between sessions left out) on 2 CPU cores shared with other jobs, with "
                      f"{self.config.relative_to(REPO) if self.config.is_relative_to(REPO) else self.config} "
                      f"(benchmarks/learning.py). Paints {self.resolution}x{self.resolution} faces; the paper's "
-                     "model paints 128x128 from 1.47M FDF faces.",
+                     "model paints 128x128 from 1.47M FDF faces." + (
+                         f" Grown (training.grow) from the finished {grown['max_resolution']}x{grown['max_resolution']} run "
+                         f"({grown['checkpoint']}) at {grown['images_shown'] / 1000:g} kimg ({grown['wall_time_hours']:.1f} h "
+                         "of it in the wall time above)." if grown else ""),
+            **({"grown_from": grown} if grown else {}),
         }
+
+    def grown_from(self) -> dict | None:
+        """Where a grown run started (training.grow) and what that lower run cost, from its own MLflow
+        store beside its checkpoint (the committed carry of its config); None for a run from scratch."""
+        from fdf_core.checkpoints import read_checkpoint, run_dir_of
+        grown = read_checkpoint(self.checkpoint).get("grown_from")
+        if not grown:
+            return None
+        source = Path(grown["checkpoint"])
+        client, run = mlflow_run(run_dir_of(source), source)
+        return {"checkpoint": str(source.relative_to(REPO)) if source.is_relative_to(REPO) else str(source),
+                "max_resolution": grown["max_resolution"], "images_shown": grown["images_shown"],
+                "wall_time_hours": round(training_seconds(client, run) / 3600, 2)}
 
 
 def ingest(work: Path, faces: Path) -> dict:

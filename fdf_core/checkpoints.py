@@ -10,7 +10,9 @@ One owner for what training writes and every later stage reads (README, "Trainin
     <run_dir>/eval/<metric>_<checkpoint>.json   evaluation results (fdf-eval, slurm.evaluate)
 
 A checkpoint (or an exported generator, FORMAT.md §3) holds `progress` (step, images_shown,
-resolution, alpha, phase, done) and, when it was logged, `mlflow_run_id`; they are read here
+resolution, alpha, phase, done) and, when it was logged, `mlflow_run_id`; a training checkpoint of a
+run grown from a lower-resolution one (`fdf-train --grow_from`, training.grow) also holds
+`grown_from` (checkpoint, step, images_shown, max_resolution, new_tensors). They are read here
 without loading the weights (mmap, weights_only).
 """
 from __future__ import annotations

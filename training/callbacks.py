@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 from torchvision.utils import make_grid, save_image
 
+from fdf_core.errors import ConfigError
 from training.conditioning import prepare
 from training.networks import GeneratorAt
 
@@ -177,9 +178,9 @@ class FIDCallback(pl.Callback):
             min_resolution: skip evaluations while training below this resolution.
         """
         if every_kimg is not None and every_kimg <= 0:
-            raise ValueError(f"fid.every_kimg must be > 0 (or null: off), got {every_kimg}")
+            raise ConfigError(f"fid.every_kimg must be > 0 (or null: off), got {every_kimg}")
         if num_images is not None and num_images < 2:
-            raise ValueError(f"fid.num_images must be at least 2, got {num_images}")
+            raise ConfigError(f"fid.num_images must be at least 2, got {num_images}")
         self.every_kimg, self.num_images, self.batch_size = every_kimg, num_images, batch_size
         self.feature, self.inception_weights, self.cache_dir = feature, inception_weights, cache_dir
         self.min_resolution = min_resolution

@@ -81,6 +81,7 @@ class ProgressiveGAN(pl.LightningModule):
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.flip_order = flip_permutation(KEYPOINT_NAMES[:net.num_keypoints])
         self.step = 0  # index of the next training step
+        self.grown_from: dict[str, Any] | None = None  # the lower run this one grew from (training.grow)
         self.stats: dict[str, float] = {}  # the last step's values, for the progress bar and callbacks
         self._last_step_end: float | None = None
 
@@ -236,10 +237,13 @@ class ProgressiveGAN(pl.LightningModule):
         record = getattr(self.trainer.datamodule, "crop_record", None)
         if record is not None:  # how its training faces were cut, for whoever paints with it
             checkpoint.update(record())
+        if self.grown_from:
+            checkpoint["grown_from"] = self.grown_from
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         progress = checkpoint["progress"]
         self.step = int(progress["step"])
+        self.grown_from = checkpoint.get("grown_from")
         if self.images_shown != progress["images_shown"]:
             raise ValueError(
                 f"checkpoint was saved at {progress['images_shown']} images (step {self.step}), but this "

@@ -2,6 +2,9 @@
 
 Phases: stabilize at the start resolution, then for each doubling a fade-in (alpha rises linearly
 from 0 to 1 with the images shown) and a stabilization; the last stabilization runs to the end.
+`stabilize_kimg_at` gives one resolution's stabilization its own length: a run that grows a finished
+lower-resolution run (training.grow) states how long that run stayed at its top resolution, so
+both runs put every step at the same images, resolution and alpha up to the point of growth.
 A training step that starts at `images` images shown uses the phase containing `images` and that
 phase's batch size, so everything (resolution, alpha, batch, data position) is a function of the
 step index: resuming at a step continues the same schedule exactly.
@@ -67,6 +70,7 @@ class Schedule:
     stabilize_kimg: float = 1200.0
     total_kimg: float = 40000.0
     batch_sizes: dict[int, int] = field(default_factory=_paper_batch_sizes)
+    stabilize_kimg_at: dict[int, float] = field(default_factory=dict)  # resolution -> its stabilization
 
     def __post_init__(self) -> None:
         for name in ("start_resolution", "max_resolution"):
@@ -79,6 +83,12 @@ class Schedule:
         if self.fade_kimg <= 0 or self.stabilize_kimg <= 0 or self.total_kimg <= 0:
             raise ConfigError("schedule: fade_kimg, stabilize_kimg and total_kimg must be > 0")
         self.batch_sizes = {int(k): int(v) for k, v in self.batch_sizes.items()}
+        self.stabilize_kimg_at = {int(k): float(v) for k, v in (self.stabilize_kimg_at or {}).items()}
+        odd = {r: v for r, v in self.stabilize_kimg_at.items() if r not in self.resolutions[:-1] or v <= 0}
+        if odd:
+            raise ConfigError(f"schedule.stabilize_kimg_at {odd}: give a length > 0 for resolutions below "
+                              f"max_resolution among {self.resolutions[:-1]} (the last stabilization runs "
+                              "to total_kimg)")
         missing = [r for r in self.resolutions if self.batch_sizes.get(r, 0) <= 0]
         if missing:
             raise ConfigError(f"schedule.batch_sizes has no positive batch size for resolution(s) {missing}")
@@ -94,10 +104,11 @@ class Schedule:
 
     @cached_property
     def phases(self) -> list[Phase]:
-        fade, stab = round(self.fade_kimg * 1000), round(self.stabilize_kimg * 1000)
-        kinds: list[tuple[str, int, int]] = [("stabilize", self.start_resolution, stab)]
+        fade = round(self.fade_kimg * 1000)
+        stab = {r: round(self.stabilize_kimg_at.get(r, self.stabilize_kimg) * 1000) for r in self.resolutions}
+        kinds: list[tuple[str, int, int]] = [("stabilize", self.start_resolution, stab[self.start_resolution])]
         for r in self.resolutions[1:]:
-            kinds += [("fade", r, fade), ("stabilize", r, stab)]
+            kinds += [("fade", r, fade), ("stabilize", r, stab[r])]
         phases, start = [], 0
         for i, (kind, res, length) in enumerate(kinds):
             end = None if i == len(kinds) - 1 else start + length

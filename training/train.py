@@ -7,7 +7,8 @@ Everything of a run lives in `--run_dir`: `config.yaml` (the resolved options), 
 (`last.ckpt`, `final.ckpt`), `samples/`, and by default the MLflow store `mlflow.db` with its
 artifacts in `mlartifacts/` (`--tracking_uri` points anywhere else, e.g. an `mlflow server`).
 Running the same command again resumes from `checkpoints/last.ckpt` (`--ckpt_path auto`), so a
-preempted or crashed job is simply resubmitted. `run(args)` is that command for every caller: the
+preempted or crashed job is simply resubmitted. `--grow_from <checkpoint>` starts a run from a
+finished lower-resolution run (training.grow: a 64x64 run grown to 128x128). `run(args)` is that command for every caller: the
 console script (training.cli), the pipeline and the SLURM job (slurm.train), with a command line
 or the options as a dict.
 """
@@ -28,6 +29,7 @@ from fdf_core.errors import MissingInputError
 from training.callbacks import FIDCallback, KimgProgressBar, PhaseLogger, SampleGrid
 from training.checkpointing import AtomicCheckpointIO, KimgCheckpoint
 from training.datamodule import FDFDataModule
+from training.grow import GROW_WAIT_S, grow_checkpoint, wait_for_file
 from training.module import ProgressiveGAN
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--ckpt_path", "--ckpt-path", type=str | None, default="auto",
                             help="Checkpoint to resume from; 'auto' = <run_dir>/checkpoints/last.ckpt if it "
                                  "exists; 'none' = start fresh")
+        parser.add_argument("--grow_from", "--grow-from", type=str | None, default=None,
+                            help="Start this run from a finished lower-resolution run's checkpoint "
+                                 "(training.grow); ignored once the run has a checkpoint of its own")
         parser.add_lightning_class_args(KimgCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(FIDCallback, "fid")
@@ -193,6 +198,12 @@ def run(args: list[str] | dict[str, Any] | None = None) -> Path:
     data, trainer, run_dir, ...); None reads the process's own command line. Returns the run folder."""
     cli = make_cli(args)
     ckpt = cli.resume_path()
+    if ckpt is None and cli.config.grow_from:
+        ckpt = checkpoints_dir(cli.config.run_dir) / LAST
+        if cli.trainer.is_global_zero:
+            grow_checkpoint(cli.config.grow_from, cli.model, ckpt)
+        else:  # no process group before fit(): the other ranks wait for rank zero's file
+            wait_for_file(ckpt, GROW_WAIT_S)
     if ckpt and cli.trainer.is_global_zero:
         progress = read_progress(ckpt)
         log.info("resuming from %s at step %d, kimg %.3f, %s alpha %.3f", ckpt, progress["step"],
