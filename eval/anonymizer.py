@@ -70,6 +70,12 @@ JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator see
 # 129), at the same flicker (docs/video.md).
 PHOTO_LATENT = 1.0
 VIDEO_LATENT = 0.0
+# A model that paints at more than one resolution (`paints_at`, FORMAT.md §3: a 128x128 model grown
+# from a finished 64x64 run keeps that run's 64x64 output) paints each photo face at the lowest of
+# them at which the face's crop is upscaled at most this many times, and every video face at the
+# lowest: a 64x64 crop costs 2.6x less than a 128x128 one, and only a face big enough to be blown up
+# by more than half shows what the higher resolution adds (`AnonymizerConfig.paint_resolution`).
+MAX_UPSCALE = 1.5
 
 
 @dataclass(kw_only=True)
@@ -127,6 +133,10 @@ class AnonymizerConfig(FaceModelsConfig):
             paper's evaluation setting: the face is a function of its surroundings and pose alone.
             Default (None): `PHOTO_LATENT` for photos, `VIDEO_LATENT` for videos (why: see them)
         latent_seed: the seed of those draws (the same photo and seed paint the same faces)
+        paint_resolution: the resolution every face is painted at, one the model paints at (its own;
+            a model grown from a finished lower-resolution run also that run's, `paints_at`).
+            Default (None): photos per face, the lowest at which its crop is upscaled at most
+            `MAX_UPSCALE` times, else the highest; videos the lowest (why: `MAX_UPSCALE`)
     """
 
     allow_no_keypoints: ClassVar[bool] = True
@@ -148,6 +158,7 @@ class AnonymizerConfig(FaceModelsConfig):
     precision: str = "auto"
     latent: float | None = None
     latent_seed: int = 0
+    paint_resolution: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,7 +242,29 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
     g.checkpoint, g.card = Path(checkpoint), dict(saved.get("card") or {})
     g.crop_rule = _crop_rule_of(checkpoint, saved)
     g.context_margins = _context_margins_of(checkpoint, saved)
+    g.paints_at = _paints_at_of(checkpoint, saved, g)
     return g
+
+
+def _paints_at_of(checkpoint: str | Path, saved: dict, generator: GeneratorAt) -> list[int]:
+    """The resolutions a model file vouches for (`paints_at`, FORMAT.md §3), checked: each one the
+    network has and at most the one it is at; default: that one alone."""
+    listed = saved.get("paints_at", [generator.resolution])
+    have = [2 ** i for i in range(int(math.log2(generator.generator.min_resolution)),
+                                  int(math.log2(generator.resolution)) + 1)]
+    if not isinstance(listed, (list, tuple)) or not listed or any(r not in have for r in listed):
+        raise InputError(f"{checkpoint}: paints_at {listed!r} must list resolutions among {have}")
+    return sorted(int(r) for r in listed)
+
+
+def painters_of(generator: GeneratorAt) -> dict[int, GeneratorAt]:
+    """The generator at each resolution it paints at (`.paints_at`, from `load_generator_at`; a
+    generator built in code paints at its own alone), sharing its weights."""
+    painters = {generator.resolution: generator}
+    for r in getattr(generator, "paints_at", []):
+        if r != generator.resolution:
+            painters[r] = GeneratorAt(generator.generator, r, 1.0, generator.precision)
+    return dict(sorted(painters.items()))
 
 
 def _context_margins_of(checkpoint: str | Path, saved: dict) -> list[float] | None:
@@ -303,6 +336,7 @@ class Anonymizer:
         if keypoint_model is not None:
             self.keypoint_model = keypoint_model
         self.generator, self.generator_name, self.checkpoint, self.model_name = None, None, None, None
+        self.painters: dict[int, GeneratorAt] = {}  # resolution -> the generator painting at it
         trained_rule, trained_context = "fdf", None
         if cfg.method == "generator":
             if generator is None:
@@ -314,6 +348,10 @@ class Anonymizer:
             log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
             self.generator.precision = cfg.precision
+            self.painters = painters_of(self.generator)
+            if cfg.paint_resolution is not None and cfg.paint_resolution not in self.painters:
+                raise ConfigError(f"--paint_resolution {cfg.paint_resolution}: {self.model_name or 'the generator'} "
+                                  f"paints at {', '.join(map(str, self.painters))}")
         self.crop_rule = cfg.crop_rule or trained_rule
         self.context_margins = trained_context if cfg.context == "auto" else None
 
@@ -438,8 +476,9 @@ class Anonymizer:
                 fresh = memory is None or f.paint is None or f.paint[j]
                 jobs.append((i, j, extent, crop, fresh, painted_box))
                 if fresh:
-                    samples.append(self._sample_view(f.views[j]) if f.views is not None and f.views[j] is not None
-                                   else self._sample(im, painted_box, f.keypoints[j], crop))
+                    res = self.resolution_for(crop, video=memory is not None)
+                    samples.append(self._sample_view(f.views[j], res) if f.views is not None and f.views[j] is not None
+                                   else self._sample(im, painted_box, f.keypoints[j], crop, res))
                     latent_keys.append(j if memory is None or f.tracks is None else f.tracks[j])
         self.timings["crop_paste"] += time.perf_counter() - t0
         generated = iter(self._generate(samples, latent_keys, video=memory is not None))
@@ -452,7 +491,8 @@ class Anonymizer:
                 face = memory.painted(track, face) if fresh else memory.carried(track)
                 if face is None:  # its planned painting had an empty box: paint it now
                     face = memory.painted(track, self._generate([self._sample(
-                        images[i], painted_box, faces[i].keypoints[j], crop)], [track], video=True)[0])
+                        images[i], painted_box, faces[i].keypoints[j], crop, self.resolution_for(crop, video=True))],
+                        [track], video=True)[0])
             painted.append(face)
         gray = {i for i, im in enumerate(images) if is_grayscale(im)}
         painted = [_to_gray(face) if i in gray else face for (i, *_), face in zip(jobs, painted)]
@@ -468,6 +508,15 @@ class Anonymizer:
         self.timings["crop_paste"] += time.perf_counter() - t0
         return result
 
+    def resolution_for(self, crop: fdfcrop.Crop, video: bool = False) -> int:
+        """The resolution a face with this crop is painted at (`AnonymizerConfig.paint_resolution`)."""
+        if self.cfg.paint_resolution is not None:
+            return self.cfg.paint_resolution
+        sizes = list(self.painters)
+        if video:
+            return sizes[0]
+        return next((r for r in sizes if crop.side <= r * MAX_UPSCALE), sizes[-1])
+
     def _place(self, box: np.ndarray, crop: fdfcrop.Crop) -> tuple[float, float, float] | None:
         """Where the painted crop lies to a fraction of a pixel: the padded square of the box as the
         pixels it touches see it (half a pixel wider on every side, as `pixel_extent` on average),
@@ -476,11 +525,11 @@ class Anonymizer:
             return None
         return fdfcrop.exact_square(np.asarray(box, np.float64) + [-0.5, -0.5, 0.5, 0.5])
 
-    def _sample_view(self, view: tuple[np.ndarray, np.ndarray, np.ndarray | None]):
+    def _sample_view(self, view: tuple[np.ndarray, np.ndarray, np.ndarray | None], resolution: int):
         """`_sample` of a face seen in another frame (`Faces.views`): its box and crop there."""
         image, box, keypoints = view
         painted_box, crop = self._crop(box, pixel_extent(box, *image.shape[:2]), image.shape)
-        return self._sample(image, painted_box, keypoints, crop)
+        return self._sample(image, painted_box, keypoints, crop, resolution)
 
     def _crop(self, box: np.ndarray, extent: tuple[int, int, int, int], shape: tuple[int, ...]
               ) -> tuple[tuple[int, int, int, int], fdfcrop.Crop]:
@@ -494,19 +543,22 @@ class Anonymizer:
         return extent, fdfcrop.crop_box(np.asarray(extent, np.float64), shape[:2], rule=self.crop_rule)
 
     def _sample(self, image: np.ndarray, box: tuple[int, int, int, int], keypoints: np.ndarray | None,
-                crop: fdfcrop.Crop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
+                crop: fdfcrop.Crop, resolution: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
         """The face as an FDF sample (FORMAT.md §2), decoded by training's `decode_sample`, cut back to
         the band of photo the generator was trained with; and the whole crop at the generator's
         resolution when it was cut back (None otherwise), which the painted crop keeps around the box.
         Where the crop passes the image border, the border pixels are repeated, not zeros: shown
         black beside a face entering a video frame, the shipped model painted it ~40 grey levels
         darker than once the face was inside, and the change showed as flicker (full-length pan
-        clip: flicker ratio 1.77 with zeros, 1.46 with the border repeated)."""
+        clip: flicker ratio 1.77 with zeros, 1.46 with the border repeated). `resolution`: one the
+        model paints at (default: the photo rule, `resolution_for`)."""
+        resolution = resolution or self.resolution_for(crop)
         x0, y0 = crop.box[:2]
         whole = fdfcrop.cut(image, crop.box, edge=True)
         limited = fdfcrop.limit_context(whole, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0),
                                         self.context_margins)
-        pixels = fdfcrop.resize(limited, self.generator.resolution)
+        pixels = fdfcrop.resize(limited, resolution)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
         if keypoints is None:
@@ -517,7 +569,7 @@ class Anonymizer:
                 "keypoints": points, "keypoint_names": list(KEYPOINT_NAMES)}
         sample = decode_sample("anonymizer", "face", {"jpg": buf.getvalue(), "json": json_bytes(meta)},
                                self.cfg.keypoint_threshold)
-        around = None if limited is whole else fdfcrop.resize(whole, self.generator.resolution)
+        around = None if limited is whole else fdfcrop.resize(whole, resolution)
         return (*sample, around)
 
     def _latents(self, keys: list[int], video: bool = False) -> torch.Tensor | None:
@@ -541,24 +593,30 @@ class Anonymizer:
         (r, r, 3) uint8 crops, the photo around the box where the sample carries it (the generator
         only saw a band of it: the paste blends the painted box against the photo, not against the
         zeros beyond that band)."""
-        g, out = self.generator, []
         keys = list(range(len(samples))) if latent_keys is None else latent_keys
-        for start in range(0, len(samples), self.cfg.batch_size):
-            chunk = samples[start:start + self.cfg.batch_size]
-            images, bbox, kps = (torch.stack([s[k] for s in chunk]).to(self.device) for k in range(3))
-            p = prepare(images, bbox, kps, g.resolution, g.alpha)
-            z = self._latents(keys[start:start + len(chunk)], video)
-            t0 = time.perf_counter()
-            fake = g(p.condition, p.mask, p.keypoints, None if z is None else z.to(self.device))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.timings["generation"] += time.perf_counter() - t0
-            painted = to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy()
-            keep = p.mask[:, 0].bool().cpu().numpy()
-            for face, kept, (*_, around) in zip(painted, keep, chunk):
-                if around is not None:
-                    face[kept] = around[kept]
-                out.append(face)
+        out: list[np.ndarray | None] = [None] * len(samples)
+        by_resolution: dict[int, list[int]] = defaultdict(list)  # each batch at one resolution
+        for i, sample in enumerate(samples):
+            by_resolution[sample[0].shape[-1]].append(i)
+        for resolution, order in sorted(by_resolution.items()):
+            g = self.painters.get(resolution) or self.generator
+            for start in range(0, len(order), self.cfg.batch_size):
+                index = order[start:start + self.cfg.batch_size]
+                chunk = [samples[i] for i in index]
+                images, bbox, kps = (torch.stack([s[k] for s in chunk]).to(self.device) for k in range(3))
+                p = prepare(images, bbox, kps, g.resolution, g.alpha)
+                z = self._latents([keys[i] for i in index], video)
+                t0 = time.perf_counter()
+                fake = g(p.condition, p.mask, p.keypoints, None if z is None else z.to(self.device))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.timings["generation"] += time.perf_counter() - t0
+                painted = to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy()
+                keep = p.mask[:, 0].bool().cpu().numpy()
+                for i, face, kept, (*_, around) in zip(index, painted, keep, chunk):
+                    if around is not None:
+                        face[kept] = around[kept]
+                    out[i] = face
         return out
 
 

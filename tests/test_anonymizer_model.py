@@ -230,3 +230,41 @@ def test_soften_out_of_range_is_a_config_error_naming_the_flag():
         with pytest.raises(ConfigError, match="--soften"):
             AnonymizerConfig(soften=bad)
     assert AnonymizerConfig(soften=0.0).soften == 0.0  # 0: the photo untouched outside the boxes
+
+
+def test_a_model_that_paints_at_two_resolutions_paints_each_face_at_the_one_its_size_needs(tiny_run, tmp_path):
+    """An export that vouches for a finished lower resolution (`paints_at`, as a 128x128 model grown
+    from a finished 64x64 run does): a photo face whose crop the lower resolution covers within
+    MAX_UPSCALE is painted there, a larger one at the top resolution; a video paints every face at
+    the lowest; `--paint_resolution` pins one; the file's claim is checked."""
+    from eval.anonymizer import MAX_UPSCALE
+    from training.export import export_generator
+    final = tiny_run / "checkpoints" / "final.ckpt"
+    model = export_generator(final, tmp_path / "two.pt", {"name": "tiny two"}, crop_rule="pad", paints_at=[16])
+    generator = load_generator_at(model)
+    assert generator.paints_at == [16, 32] and load_generator_at(final).paints_at == [32]
+    image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
+    small_box, large_box = [40.0, 60.0, 52.0, 72.0], FACE_BOX  # crops of about 20 and 187 px
+
+    def painted_sizes(cfg: AnonymizerConfig, video: bool = False) -> list[int]:
+        a = Anonymizer(cfg, generator=generator)
+        crops = [a._crop(np.asarray(b), (0, 0, 1, 1), image.shape)[1] for b in (small_box, large_box)]
+        assert crops[0].side <= 16 * MAX_UPSCALE < crops[1].side
+        sizes, generate = [], a._generate
+        a._generate = lambda samples, keys=None, **kw: sizes.extend(s[0].shape[-1] for s in samples) or generate(
+            samples, keys, **kw)
+        out = a.anonymize([image], [Faces(np.array([small_box, large_box]), np.ones(2), [None, None])])[0]
+        assert out.shape == image.shape and not np.array_equal(out[60:72, 40:52], image[60:72, 40:52])
+        return sizes if not video else [a.resolution_for(c, video=True) for c in crops]
+
+    assert painted_sizes(AnonymizerConfig(small_face_size=0)) == [16, 32]
+    assert painted_sizes(AnonymizerConfig(small_face_size=0), video=True) == [16, 16]
+    assert painted_sizes(AnonymizerConfig(small_face_size=0, paint_resolution=32)) == [32, 32]
+    with pytest.raises(ConfigError, match="--paint_resolution 8: .* paints at 16, 32"):
+        Anonymizer(AnonymizerConfig(paint_resolution=8), generator=generator)
+    saved = torch.load(model, map_location="cpu", weights_only=True)
+    torch.save({**saved, "paints_at": [64]}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="paints_at \\[64\\] must list resolutions among"):
+        load_generator_at(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="has not finished 64x64"):
+        export_generator(final, tmp_path / "no.pt", {"name": "no"}, paints_at=[64])

@@ -22,7 +22,8 @@ EXPORT_FORMAT = "fdf-generator-ema/1"
 
 
 def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str | None = None,
-                     resolution: int | None = None, context_margins: list[float] | None = None) -> Path:
+                     resolution: int | None = None, context_margins: list[float] | None = None,
+                     paints_at: list[int] | None = None) -> Path:
     """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...), the
     crop rule of the faces it was trained on (`fdf_builder.crop`) and the band of photo those crops
     showed around the box (`context_margins`, from `measure_context`; None: full crops), which the
@@ -32,6 +33,10 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     `resolution`: export the model at a resolution its training has already finished stabilizing,
     below the one it is at (a run continued to 128x128 also holds a finished 64x64 model, cheaper per
     face); the progress recorded is then that resolution at alpha 1. None: where training is.
+
+    `paints_at`: the resolutions the anonymizer may paint at with this one file (FORMAT.md §3): the
+    exported one and finished lower ones whose output was measured to hold up after training went
+    on above them (the lower output layer is not trained any more once the fade-in ends).
     """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     prefix = "generator_ema."
@@ -48,6 +53,10 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
                 "progress": progress, "crop_rule": crop_rule, "card": dict(card)}
     if context_margins is not None:
         exported["context_margins"] = [float(v) for v in context_margins]
+    if paints_at:
+        for r in paints_at:
+            _at_resolution(progress, int(r), checkpoint)  # refused unless finished
+        exported["paints_at"] = sorted({int(r) for r in paints_at} | {int(progress["resolution"])})
     buf = io.BytesIO()
     torch.save(exported, buf)
     atomic_write_bytes(output, buf.getvalue())
@@ -97,13 +106,16 @@ def main(argv: list[str] | None = None) -> Path:
                         "checkpoint records, else full crops)")
     p.add_argument("--resolution", type=int, default=None,
                    help="export at this resolution, one the checkpoint has finished (default: where it is)")
+    p.add_argument("--paints_at", type=int, nargs="*", default=None,
+                   help="resolutions the anonymizer may also paint at (finished lower ones; default: the exported one)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file")
     card = {k: getattr(args, k) for k in ("name", "data", "license", "notes")}
     try:
         margins = None if args.context_from is None else measure_context(args.context_from)
-        out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution, margins)
+        out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution, margins,
+                               args.paints_at)
     except ValueError as e:
         p.error(str(e))
     print(out)
