@@ -15,8 +15,8 @@ Stages (each resumable: a rerun skips what is done):
    `utkface_cpu32.yaml` is the earlier 32x32 run), Inception FID of held-out faces logged to MLflow
    during training; the run folder is `<workdir>/train<resolution>_w<base width>`;
 4. export: the EMA generator with its model card (`training.export`); a run grown from a finished
-   lower-resolution one (`fdf-train --grow_from`) is exported to paint at that resolution too
-   (`paints_at`: `anonymize` paints small faces and videos there), whose FID evaluate reports;
+   lower-resolution one (`fdf-train --grow_from`) carries that run's generator (`lower`: `anonymize`
+   paints smaller faces and videos with it), whose FID evaluate reports beside;
 5. evaluate: the FID curve from MLflow, and on the same 1,000 held-out faces at the model's
    resolution the FID of the generator (bf16 and fp32 at z = 0, bf16 with a drawn latent), of every
    baseline of `eval.baselines` and of 1,000 training faces (the sampling floor); identity removal of
@@ -162,11 +162,11 @@ def train(run: Run) -> dict:
 def export(run: Run) -> dict:
     from training.export import export_generator, measure_context
     margins = measure_context(run.work / "fdf")  # tight crops: the anonymizer shows the model this band only
-    grown = run.grown_from()  # a grown run also paints at the resolution it grew from (evaluate measures it)
-    paints_at = [grown["max_resolution"]] if grown else None
+    grown = run.grown_from()  # a grown run carries the generator of the run it grew from (evaluate measures it)
+    lower = [str(REPO / grown["checkpoint"])] if grown else None
     out = export_generator(run.checkpoint, run.model, run.card(), crop_rule="pad", context_margins=margins,
-                           paints_at=paints_at)
-    return {"model": str(out), "bytes": out.stat().st_size, "context_margins": margins, "paints_at": paints_at}
+                           lower=lower)
+    return {"model": str(out), "bytes": out.stat().st_size, "context_margins": margins, "lower": lower}
 
 
 def mlflow_run(run_dir: Path, checkpoint: Path | None = None):
@@ -258,7 +258,7 @@ def fid_table(r: Run, num_images: int, baselines: bool = True) -> dict:
         table[f"generator_{precision}"] = round(generator_fid(g, data, num_images, cache_dir=cache), 2)
     g.precision = "bf16"  # a drawn latent per face (`anonymize --latent 1`) instead of z = 0
     table["generator_bf16_latent1"] = round(generator_fid(g, data, num_images, cache_dir=cache, latent=1.0), 2)
-    for low in painters_of(g):  # the lower resolutions the export vouches for (`paints_at`), as anonymize paints them
+    for low in painters_of(g):  # the lower generators the export carries (`lower`), as anonymize paints with them
         if low != g.resolution:
             table[f"generator_bf16_at{low}"] = round(generator_fid(painters_of(g)[low], data, num_images,
                                                                    cache_dir=cache), 2)

@@ -49,7 +49,7 @@ from fdf_builder import crop as fdfcrop
 from fdf_builder.face_models import FaceModelsConfig, load_detector, load_keypoint_model
 from training.conditioning import prepare
 from training.samples import decode_sample
-from training.networks import GeneratorAt, load_generator
+from training.networks import GeneratorAt, generator_from, load_generator
 
 log = logging.getLogger(__name__)
 METHODS = ("generator", *BASELINES)
@@ -70,8 +70,8 @@ JPEG_QUALITY = 95  # the quality FDF crops are stored with, so the generator see
 # 129), at the same flicker (docs/video.md).
 PHOTO_LATENT = 1.0
 VIDEO_LATENT = 0.0
-# A model that paints at more than one resolution (`paints_at`, FORMAT.md §3: a 128x128 model grown
-# from a finished 64x64 run keeps that run's 64x64 output) paints each photo face at the lowest of
+# A model file that carries finished lower-resolution generators (`lower`, FORMAT.md §3: a 128x128
+# model grown from a finished 64x64 run carries that run's generator) paints each photo face at the lowest of
 # them at which the face's crop is upscaled at most this many times, and every video face at the
 # lowest: a 64x64 crop costs 2.6x less than a 128x128 one, and only a face big enough to be blown up
 # by more than half shows what the higher resolution adds (`AnonymizerConfig.paint_resolution`).
@@ -133,8 +133,8 @@ class AnonymizerConfig(FaceModelsConfig):
             paper's evaluation setting: the face is a function of its surroundings and pose alone.
             Default (None): `PHOTO_LATENT` for photos, `VIDEO_LATENT` for videos (why: see them)
         latent_seed: the seed of those draws (the same photo and seed paint the same faces)
-        paint_resolution: the resolution every face is painted at, one the model paints at (its own;
-            a model grown from a finished lower-resolution run also that run's, `paints_at`).
+        paint_resolution: the resolution every face is painted at, one the model file paints at (its
+            own; a model grown from a finished lower-resolution run also that run's, `lower`).
             Default (None): photos per face, the lowest at which its crop is upscaled at most
             `MAX_UPSCALE` times, else the highest; videos the lowest (why: `MAX_UPSCALE`)
     """
@@ -242,28 +242,34 @@ def load_generator_at(checkpoint: str | Path, device: str | torch.device = "cpu"
     g.checkpoint, g.card = Path(checkpoint), dict(saved.get("card") or {})
     g.crop_rule = _crop_rule_of(checkpoint, saved)
     g.context_margins = _context_margins_of(checkpoint, saved)
-    g.paints_at = _paints_at_of(checkpoint, saved, g)
+    g.lower = _lower_generators(checkpoint, saved, g, device)
     return g
 
 
-def _paints_at_of(checkpoint: str | Path, saved: dict, generator: GeneratorAt) -> list[int]:
-    """The resolutions a model file vouches for (`paints_at`, FORMAT.md §3), checked: each one the
-    network has and at most the one it is at; default: that one alone."""
-    listed = saved.get("paints_at", [generator.resolution])
-    have = [2 ** i for i in range(int(math.log2(generator.generator.min_resolution)),
-                                  int(math.log2(generator.resolution)) + 1)]
-    if not isinstance(listed, (list, tuple)) or not listed or any(r not in have for r in listed):
-        raise InputError(f"{checkpoint}: paints_at {listed!r} must list resolutions among {have}")
-    return sorted(int(r) for r in listed)
+def _lower_generators(checkpoint: str | Path, saved: dict, generator: GeneratorAt,
+                      device: str | torch.device) -> dict[int, GeneratorAt]:
+    """The finished lower-resolution generators a model file carries (`lower`, FORMAT.md §3), by
+    resolution, each at alpha 1; checked: below the file's own resolution, one per resolution."""
+    lower: dict[int, GeneratorAt] = {}
+    for i, entry in enumerate(saved.get("lower") or []):
+        try:
+            resolution = int(entry["progress"]["resolution"])
+            net = generator_from(entry, f"{checkpoint} lower[{i}]", map_location=device)
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise InputError(f"{checkpoint}: lower[{i}] is not a generator export ({type(e).__name__}: {e})") from e
+        if resolution >= generator.resolution or resolution in lower:
+            raise InputError(f"{checkpoint}: lower[{i}] paints at {resolution}x{resolution}; each must be below "
+                             f"{generator.resolution}x{generator.resolution} and at a resolution of its own")
+        lower[resolution] = GeneratorAt(net, resolution, 1.0, generator.precision)
+    return dict(sorted(lower.items()))
 
 
 def painters_of(generator: GeneratorAt) -> dict[int, GeneratorAt]:
-    """The generator at each resolution it paints at (`.paints_at`, from `load_generator_at`; a
-    generator built in code paints at its own alone), sharing its weights."""
-    painters = {generator.resolution: generator}
-    for r in getattr(generator, "paints_at", []):
-        if r != generator.resolution:
-            painters[r] = GeneratorAt(generator.generator, r, 1.0, generator.precision)
+    """The generator at each resolution its model file paints at: its own, and the lower ones it
+    carries (`.lower`, from `load_generator_at`; a generator built in code paints at its own alone)."""
+    painters = {**getattr(generator, "lower", {}), generator.resolution: generator}
+    for g in painters.values():
+        g.precision = generator.precision
     return dict(sorted(painters.items()))
 
 
@@ -348,7 +354,7 @@ class Anonymizer:
             log.info("generator: %s", self.generator_name)
             self.generator = generator.to(self.device).eval().requires_grad_(False)
             self.generator.precision = cfg.precision
-            self.painters = painters_of(self.generator)
+            self.painters = {r: g.to(self.device).eval() for r, g in painters_of(self.generator).items()}
             if cfg.paint_resolution is not None and cfg.paint_resolution not in self.painters:
                 raise ConfigError(f"--paint_resolution {cfg.paint_resolution}: {self.model_name or 'the generator'} "
                                   f"paints at {', '.join(map(str, self.painters))}")

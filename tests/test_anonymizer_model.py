@@ -233,16 +233,21 @@ def test_soften_out_of_range_is_a_config_error_naming_the_flag():
 
 
 def test_a_model_that_paints_at_two_resolutions_paints_each_face_at_the_one_its_size_needs(tiny_run, tmp_path):
-    """An export that vouches for a finished lower resolution (`paints_at`, as a 128x128 model grown
-    from a finished 64x64 run does): a photo face whose crop the lower resolution covers within
-    MAX_UPSCALE is painted there, a larger one at the top resolution; a video paints every face at
-    the lowest; `--paint_resolution` pins one; the file's claim is checked."""
-    from eval.anonymizer import MAX_UPSCALE
+    """An export that carries a finished lower-resolution generator (`lower`, as a 128x128 model grown
+    from a finished 64x64 run carries that run's): a photo face whose crop the lower resolution covers
+    within MAX_UPSCALE is painted by it, a larger one at the top resolution; a video paints every face
+    at the lowest; `--paint_resolution` pins one; what the file carries is checked."""
+    from eval.anonymizer import MAX_UPSCALE, painters_of
     from training.export import export_generator
     final = tiny_run / "checkpoints" / "final.ckpt"
-    model = export_generator(final, tmp_path / "two.pt", {"name": "tiny two"}, crop_rule="pad", paints_at=[16])
+    low = export_generator(tiny_run / "checkpoints" / "img0000000048.ckpt", tmp_path / "low.pt", {"name": "low"},
+                           crop_rule="pad", resolution=16)  # the run finished 16x16 before it faded 32 in
+    model = export_generator(final, tmp_path / "two.pt", {"name": "tiny two"}, crop_rule="pad", lower=[low])
     generator = load_generator_at(model)
-    assert generator.paints_at == [16, 32] and load_generator_at(final).paints_at == [32]
+    painters = painters_of(generator)
+    assert list(painters) == [16, 32] and list(painters_of(load_generator_at(final))) == [32]
+    assert all(torch.equal(a, b) for a, b in zip(painters[16].generator.state_dict().values(),
+                                                 load_generator_at(low).generator.state_dict().values()))
     image = cv2.cvtColor(cv2.imread(str(PHOTOS / PORTRAIT)), cv2.COLOR_BGR2RGB)
     small_box, large_box = [40.0, 60.0, 52.0, 72.0], FACE_BOX  # crops of about 20 and 187 px
 
@@ -263,8 +268,13 @@ def test_a_model_that_paints_at_two_resolutions_paints_each_face_at_the_one_its_
     with pytest.raises(ConfigError, match="--paint_resolution 8: .* paints at 16, 32"):
         Anonymizer(AnonymizerConfig(paint_resolution=8), generator=generator)
     saved = torch.load(model, map_location="cpu", weights_only=True)
-    torch.save({**saved, "paints_at": [64]}, tmp_path / "bad.pt")
-    with pytest.raises(InputError, match="paints_at \\[64\\] must list resolutions among"):
+    torch.save({**saved, "lower": saved["lower"] * 2}, tmp_path / "twice.pt")
+    with pytest.raises(InputError, match="lower\\[1\\] paints at 16x16; each must be below 32x32 and at a resolution"):
+        load_generator_at(tmp_path / "twice.pt")
+    torch.save({**saved, "lower": [{"progress": {}}]}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="lower\\[0\\] is not a generator export"):
         load_generator_at(tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="has not finished 64x64"):
-        export_generator(final, tmp_path / "no.pt", {"name": "no"}, paints_at=[64])
+    with pytest.raises(ValueError, match="must have finished a resolution below 32x32"):
+        export_generator(final, tmp_path / "no.pt", {"name": "no"}, crop_rule="pad", lower=[final])
+    with pytest.raises(ValueError, match="crop rule 'pad', this model's by 'fdf'"):
+        export_generator(final, tmp_path / "no.pt", {"name": "no"}, crop_rule="fdf", lower=[low])

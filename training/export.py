@@ -23,7 +23,7 @@ EXPORT_FORMAT = "fdf-generator-ema/1"
 
 def export_generator(checkpoint: str | Path, output: str | Path, card: dict, crop_rule: str | None = None,
                      resolution: int | None = None, context_margins: list[float] | None = None,
-                     paints_at: list[int] | None = None) -> Path:
+                     lower: list[str | Path] | None = None) -> Path:
     """Write the EMA generator of a training checkpoint with `card` (name, data, license, ...), the
     crop rule of the faces it was trained on (`fdf_builder.crop`) and the band of photo those crops
     showed around the box (`context_margins`, from `measure_context`; None: full crops), which the
@@ -34,13 +34,14 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     below the one it is at (a run continued to 128x128 also holds a finished 64x64 model, cheaper per
     face); the progress recorded is then that resolution at alpha 1. None: where training is.
 
-    `paints_at`: the resolutions the anonymizer may paint at with this one file (FORMAT.md §3): the
-    exported one and finished lower ones whose output was measured to hold up after training went
-    on above them (the lower output layer is not trained any more once the fade-in ends).
+    `lower`: training checkpoints or exports of finished lower-resolution generators of the same
+    faces (a grown run's: the run it grew from), embedded so that the anonymizer paints the faces
+    and videos that need no more resolution with them (FORMAT.md §3, `lower`; eval.anonymizer
+    `MAX_UPSCALE`). Not the grown network's own lower output: its lower layers trained on for the
+    new one, and that output layer is not trained once the fade-in ends.
     """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    prefix = "generator_ema."
-    state = {k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = _ema_state(ckpt)
     crop_rule = crop_rule or ckpt.get("crop_rule", "fdf")
     if context_margins is None:
         context_margins = ckpt.get("context_margins")
@@ -53,14 +54,37 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
                 "progress": progress, "crop_rule": crop_rule, "card": dict(card)}
     if context_margins is not None:
         exported["context_margins"] = [float(v) for v in context_margins]
-    if paints_at:
-        for r in paints_at:
-            _at_resolution(progress, int(r), checkpoint)  # refused unless finished
-        exported["paints_at"] = sorted({int(r) for r in paints_at} | {int(progress["resolution"])})
+    if lower:
+        exported["lower"] = [_lower_generator(path, crop_rule, int(progress["resolution"])) for path in lower]
     buf = io.BytesIO()
     torch.save(exported, buf)
     atomic_write_bytes(output, buf.getvalue())
     return Path(output)
+
+
+def _ema_state(ckpt: dict) -> dict:
+    """The EMA generator's weights of a training checkpoint or an export."""
+    if "generator_ema" in ckpt:
+        return dict(ckpt["generator_ema"])
+    prefix = "generator_ema."
+    return {k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def _lower_generator(path: str | Path, crop_rule: str, resolution: int) -> dict:
+    """A finished lower-resolution generator to embed (`export_generator(lower=...)`): its EMA
+    weights, network and progress; refused unless it is finished (alpha 1), below `resolution` and
+    cut by the same crop rule."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    progress = dict(ckpt["progress"])
+    if progress["resolution"] >= resolution or float(progress["alpha"]) < 1.0:
+        raise ValueError(f"{path}: a lower generator must have finished a resolution below {resolution}x{resolution} "
+                         f"(it is at {progress['resolution']}x{progress['resolution']}, alpha {progress['alpha']:g})")
+    if ckpt.get("crop_rule", "fdf") != crop_rule:
+        raise ValueError(f"{path}: its faces were cut by crop rule {ckpt.get('crop_rule', 'fdf')!r}, this model's "
+                         f"by {crop_rule!r}")
+    hp = ckpt["hyper_parameters"]
+    return {"generator_ema": _ema_state(ckpt), "progress": progress,
+            "hyper_parameters": {"network": hp["network"], "schedule": hp["schedule"]}}
 
 
 def measure_context(data_root: str | Path, num_faces: int = 1000) -> list[float]:
@@ -106,8 +130,9 @@ def main(argv: list[str] | None = None) -> Path:
                         "checkpoint records, else full crops)")
     p.add_argument("--resolution", type=int, default=None,
                    help="export at this resolution, one the checkpoint has finished (default: where it is)")
-    p.add_argument("--paints_at", type=int, nargs="*", default=None,
-                   help="resolutions the anonymizer may also paint at (finished lower ones; default: the exported one)")
+    p.add_argument("--lower", nargs="*", default=None,
+                   help="checkpoints or exports of finished lower-resolution generators of the same faces to embed "
+                        "(the anonymizer paints smaller faces and videos with them; e.g. the run this one grew from)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file")
@@ -115,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         margins = None if args.context_from is None else measure_context(args.context_from)
         out = export_generator(args.checkpoint, args.output, card, args.crop_rule, args.resolution, margins,
-                               args.paints_at)
+                               args.lower)
     except ValueError as e:
         p.error(str(e))
     print(out)

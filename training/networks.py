@@ -318,6 +318,12 @@ def load_generator(path: str, ema: bool = True, map_location: str | torch.device
     """The (EMA) generator of a training checkpoint or of an exported model (`training.export`), in
     eval mode, loaded with weights_only=True."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    return generator_from(ckpt, path, ema, map_location)
+
+
+def generator_from(ckpt: dict, path: str, ema: bool = True, map_location: str | torch.device = "cpu") -> Generator:
+    """`load_generator` of a checkpoint or export already read (or one embedded in an export's
+    `lower`, FORMAT.md §3); `path` names it in errors."""
     hp = ckpt["hyper_parameters"]
     generator = build_generator(NetworkConfig(**hp["network"]), Schedule(**hp["schedule"]))
     if "generator_ema" in ckpt:  # an export holds the EMA weights only
