@@ -82,7 +82,7 @@ class Run:
         wall_h = training_seconds(client, run) / 3600
         grown = self.grown_from()
         if grown:
-            wall_h += grown["wall_time_hours"]
+            wall_h += grown["wall_seconds"] / 3600
         return {
             "name": f"fdf-{self.name} (DeepPrivacy U-Net, base width {self.width}, "
                     f"{self.resolution}x{self.resolution}, CPU-trained)",
@@ -113,7 +113,8 @@ class Run:
         client, run = mlflow_run(run_dir_of(source), source)
         return {"checkpoint": str(source.relative_to(REPO)) if source.is_relative_to(REPO) else str(source),
                 "max_resolution": grown["max_resolution"], "images_shown": grown["images_shown"],
-                "wall_time_hours": round(training_seconds(client, run) / 3600, 2)}
+                "wall_seconds": round(seconds := training_seconds(client, run), 1),
+                "wall_time_hours": round(seconds / 3600, 2)}
 
 
 def ingest(work: Path, faces: Path) -> dict:
@@ -164,7 +165,7 @@ def export(run: Run) -> dict:
     margins = measure_context(run.work / "fdf")  # tight crops: the anonymizer shows the model this band only
     grown = run.grown_from()  # a grown run carries the generator of the run it grew from (evaluate measures it)
     lower = [str(REPO / grown["checkpoint"])] if grown else None
-    out = export_generator(run.checkpoint, run.model, run.card(), crop_rule="pad", context_margins=margins,
+    out = export_generator(run.checkpoint, run.model, run.card(), context_margins=margins,  # the crop rule it records
                            lower=lower)
     return {"model": str(out), "bytes": out.stat().st_size, "context_margins": margins, "lower": lower}
 

@@ -107,3 +107,34 @@ def test_grow_refuses_what_would_not_continue_the_run(fdf_shards, low_run, tmp_p
     with pytest.raises(ConfigError, match="exists"):
         grow(*HIGH)
     assert (tmp_path / "x.ckpt").read_bytes() == b"kept"
+
+
+def test_the_export_of_a_grown_run_carries_the_run_it_grew_from(fdf_shards, low_run, tmp_path, monkeypatch):
+    """benchmarks/learning.py on a grown run: the model card adds the lower run's training time and
+    says where it grew from, and the export carries the lower run's EMA generator (`lower`), which
+    the anonymizer paints smaller faces with."""
+    import sys
+    import yaml
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import learning
+    from eval.anonymizer import load_generator_at, painters_of
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "fdf").symlink_to(fdf_shards)
+    main(_args(fdf_shards, work / "train32_w16", *HIGH, "--grow_from", str(low_run)))
+    config = tmp_path / "grown.yaml"
+    config.write_text(yaml.safe_dump({"model": {"network": {"base_width": 16},
+                                                "schedule": {"max_resolution": 32, "total_kimg": 0.192}}}))
+    run = learning.Run(work, config)
+    card = run.card()
+    grown = card["grown_from"]
+    assert grown["max_resolution"] == 16 and grown["images_shown"] == 128 and grown["wall_seconds"] > 0
+    assert card["wall_time_hours"] * 3600 >= grown["wall_seconds"] - 18 and "Grown (training.grow)" in card["notes"]
+    out = learning.export(run)
+    assert out["lower"] == [str(low_run.resolve())]
+    painters = painters_of(load_generator_at(out["model"]))
+    assert list(painters) == [16, 32]
+    low = load_generator_at(low_run)
+    assert all(torch.equal(a, b) for a, b in zip(painters[16].generator.state_dict().values(),
+                                                 low.generator.state_dict().values()))
+    assert "learning" in sys.modules
