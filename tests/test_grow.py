@@ -138,3 +138,16 @@ def test_the_export_of_a_grown_run_carries_the_run_it_grew_from(fdf_shards, low_
     assert all(torch.equal(a, b) for a, b in zip(painters[16].generator.state_dict().values(),
                                                  low.generator.state_dict().values()))
     assert "learning" in sys.modules
+
+
+def test_the_other_ranks_wait_for_rank_zeros_grown_checkpoint(tmp_path):
+    """Before fit() there is no process group to wait on: ranks other than zero poll for the file."""
+    import threading
+    from fdf_core.errors import MissingInputError
+    from training.grow import wait_for_file
+    path = tmp_path / "last.ckpt"
+    threading.Timer(0.5, path.write_bytes, [b"grown"]).start()
+    wait_for_file(path, 30.0)
+    assert path.read_bytes() == b"grown"
+    with pytest.raises(MissingInputError, match="did not write the grown checkpoint in 1 s"):
+        wait_for_file(tmp_path / "never.ckpt", 1.0)
