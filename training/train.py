@@ -8,9 +8,9 @@ Everything of a run lives in `--run_dir`: `config.yaml` (the resolved options), 
 artifacts in `mlartifacts/` (`--tracking_uri` points anywhere else, e.g. an `mlflow server`).
 Running the same command again resumes from `checkpoints/last.ckpt` (`--ckpt_path auto`), so a
 preempted or crashed job is simply resubmitted. `--grow_from <checkpoint>` starts a run from a
-finished lower-resolution run (training.grow: a 64x64 run grown to 128x128). `run(args)` is that command for every caller: the
-console script (training.cli), the pipeline and the SLURM job (slurm.train), with a command line
-or the options as a dict.
+finished lower-resolution run (training.grow: a 64x64 run grown to 128x128). `run(args)` is that
+command for every caller: the console script (training.cli), the pipeline and the SLURM job
+(slurm.train), with a command line or the options as a dict.
 """
 from __future__ import annotations
 
