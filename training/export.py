@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fdf_core.tario import atomic_write_bytes
+from training.networks import generator_state
 
 EXPORT_FORMAT = "fdf-generator-ema/1"
 
@@ -41,7 +42,7 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     new one, and that output layer is not trained once the fade-in ends.
     """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = _ema_state(ckpt)
+    state = generator_state(ckpt, str(checkpoint))
     crop_rule = crop_rule or ckpt.get("crop_rule", "fdf")
     if context_margins is None:
         context_margins = ckpt.get("context_margins")
@@ -62,14 +63,6 @@ def export_generator(checkpoint: str | Path, output: str | Path, card: dict, cro
     return Path(output)
 
 
-def _ema_state(ckpt: dict) -> dict:
-    """The EMA generator's weights of a training checkpoint or an export."""
-    if "generator_ema" in ckpt:
-        return dict(ckpt["generator_ema"])
-    prefix = "generator_ema."
-    return {k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-
-
 def _lower_generator(path: str | Path, crop_rule: str, resolution: int) -> dict:
     """A finished lower-resolution generator to embed (`export_generator(lower=...)`): its EMA
     weights, network and progress; refused unless it is finished (alpha 1), below `resolution` and
@@ -83,7 +76,7 @@ def _lower_generator(path: str | Path, crop_rule: str, resolution: int) -> dict:
         raise ValueError(f"{path}: its faces were cut by crop rule {ckpt.get('crop_rule', 'fdf')!r}, this model's "
                          f"by {crop_rule!r}")
     hp = ckpt["hyper_parameters"]
-    return {"generator_ema": _ema_state(ckpt), "progress": progress,
+    return {"generator_ema": generator_state(ckpt, str(path)), "progress": progress,
             "hyper_parameters": {"network": hp["network"], "schedule": hp["schedule"]}}
 
 

@@ -326,15 +326,18 @@ def generator_from(ckpt: dict, path: str, ema: bool = True, map_location: str | 
     `lower`, FORMAT.md §3); `path` names it in errors."""
     hp = ckpt["hyper_parameters"]
     generator = build_generator(NetworkConfig(**hp["network"]), Schedule(**hp["schedule"]))
+    generator.load_state_dict(generator_state(ckpt, path, ema))
+    return generator.to(map_location).eval().requires_grad_(False)
+
+
+def generator_state(ckpt: dict, path: str, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The (EMA) generator's weights of a training checkpoint or an export already read."""
     if "generator_ema" in ckpt:  # an export holds the EMA weights only
         if not ema:
             raise ValueError(f"{path}: an exported model holds the EMA generator only")
-        state = ckpt["generator_ema"]
-    else:
-        prefix = "generator_ema." if ema else "generator."
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    generator.load_state_dict(state)
-    return generator.to(map_location).eval().requires_grad_(False)
+        return dict(ckpt["generator_ema"])
+    prefix = "generator_ema." if ema else "generator."
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def main() -> None:
