@@ -62,6 +62,34 @@ def test_pose_maps_one_pixel_per_keypoint():
     assert maps[0, 3, 7, 7] == 1
 
 
+def test_pose_maps_in_channels_last_hold_the_same_maps_without_a_copy():
+    kp = torch.rand(3, 7, 2) * 1.2 - 0.1  # some outside the crop: empty maps
+    nchw, nhwc = pose_maps(kp, 16), pose_maps(kp, 16, channels_last=True)
+    assert torch.equal(nchw, nhwc)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+
+
+def test_channels_last_networks_feed_features_and_pose_maps_to_their_convolutions_channels_last():
+    """The pose maps join the features in their layout: a mixed concatenation comes out NCHW and
+    the convolution after it copies it back (the bf16 anonymizer and channels_last training)."""
+    g, d = Generator(16, 32).to(memory_format=torch.channels_last), Discriminator(16, 32)
+    d = d.to(memory_format=torch.channels_last)
+    with_pose = [g.decoder[r][0][0] for r in ("8", "16", "32")] + [d.blocks[r][0][0] for r in ("8", "16", "32")]
+    seen = []
+    hooks = [conv.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for conv in with_pose]
+    cl = dict(memory_format=torch.channels_last)
+    image = torch.rand(4, 3, 32, 32).contiguous(**cl)
+    mask = torch.ones(4, 1, 32, 32).contiguous(**cl)
+    kp = torch.rand(4, 7, 2)
+    with torch.no_grad():
+        d(g(image, mask, kp), image, mask, kp)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 6
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in seen), \
+        [tuple(x.shape) for x in seen if not x.is_contiguous(memory_format=torch.channels_last)]
+
+
 def test_box_mask_blanks_every_overlapping_pixel():
     mask = box_mask(torch.tensor([[0.3, 0.3, 0.7, 0.7]]), 8)[0, 0]
     blanked = (mask == 0).nonzero()

@@ -23,7 +23,7 @@ from torch import nn
 from fdf_core.errors import ConfigError
 from fdf_core import precision as inference_precision
 from training.layers import (ConvAct, EqualizedConv2d, EqualizedLinear, MinibatchStd, downsample,
-                             pose_maps, upsample)
+                             like, pose_maps, upsample)
 from training.schedule import Schedule
 
 IMAGE_CHANNELS = 3
@@ -139,13 +139,13 @@ class Generator(_Progressive):
         x = self.encoder["4"](x)
         if z is None:
             z = torch.zeros(self.z_shape(x.shape[0]), device=x.device)
-        x = self.bottleneck(torch.cat([x, pose_maps(keypoints, 4, x.dtype), z.to(x.dtype)], dim=1))
+        x = self.bottleneck(torch.cat([x, pose_maps(keypoints, 4, **like(x)), z.to(x.dtype)], dim=1))
         old_rgb = None
         for r in _resolutions(8, res):
             if r == res and alpha < 1:
                 old_rgb = upsample(self.to_rgb[str(r // 2)](x))
             x = upsample(x)
-            x = self.decoder[str(r)](torch.cat([x, skips[r], pose_maps(keypoints, r, x.dtype)], dim=1))
+            x = self.decoder[str(r)](torch.cat([x, skips[r], pose_maps(keypoints, r, **like(x))], dim=1))
         rgb = self.to_rgb[str(res)](x)
         if old_rgb is not None:
             # CUDA autocast runs upsampling in fp32 (CPU autocast does not): blend in one dtype
@@ -217,12 +217,12 @@ class Discriminator(_Progressive):
         x = self.from_rgb[str(res)](x_in)
         r = res
         while r > 4:
-            x = self.blocks[str(r)](torch.cat([x, pose_maps(keypoints, r, x.dtype)], dim=1))
+            x = self.blocks[str(r)](torch.cat([x, pose_maps(keypoints, r, **like(x))], dim=1))
             x = downsample(x, 2)
             if r == res and alpha < 1:
                 x = torch.lerp(self.from_rgb[str(r // 2)](downsample(x_in, 2)).to(x.dtype), x, alpha)
             r //= 2
-        x = torch.cat([x, pose_maps(keypoints, 4, x.dtype)], dim=1)
+        x = torch.cat([x, pose_maps(keypoints, 4, **like(x))], dim=1)
         if self.mbstd is not None:
             x = self.mbstd(x)
         return self.output(self.head(x).flatten(1)).squeeze(1)
