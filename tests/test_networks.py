@@ -10,7 +10,9 @@ import yaml
 
 from fdf_core.keypoints import KEYPOINT_NAMES, flip_permutation
 from training.conditioning import box_mask, hflip, prepare
-from training.layers import EqualizedConv2d, PixelNorm, downsample, pose_maps, upsample
+from fdf_core.errors import ConfigError
+from training.layers import (EqualizedConv2d, PixelNorm, downsample, fuse_pixel_norm, pixel_norm_fp32,
+                             pose_maps, upsample)
 from training.networks import (PUBLISHED_MILLIONS, Discriminator, Generator, count_parameters,
                                level_width)
 
@@ -50,6 +52,36 @@ def test_pixel_norm_runs_in_fp32():
     x = torch.full((1, 4, 2, 2), 300.0, dtype=torch.float16)  # x² = 90000 overflows fp16
     y = PixelNorm()(x)
     assert y.dtype == torch.float16 and torch.allclose(y.float(), torch.ones_like(y, dtype=torch.float32))
+
+
+def test_fused_pixel_norm_is_the_fp32_arithmetic_forward_and_backward():
+    """One compiled kernel (torch.compile builds it here, for real) against the eager fp32 passes,
+    on bf16 channels_last features (the CPU configs' training) and on fp32 ones (FID, EMA)."""
+    g = Generator(16, 16)
+    assert fuse_pixel_norm(g) == sum(isinstance(m, PixelNorm) for m in g.modules()) > 10
+    norm = next(m for m in g.modules() if isinstance(m, PixelNorm))
+    assert norm.fused and not PixelNorm().fused
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        x = (torch.randn(4, 24, 16, 16) * 30).to(dtype).contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn(x.shape).to(dtype)
+        outs = []
+        for f in (pixel_norm_fp32, norm):
+            xi = x.clone().requires_grad_()
+            y = f(xi)
+            y.backward(grad_out)
+            outs.append((y.detach().float(), xi.grad.float()))
+        (y0, g0), (y1, g1) = outs
+        assert (y0.square().mean(dim=1) - 1).abs().max() < 0.05  # unit RMS per pixel
+        assert (y0 - y1).abs().max() <= tol * y0.abs().max()
+        assert (g0 - g1).abs().max() <= tol * g0.abs().max()
+
+
+def test_fusing_pixel_norm_on_a_cpu_without_a_compiler_is_a_config_error(monkeypatch):
+    import training.layers as layers
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(layers.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="compile_pixel_norm true needs a C\\+\\+ compiler"):
+        fuse_pixel_norm(Generator(16, 16))
 
 
 def test_pose_maps_one_pixel_per_keypoint():

@@ -184,6 +184,24 @@ def test_a_training_checkpoint_records_how_its_faces_were_cut(fdf_shards, tmp_pa
     assert load_generator_at(model).crop_rule == "pad"  # the export takes it from the checkpoint too
 
 
+@pytest.mark.slow  # torch.compile builds its kernels (about a minute)
+def test_bf16_channels_last_training_with_the_compiled_pixel_norm(fdf_shards, tmp_path):
+    """The CPU configs' settings (bf16-mixed, channels_last, PixelNorm as one torch.compile kernel)
+    train through every phase, FID and samples included, with finite losses at every step."""
+    run_dir = tmp_path / "run"
+    main(["--config", TINY, "--data.root", str(fdf_shards), "--run_dir", str(run_dir), *FAST,
+          "--trainer.precision", "bf16-mixed", "--model.channels_last", "true", "--model.compile_pixel_norm", "true",
+          "--fid.every_kimg", "0.096", "--fid.feature", "random_conv", "--fid.num_images", "16", "--fid.batch_size", "8"])
+    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["compile_pixel_norm"] is True and ckpt["progress"]["done"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("fdf-tiny").experiment_id])
+    for key in ("loss/d", "loss/g"):
+        logged = _mlflow_history(client, run.info.run_id, key)
+        assert [m.step for m in logged] == list(range(24)) and all(math.isfinite(m.value) for m in logged)
+    assert len(_mlflow_history(client, run.info.run_id, "fid")) == 2
+
+
 def test_non_finite_loss_stops_the_run_with_the_step(fdf_shards, tmp_path):
     run_dir = tmp_path / "diverge"
     with pytest.raises(NonFiniteLossError, match=r"non-finite \w+ loss at step \d+ \(kimg") as err:
