@@ -2,8 +2,9 @@
 
 `--mode precision` (the default on a CPU): the bare step of a CPU config's networks (base width 64,
 batch 32, as `training/configs/utkface_cpu64.yaml`) at 32x32, 64x64 and 128x128 in fp32, bf16
-autocast, bf16 autocast + channels_last, and that with torch.compile (inductor) of G and of D outside
-the gradient penalty, alternating rounds and keeping each variant's fastest step, so the ratios come
+autocast, bf16 autocast + channels_last, that with only the generator's PixelNorm compiled
+(`--model.compile_pixel_norm`), and that with torch.compile (inductor) of G and of D outside the
+gradient penalty, alternating rounds and keeping each variant's fastest step, so the ratios come
 from one run on a busy machine. Goal: bf16 + channels_last >= 2.5x fp32 at 64x64 (this CPU's
 AMX / AVX-512-bf16 units). The CPU configs use the variant that wins.
 
@@ -33,6 +34,7 @@ from PIL import Image
 from fdf_core.assets import assets_dir
 from training.conditioning import prepare
 from training.ema import ema_beta, update_ema
+from training.layers import fuse_pixel_norm
 from training.loss import discriminator_loss, generator_loss, gradient_penalty
 from training.module import NetworkConfig, ProgressiveGAN
 from training.networks import count_parameters
@@ -107,7 +109,7 @@ def lightning_seconds(resolution: int, batch: dict, warmup: int, steps: int, dev
 
 def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.device,
               compile_backend: str | None = None, ddp: bool = False, bf16: bool | None = None,
-              channels_last: bool | None = None) -> Callable[[int], None]:
+              channels_last: bool | None = None, fused_norm: bool = False) -> Callable[[int], None]:
     """`step(i)` runs training step `start + i` of `module` on `batch` without Lightning.
 
     The module's own step (critic step with gradient penalty and drift, generator step, EMA update,
@@ -116,6 +118,7 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
     stay fp32 (training/loss.py), as in fdf-train's bf16-mixed.
     `compile_backend` (e.g. "inductor"): torch.compile G, and D everywhere except the gradient-penalty
     pass, which needs a double backward that AOTAutograd does not support; shapes are static.
+    `fused_norm`: only the generators' PixelNorm compiled, as `--model.compile_pixel_norm true`.
     `ddp`: G and D each wrapped in DistributedDataParallel (find_unused_parameters, as the Lightning
     strategy of fdf-train: the blocks of other resolutions get no gradient), in an initialized
     process group. As in Lightning, G's no-grad pass and the frozen critic of the generator step
@@ -129,6 +132,9 @@ def bare_step(module: ProgressiveGAN, start: int, batch: dict, device: torch.dev
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     if channels_last:
         module.to(memory_format=torch.channels_last)
+    if fused_norm:
+        for net in (g, ema):
+            fuse_pixel_norm(net, device)
     g_train, g_nograd, d_train, d_gp, d_frozen = g, g, d, d, d
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -200,8 +206,10 @@ def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: 
 
 
 # name: (bf16 autocast, channels_last, torch.compile backend)
-VARIANTS = {"fp32": (False, False, None), "bf16": (True, False, None), "bf16_channels_last": (True, True, None),
-            "bf16_channels_last_compiled": (True, True, "inductor")}
+VARIANTS = {"fp32": (False, False, None, False), "bf16": (True, False, None, False),
+            "bf16_channels_last": (True, True, None, False),
+            "bf16_channels_last_fused_norm": (True, True, None, True),
+            "bf16_channels_last_compiled": (True, True, "inductor", False)}
 
 
 def precision_table(resolutions: list[int], batch: int, width: int, warmup: int, steps: int, rounds: int,
@@ -216,10 +224,11 @@ def precision_table(resolutions: list[int], batch: int, width: int, warmup: int,
         compile_s: dict[str, float] = {}
         steppers = {}
         for v in variants:
-            bf16, cl, backend = VARIANTS[v]
+            bf16, cl, backend, fused_norm = VARIANTS[v]
             module, start = build(res, batch, device, width)
-            steppers[v] = bare_step(module, start, data, device, backend, bf16=bf16, channels_last=cl)
-            if backend:  # the first call compiles: time it apart from the steps
+            steppers[v] = bare_step(module, start, data, device, backend, bf16=bf16, channels_last=cl,
+                                    fused_norm=fused_norm)
+            if backend or fused_norm:  # the first call compiles: time it apart from the steps
                 t0 = time.perf_counter()
                 steppers[v](0)
                 compile_s[v] = round(time.perf_counter() - t0, 1)
