@@ -56,7 +56,7 @@ class PixelNorm(nn.Module):
     `fused` (set by `fuse_pixel_norm`): the same fp32 arithmetic as one compiled kernel. Why: in
     eager mode every step of it is a pass over the features (cast up, square, mean, multiply, cast
     down, and as many backward), and at 128x128 with 16-32 channels those passes cost more than the
-    convolutions: a bf16 training step of the CPU configs ran 1.5x as fast with it (docs/learning.md).
+    convolutions: a bf16 training step of the CPU configs ran 1.3x as fast with it (docs/learning.md).
     """
 
     fused = False

@@ -61,8 +61,8 @@ class ProgressiveGAN(pl.LightningModule):
             channels_last: NHWC memory format (faster convolutions on tensor-core GPUs).
             seed: seeds the per-step randomness (flips, z, gradient-penalty mixing).
             compile_pixel_norm: the generators' PixelNorm as one torch.compile kernel (training.layers
-                `fuse_pixel_norm`): the same fp32 arithmetic, 1.5x the bf16 step of the CPU configs at
-                128x128 (1.1-1.4x at 64x64); needs a C++ compiler on a CPU. Unmeasured on a GPU.
+                `fuse_pixel_norm`): the same fp32 arithmetic, 1.3x the bf16 step of the CPU configs at
+                128x128 and 1.2x at 64x64; needs a C++ compiler on a CPU. Unmeasured on a GPU.
         """
         super().__init__()
         self.network, self.schedule = _as(NetworkConfig, network), _as(Schedule, schedule)
