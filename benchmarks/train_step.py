@@ -205,7 +205,7 @@ def bare_seconds(resolution: int, batch: dict, warmup: int, steps: int, device: 
     return min(step_seconds(bare_step(module, start, batch, device), warmup + steps, device)[warmup:])
 
 
-# name: (bf16 autocast, channels_last, torch.compile backend)
+# name: (bf16 autocast, channels_last, torch.compile backend of G and D, the generators' PixelNorm compiled)
 VARIANTS = {"fp32": (False, False, None, False), "bf16": (True, False, None, False),
             "bf16_channels_last": (True, True, None, False),
             "bf16_channels_last_fused_norm": (True, True, None, True),

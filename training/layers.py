@@ -83,10 +83,8 @@ def _compiled_pixel_norm():
 
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend would build with ($CXX, else g++, c++, clang++)."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+    return next((path for path in found if path), None)
 
 
 def fuse_pixel_norm(net: nn.Module, device: torch.device | str = "cpu") -> int:
