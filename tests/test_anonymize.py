@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from fdf_core.assets import MissingAssetError, assets_dir
+from eval.anonymize import anonymize_images
 from eval.cli import anonymize_main
+from eval.images import read_image, write_image
 from eval.anonymizer import CHECKPOINT_ENV, METHODS, Anonymizer, AnonymizerConfig, Faces, load_generator_at
 from eval.paste import SOFT_BAND, band_weights, feather_width
 from eval.video import FaceTracker, covered_share, ffmpeg_exe, is_cut, _histogram
@@ -138,6 +140,49 @@ def test_folder_mirrored_and_photo_without_face_copied(tiny_run, tmp_path):
         assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() > 0.1, name
     assert not (out / "notes.txt").exists()
     assert json.loads((out / "anonymize_options.json").read_text())["batch_size"] == 2
+
+
+def test_a_folder_read_and_written_beside_the_painting_equals_painting_in_turn(tiny_run, models, tmp_path):
+    """Reading ahead and writing on threads changes nothing: every output has the bytes that painting
+    each chunk in turn and writing it gives, an unreadable photo is skipped in its place, and the
+    counts are the same."""
+    detector, keypoints, generator = models
+    names = sorted(p.name for p in PHOTOS.iterdir() if p.suffix == ".jpg")[:7]
+    pairs = [(PHOTOS / n, tmp_path / "out" / n) for n in names]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    pairs.insert(3, (broken, tmp_path / "out" / "broken.jpg"))
+    a = Anonymizer(AnonymizerConfig(batch_size=3), generator=generator, detector=detector, keypoint_model=keypoints)
+    skipped: list[dict] = []
+    stats = anonymize_images(a, pairs, progress=False, skipped=skipped)
+    assert [s["file"] for s in skipped] == [str(broken)] and not (tmp_path / "out" / "broken.jpg").exists()
+    assert stats["images"] == 7 and stats["faces"] > 7
+    b = Anonymizer(AnonymizerConfig(batch_size=3), generator=generator, detector=detector, keypoint_model=keypoints)
+    faces_total = 0
+    for start in range(0, len(pairs), 3):  # the same chunks, in turn
+        good = [(s, d) for s, d in pairs[start:start + 3] if s != broken]
+        loaded = [read_image(s) for s, _ in good]
+        faces = b.find_faces([rgb for rgb, _ in loaded])
+        faces_total += sum(len(f) for f in faces)
+        with_faces = [i for i, f in enumerate(faces) if len(f)]
+        outs = b.anonymize([loaded[i][0] for i in with_faces], [faces[i] for i in with_faces])
+        for i, out in zip(with_faces, outs):
+            write_image(tmp_path / "ref" / good[i][0].name, out, loaded[i][1])
+            assert (tmp_path / "out" / good[i][0].name).read_bytes() == (tmp_path / "ref" / good[i][0].name).read_bytes()
+    assert stats["faces"] == faces_total
+
+
+def test_a_failed_write_stops_the_folder_with_the_photos_before_it_on_disk(tmp_path):
+    names = sorted(p.name for p in PHOTOS.iterdir() if p.suffix == ".jpg")[:5]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "blocked").write_text("a file where a folder is needed")
+    pairs = [(PHOTOS / n, tmp_path / "out" / n) for n in names]
+    pairs[3] = (PHOTOS / names[3], tmp_path / "out" / "blocked" / names[3])
+    a = Anonymizer(AnonymizerConfig(method="pixelation_16x16", batch_size=2))
+    with pytest.raises(OSError):
+        anonymize_images(a, pairs, progress=False)
+    assert all((tmp_path / "out" / n).is_file() for n in names[:3])
+    assert not list((tmp_path / "out").glob("*.tmp-*"))
 
 
 def test_single_photo_without_face_is_copied(tmp_path):

@@ -170,6 +170,13 @@ def test_onnxruntime_finds_the_same_faces_as_torch(detector):
         build_detector("retinaface_mnet025", runtime="tensorrt")
 
 
+def test_the_onnx_threads_sleep_between_calls(detector):
+    """Between two detector calls the anonymizer's other work runs on the same cores, which a
+    spinning thread pool would take (see OnnxNetwork)."""
+    options = detector._forward.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_the_onnx_export_is_made_once_per_machine_and_remade_when_damaged(tmp_path, monkeypatch):
     """A run on a machine that has exported the detector before loads the export from the cache,
     without building (or importing) the torch network; a damaged cache file is exported again."""

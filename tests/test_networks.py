@@ -54,6 +54,20 @@ def test_pixel_norm_runs_in_fp32():
     assert y.dtype == torch.float16 and torch.allclose(y.float(), torch.ones_like(y, dtype=torch.float32))
 
 
+def test_pixel_norm_at_bf16_inference_is_the_fp32_norm_to_bf16_rounding():
+    """The bf16 inference path (one vector_norm instead of square-then-mean) keeps its layout and
+    dtype and is the fp32 PixelNorm to within bf16's rounding (2^-8 relative, a few roundings), for
+    large and small features alike: features of 1e3 would overflow fp16 but not bf16."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 96, 9, 9) * torch.logspace(-3, 3, 96).view(1, -1, 1, 1)).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = PixelNorm()(x)
+    ref = pixel_norm_fp32(x.float())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.float() - ref).abs() <= 4 * 2 ** -8 * ref.abs() + 1e-6).all()
+
+
 def test_fused_pixel_norm_is_the_fp32_arithmetic_forward_and_backward():
     """One compiled kernel (torch.compile builds it here, for real) against the eager fp32 passes,
     on bf16 channels_last features (the CPU configs' training) and on fp32 ones (FID, EMA)."""

@@ -63,7 +63,11 @@ class PixelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            return x * torch.rsqrt((x * x).mean(dim=1, keepdim=True) + 1e-8)
+            # the norm is one reduction (squares summed in fp32 inside it) where square-then-mean
+            # is two passes; the 64x64 generator took 4.9 against 6.5 ms a face on a CPU without AMX,
+            # FID on 1,000 held-out faces 16.09 against 16.07 (fp32: 16.13; benchmarks/learning.py fid_table)
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            return x * torch.rsqrt(norm.square() / x.shape[1] + 1e-8)
         return _compiled_pixel_norm()(x) if self.fused else pixel_norm_fp32(x)
 
 
