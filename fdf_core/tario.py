@@ -9,6 +9,7 @@ the same bytes.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import socket
 import tarfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -66,15 +68,38 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
     `out` that killed processes of this host left are removed first (a rerun leaves nothing behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(_temporary_name(path, keep_suffix, "*", glob.escape)):
-        if _writer_is_dead(stale.name):  # not another task's file that is being written now
-            stale.unlink(missing_ok=True)
+    _remove_dead_temporaries(path, keep_suffix)
     tmp = temporary_path(path, keep_suffix)
     try:
         yield tmp
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_dead_by_folder: dict[Path, list[str]] = {}  # folder → its dead writers' temporaries, listed once
+_dead_lock = threading.Lock()
+
+
+def _remove_dead_temporaries(path: Path, keep_suffix: bool) -> None:
+    """Remove the temporaries of `path` that killed processes of this host left (not another task's
+    file that is being written now). The folder is listed once per process, its dead writers'
+    files kept by name, and each write removes its target's among them. Why once: listing the
+    folder at every write made writing n files into one folder O(n^2) (a write into a folder of
+    50,000 files took 57 ms against 8 in an empty one; `anonymize` mirrors folders of that size).
+    A process that dies while this one runs leaves its file to the next run."""
+    folder = path.parent
+    with _dead_lock:
+        if folder not in _dead_by_folder:
+            with os.scandir(folder) as entries:
+                _dead_by_folder[folder] = [e.name for e in entries if ".tmp-" in e.name and _writer_is_dead(e.name)]
+        dead = _dead_by_folder[folder]
+        if not dead:
+            return
+        pattern = _temporary_name(path, keep_suffix, "*", glob.escape)
+        for name in [n for n in dead if fnmatch.fnmatchcase(n, pattern)]:
+            (folder / name).unlink(missing_ok=True)
+            dead.remove(name)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

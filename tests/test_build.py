@@ -167,6 +167,24 @@ def test_atomic_write_clears_only_dead_writers_leftovers(tmp_path):
         "dead": False, "live": True, "other node": True, "other target": True}
 
 
+def test_writing_many_files_into_one_folder_lists_it_once(tmp_path, monkeypatch):
+    """Each write removes its own target's dead leftovers, yet the folder is listed once per process:
+    listing it at every write made n writes O(n^2) (57 ms a write among 50,000 files)."""
+    from fdf_core import tario
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = temporary_path(tmp_path / "x").name.split(".tmp-")[1].rsplit(".", 1)[0]
+    for i in (3, 7):
+        (tmp_path / f"f{i}.json.tmp-{host}.{dead}").write_text("partial")
+    listings = []
+    real_scandir = tario.os.scandir
+    monkeypatch.setattr(tario.os, "scandir", lambda p: listings.append(p) or real_scandir(p))
+    for i in range(10):
+        atomic_write_json(tmp_path / f"f{i}.json", {"i": i})
+    assert len(listings) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"f{i}.json" for i in range(10))
+
+
 def test_damaged_raw_shard_is_reported_not_fatal(tmp_path, assets):
     raw = tmp_path / "raw"
     good = (assets / "corpus" / "photos" / "dlib__examples_faces_2008_001009.jpg").read_bytes()
