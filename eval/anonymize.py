@@ -154,9 +154,11 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
     (detector, keypoint model) on one thread while this chunk is painted (generator, paste-back), and
     the finished photos are written on another (:class:`_Writes`). Why: painting is partly
     single-threaded Python and numpy, and decoding and encoding run in C without the GIL, so in turn
-    a 2-core machine stood a third idle; overlapped, the 62 corpus photos take 12.4 s where they took
-    14.3 s (start-up included, `benchmarks/anonymize.py --versus_release`). Outputs and counts are
-    those of doing the chunks in turn.
+    a 2-core machine stood a fifth idle (161 % CPU); overlapped, and with the detector's threads
+    sleeping between calls (`OnnxNetwork`), the 62 corpus photos take 12.4 s where they took 14.3 s
+    (start-up included, `benchmarks/anonymize.py --versus_release`). Outputs and counts are those of
+    doing the chunks in turn. Memory: up to three chunks of photos at once (the one read ahead, the
+    one painted, the writes waiting), against two before.
     """
     stats = {"images": 0, "images_with_faces": 0, "faces": 0, "faces_without_pose": 0, "small_faces": 0,
              "copied_unchanged": 0}
@@ -166,7 +168,7 @@ def anonymize_images(anonymizer: Anonymizer, pairs: list[tuple[Path, Path]], pro
     with ThreadPoolExecutor(1, thread_name_prefix="find") as finds, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as pool, \
             tqdm(total=len(pairs), unit="img", desc="photos", disable=not progress) as bar:
-        writes = _Writes(pool, limit=2 * step)
+        writes = _Writes(pool, limit=step)
         try:
             ahead = finds.submit(_read_and_find, anonymizer, chunks[0]) if chunks else None
             for k in range(len(chunks)):
